@@ -1,0 +1,15 @@
+"""The one agent-attention core shared by every task: the functional op, biases and the layer."""
+from .attention import AgentAttention
+from .bias import AgentPositionBias, adapt_agent_bias, resize_agent_axis, resize_axis, to_grid
+from .functional import agent_attention, agent_attention_reference
+
+__all__ = [
+    "AgentAttention",
+    "AgentPositionBias",
+    "adapt_agent_bias",
+    "agent_attention",
+    "agent_attention_reference",
+    "resize_agent_axis",
+    "resize_axis",
+    "to_grid",
+]
