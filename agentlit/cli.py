@@ -1,0 +1,106 @@
+"""The ``agentlit`` command: LightningCLI over every task's LightningModule and DataModule.
+
+    agentlit fit      --config configs/quickstart.yaml
+    agentlit test     --config configs/quickstart.yaml --ckpt_path runs/quickstart/version_0/checkpoints/last.ckpt
+    agentlit predict  --config configs/generation/quickstart.yaml
+
+Model and data are chosen by class path in the YAML (``model: {class_path: agentlit.tasks.…}``),
+so any LightningModule / LightningDataModule works. Defaults added when the config leaves them out:
+CSV + TensorBoard loggers sharing one run folder ``<default_root_dir>/version_N``, a checkpoint
+callback that monitors the task's own metric and keeps ``last.ckpt``, and a rich progress bar.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+__all__ = ["AgentLitCLI", "main"]
+
+_VERSION_ENV = "AGENTLIT_RUN_VERSION"
+
+
+def _run_version(root: Path) -> int:
+    """Next free ``version_N`` under ``root``; fixed once per job so every logger and every
+    spawned DDP worker agrees on the same folder."""
+    if _VERSION_ENV in os.environ:
+        return int(os.environ[_VERSION_ENV])
+    taken = [int(p.name.split("_", 1)[1]) for p in root.glob("version_*") if p.name.split("_", 1)[1].isdigit()]
+    version = max(taken, default=-1) + 1
+    os.environ[_VERSION_ENV] = str(version)
+    return version
+
+
+class AgentLitCLI(LightningCLI):
+    """LightningCLI with agentlit's run-folder, checkpoint and progress-bar defaults."""
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        configured = list(config.get("callbacks") or []) + list(callbacks)
+        if config.get("logger") in (None, True):
+            root = Path(config.get("default_root_dir") or "runs")
+            version = _run_version(root)
+            config["logger"] = [
+                CSVLogger(root, name="", version=version),
+                TensorBoardLogger(root, name="", version=version, default_hp_metric=False),
+            ]
+        if config.get("enable_checkpointing") is not False and not any(isinstance(c, ModelCheckpoint) for c in configured):
+            monitor = getattr(self.model, "monitor", None)
+            callbacks.append(
+                ModelCheckpoint(
+                    monitor=monitor,
+                    mode=getattr(self.model, "monitor_mode", "min"),
+                    save_last=True,
+                    filename="epoch{epoch:03d}-step{step}" + (f"-{monitor.replace('/', '_')}{{{monitor}:.4f}}" if monitor else ""),
+                    auto_insert_metric_name=False,
+                )
+            )
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
+            callbacks.append(RichProgressBar(leave=True))
+        if config.get("logger") and self.subcommand == "fit" and not any(isinstance(c, LearningRateMonitor) for c in configured):
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        return super()._instantiate_trainer(config, callbacks)
+
+
+def cli(args: list[str] | None = None, run: bool = True) -> AgentLitCLI:
+    """Build (and by default run) the CLI; ``args`` defaults to ``sys.argv[1:]``."""
+    import agentlit  # noqa: F401  (registers the agent backbones in timm)
+
+    return AgentLitCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},  # multi-process runs write config.yaml once per rank
+        parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else None,
+        args=args,
+        run=run,
+    )
+
+
+def _has_omegaconf() -> bool:
+    try:
+        import omegaconf  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point. Configuration mistakes end with one clear line, not a traceback
+    (set ``AGENTLIT_TRACEBACK=1`` to see the full one)."""
+    try:
+        cli(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, KeyError) as err:
+        if os.environ.get("AGENTLIT_TRACEBACK"):
+            raise
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"agentlit: error: {type(err).__name__}: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Classification DataModules. Every one yields batches ``(images (B, 3, H, W) float, labels (B,) long)``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+__all__ = ["DigitsDataModule", "ImageFolderDataModule", "IMG_EXTENSIONS"]
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class _TransformedTensors(Dataset):
+    """(image, label) tensors with an optional per-sample transform on the image."""
+
+    def __init__(self, images: Tensor, labels: Tensor, transform: Any = None) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        x = self.images[i]
+        return (self.transform(x) if self.transform else x), self.labels[i]
+
+
+class DigitsDataModule(L.LightningDataModule):
+    """scikit-learn's bundled 8×8 handwritten digits (1,797 images, 10 classes), no download.
+
+    Images are upsampled to ``img_size`` (bilinear), replicated to 3 channels and normalised to
+    [-1, 1]. A fixed, seeded, class-stratified split holds out ``val_fraction`` of the images;
+    the digits set has no separate test split, so ``test`` and ``predict`` use the held-out part.
+    Training adds a small random affine jitter (``augment``).
+    """
+
+    num_classes = 10
+
+    def __init__(
+        self,
+        img_size: int = 32,
+        batch_size: int = 64,
+        val_fraction: float = 0.2,
+        split_seed: int = 0,
+        augment: bool = True,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
+        self.img_size, self.batch_size, self.num_workers = img_size, batch_size, num_workers
+        self.val_fraction, self.split_seed, self.augment = val_fraction, split_seed, augment
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+        from torchvision.transforms import v2
+
+        digits = load_digits()
+        images = torch.tensor(digits.images, dtype=torch.float32) / 16.0  # (1797, 8, 8) in [0, 1]
+        images = torch.nn.functional.interpolate(images[:, None], size=self.img_size, mode="bilinear", align_corners=False)
+        images = ((images - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()  # (1797, 3, S, S) in [-1, 1]
+        labels = torch.tensor(digits.target, dtype=torch.long)
+        train_idx, val_idx = train_test_split(
+            np.arange(len(labels)), test_size=self.val_fraction, random_state=self.split_seed, stratify=labels.numpy()
+        )
+        jitter = v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), fill=-1.0) if self.augment else None
+        self.train_set = _TransformedTensors(images[train_idx], labels[train_idx], jitter)
+        self.val_set = TensorDataset(images[val_idx], labels[val_idx])
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=self.batch_size, shuffle=train, drop_last=train,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, False)
+
+    test_dataloader = val_dataloader
+    predict_dataloader = val_dataloader
+
+
+def _class_folders(split_dir: Path) -> list[str]:
+    """Class names (sub-folder names) of one split, checked for the ImageFolder layout."""
+    if not split_dir.is_dir():
+        raise FileNotFoundError(
+            f"{split_dir} is not a folder; ImageFolderDataModule expects root/train/<class>/<image> and "
+            "root/val/<class>/<image> (the ImageNet layout)"
+        )
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"{split_dir} has no class sub-folders; expected {split_dir}/<class>/<image>")
+    empty = [c for c in classes if not any(f.suffix.lower() in IMG_EXTENSIONS for f in (split_dir / c).iterdir())]
+    if empty:
+        raise FileNotFoundError(
+            f"class folder(s) {empty} in {split_dir} hold no images with extensions {IMG_EXTENSIONS}"
+        )
+    return classes
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """Images in the ImageNet folder layout: ``root/{train,val}/<class>/<image>``.
+
+    Training uses timm's transform (random resized crop, flip, RandAugment via ``auto_augment``
+    such as ``"rand-m9-mstd0.5-inc1"``, colour jitter, random erasing ``re_prob``); evaluation
+    resizes to ``img_size / crop_pct`` and centre-crops. ``test`` uses ``test_split`` (default
+    ``val``); ``predict`` uses ``predict_split``.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        img_size: int = 224,
+        batch_size: int = 128,
+        num_workers: int = 8,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str | None = None,
+        predict_split: str | None = None,
+        auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+        re_prob: float = 0.25,
+        color_jitter: float = 0.4,
+        interpolation: str = "bicubic",
+        crop_pct: float = 0.875,
+        mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
+        std: tuple[float, float, float] = (0.229, 0.224, 0.225),
+        pin_memory: bool = True,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root)
+        self.img_size, self.batch_size, self.num_workers = img_size, batch_size, num_workers
+        self.splits = {"train": train_split, "val": val_split, "test": test_split or val_split,
+                       "predict": predict_split or val_split}
+        self.auto_augment, self.re_prob, self.color_jitter = auto_augment, re_prob, color_jitter
+        self.interpolation, self.crop_pct, self.mean, self.std = interpolation, crop_pct, tuple(mean), tuple(std)
+        self.pin_memory = pin_memory
+        self.classes: list[str] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self._check_layout())
+
+    def _check_layout(self) -> list[str]:
+        if self.classes is None:
+            if not self.root.is_dir():
+                raise FileNotFoundError(
+                    f"dataset root {self.root} does not exist; expected {self.root}/train/<class>/<image> and "
+                    f"{self.root}/val/<class>/<image>"
+                )
+            train = _class_folders(self.root / self.splits["train"])
+            val = _class_folders(self.root / self.splits["val"])
+            if train != val:
+                only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+                raise ValueError(
+                    f"class folders differ between {self.root / self.splits['train']} and "
+                    f"{self.root / self.splits['val']}: only in train {only_train}, only in val {only_val}; "
+                    "both splits must hold the same class folders so labels agree"
+                )
+            self.classes = train
+        return self.classes
+
+    def _dataset(self, split: str, train: bool):
+        from timm.data import create_transform
+        from torchvision.datasets import ImageFolder
+
+        classes = self._check_layout()
+        transform = create_transform(
+            self.img_size, is_training=train, auto_augment=self.auto_augment if train else None,
+            re_prob=self.re_prob if train else 0.0, color_jitter=self.color_jitter, interpolation=self.interpolation,
+            crop_pct=self.crop_pct, mean=self.mean, std=self.std,
+        )
+        split_dir = self.root / split
+        dataset = ImageFolder(str(split_dir), transform=transform)
+        if dataset.classes != classes:
+            raise ValueError(f"{split_dir} classes {dataset.classes} differ from the training classes {classes}")
+        return dataset
+
+    def setup(self, stage: str | None = None) -> None:
+        self._check_layout()
+
+    def _loader(self, key: str, train: bool) -> DataLoader:
+        return DataLoader(
+            self._dataset(self.splits[key], train), batch_size=self.batch_size, shuffle=train, drop_last=train,
+            num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", False)

@@ -1,0 +1,190 @@
+"""Image classification: any timm model (ours included) + label smoothing, mixup/cutmix, EMA."""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from ..models import create_model, unwrap_checkpoint
+from ._schedule import warmup_cosine
+
+__all__ = ["ClassificationModule"]
+
+
+class ClassificationModule(L.LightningModule):
+    """A timm classifier trained the DeiT/Swin way (REFERENCE.md §2 recipe).
+
+    Args:
+        model_name: any ``timm.create_model`` name, e.g. ``agent_deit_tiny`` (agentlit's are registered on import).
+        num_classes: classifier width.
+        img_size: input size passed to the model (None: the model's default).
+        pretrained: load the model's pretrained weights (``checkpoint_path`` gives a local file).
+        checkpoint_path: weights file for ``pretrained`` (official release file or one of ours); it goes through the
+            model's ``checkpoint_filter_fn``, so other resolutions / class counts are adapted.
+        drop_path_rate: stochastic depth.
+        model_kwargs: further model arguments (``agent_num``, ``depth``, ``patch_size`` …).
+        lr: peak learning rate at ``lr_reference_batch`` (None: use ``lr`` as is).
+        lr_reference_batch: batch size ``lr`` was tuned for; the effective lr scales linearly with the global batch.
+        weight_decay: AdamW decay (never on norms, biases, position embeddings or agent biases).
+        warmup_epochs: linear warm-up length (fractions allowed), from ``warmup_lr`` to the peak.
+        min_lr: floor of the cosine decay.
+        label_smoothing: for the plain cross-entropy and inside mixup targets.
+        mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob: timm's Mixup (off when both alphas are 0).
+        ema_decay: keep an exponential moving average of the weights (None: off); validated as ``val_ema/*``.
+    """
+
+    monitor = "val/acc1"
+    monitor_mode = "max"
+
+    def __init__(
+        self,
+        model_name: str = "agent_deit_tiny",
+        num_classes: int = 1000,
+        img_size: int | None = None,
+        pretrained: bool = False,
+        checkpoint_path: str | None = None,
+        drop_path_rate: float = 0.1,
+        model_kwargs: dict[str, Any] | None = None,
+        lr: float = 5e-4,
+        lr_reference_batch: int | None = None,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_epochs: float = 5.0,
+        warmup_lr: float = 1e-6,
+        min_lr: float = 1e-5,
+        label_smoothing: float = 0.1,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        ema_decay: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        kwargs = dict(model_kwargs or {})
+        if img_size is not None:
+            kwargs["img_size"] = img_size
+        if checkpoint_path is not None:
+            kwargs["pretrained_cfg_overlay"] = dict(file=checkpoint_path)
+            pretrained = True
+        self.model = create_model(
+            model_name, pretrained=pretrained, num_classes=num_classes, drop_path_rate=drop_path_rate, **kwargs
+        )
+        self.mixup = None
+        if mixup_alpha > 0 or cutmix_alpha > 0:
+            from timm.data import Mixup
+
+            self.mixup = Mixup(
+                mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=mixup_prob, switch_prob=mixup_switch_prob,
+                label_smoothing=label_smoothing, num_classes=num_classes,
+            )
+        self.ema: nn.Module | None = None
+        if ema_decay is not None:
+            self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        top_k = min(5, num_classes)
+        metrics = MetricCollection(
+            {"acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+             f"acc{top_k}": MulticlassAccuracy(num_classes, top_k=top_k, average="micro")}
+        )
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        self.ema_metrics = metrics.clone(prefix="val_ema/") if self.ema is not None else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (B, 3, H, W) → logits (B, num_classes)."""
+        return self.model(x)
+
+    # -- training ---------------------------------------------------------------------------
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        if self.mixup is not None:
+            x, soft = self.mixup(x, y)  # soft targets (B, num_classes), label smoothing included
+            loss = torch.sum(-soft * F.log_softmax(self(x), dim=-1), dim=-1).mean()
+        else:
+            loss = F.cross_entropy(self(x), y, label_smoothing=self.hparams.label_smoothing)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(self._non_finite_message(loss))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        return loss
+
+    def _non_finite_message(self, loss: Tensor) -> str:
+        ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+        return (
+            f"non-finite training loss ({loss.item()}) at global step {self.global_step}, epoch {self.current_epoch}; "
+            f"the last good checkpoint is {ckpt}. Lower the learning rate, enable gradient clipping "
+            "(--trainer.gradient_clip_val) or use bf16 instead of fp16."
+        )
+
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is None:
+            return
+        # Warm-up of the decay (as timm's ModelEmaV3) so early averages are not dominated by the init.
+        step = self.global_step
+        decay = min(self.hparams.ema_decay, (1 + step) / (10 + step))
+        for e, p in zip(self.ema.parameters(), self.model.parameters()):
+            e.lerp_(p.detach(), 1.0 - decay)
+        for e, b in zip(self.ema.buffers(), self.model.buffers()):
+            e.copy_(b)
+
+    def configure_optimizers(self):
+        from timm.optim import create_optimizer_v2
+
+        lr = self.effective_lr()
+        optimizer = create_optimizer_v2(
+            self.model, "adamw", lr=lr, weight_decay=self.hparams.weight_decay, betas=tuple(self.hparams.betas)
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
+        steps_per_epoch = total / epochs if epochs else None
+        warmup = int(round(self.hparams.warmup_epochs * steps_per_epoch)) if steps_per_epoch else 0
+        schedule = warmup_cosine(
+            total_steps=total, warmup_steps=warmup, warmup_factor=self.hparams.warmup_lr / lr,
+            min_factor=self.hparams.min_lr / lr,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def effective_lr(self) -> float:
+        """``lr`` scaled linearly to the global batch when ``lr_reference_batch`` is set."""
+        ref = self.hparams.lr_reference_batch
+        if not ref:
+            return self.hparams.lr
+        dm = getattr(self.trainer, "datamodule", None)
+        per_device = getattr(dm, "batch_size", None)
+        if per_device is None:
+            return self.hparams.lr
+        global_batch = per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        return self.hparams.lr * global_batch / ref
+
+    # -- evaluation -------------------------------------------------------------------------
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("val/loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True, batch_size=len(y))
+        self.val_metrics.update(logits, y)
+        self.log_dict(self.val_metrics, prog_bar=True, on_epoch=True, batch_size=len(y))
+        if self.ema is not None:
+            self.ema_metrics.update(self.ema(x), y)
+            self.log_dict(self.ema_metrics, on_epoch=True, batch_size=len(y))
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        model = self.ema if self.ema is not None else self.model
+        logits = model(x)
+        self.log("test/loss", F.cross_entropy(logits, y), sync_dist=True, batch_size=len(y))
+        self.test_metrics.update(logits, y)
+        self.log_dict(self.test_metrics, on_epoch=True, batch_size=len(y))
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Class probabilities (B, num_classes); batches may be images or (images, labels)."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        model = self.ema if self.ema is not None else self.model
+        return model(x).softmax(-1)

@@ -1,0 +1,96 @@
+"""The ``agentlit`` command end to end: fit → checkpoint → test, DDP on the CPU, clear errors."""
+from __future__ import annotations
+
+import csv
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+# A much smaller network than the quickstart's so the suite stays fast; same code path.
+TINY = [
+    "--model.model_kwargs", "{patch_size: 8, depth: 1, agent_num: 4, embed_dim: 32, num_heads: 2}",
+    "--model.img_size", "16", "--data.img_size", "16",
+    "--trainer.enable_progress_bar", "false",
+]
+
+
+def agentlit(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("AGENTLIT_RUN_VERSION", None)
+    proc = subprocess.run([sys.executable, "-m", "agentlit", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"agentlit {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def last_val_acc(run: Path) -> float:
+    rows = [r for r in csv.DictReader(open(run / "metrics.csv")) if r.get("val/acc1")]
+    return float(rows[-1]["val/acc1"])
+
+
+def test_fit_writes_run_folder_and_test_reproduces_accuracy(tmp_path):
+    agentlit("fit", "--config", QUICKSTART, *TINY, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4",
+             "--trainer.default_root_dir", str(tmp_path / "runs"), cwd=tmp_path)
+    run = tmp_path / "runs" / "version_0"
+    ckpts = sorted((run / "checkpoints").glob("*.ckpt"))
+    assert (run / "checkpoints" / "last.ckpt") in ckpts and len(ckpts) >= 2  # best-by-val/acc1 + last
+    assert (run / "config.yaml").is_file() and (run / "metrics.csv").is_file()
+    assert list(run.glob("events.out.tfevents.*")), "TensorBoard events missing from the run folder"
+    acc = last_val_acc(run)
+    out = agentlit("test", "--config", QUICKSTART, *TINY, "--trainer.default_root_dir", str(tmp_path / "runs"),
+                   "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), cwd=tmp_path)
+    match = re.search(r"test/acc1\s*[│|]\s*([0-9.]+)", out.stdout)
+    assert match, out.stdout[-2000:]
+    assert float(match.group(1)) == pytest.approx(acc, abs=1e-6)
+    assert (tmp_path / "runs" / "version_1").is_dir()  # a new run folder, nothing overwritten
+
+
+def test_ddp_two_processes_on_cpu_and_checkpoint_loads(tmp_path):
+    from agentlit.tasks import ClassificationModule
+
+    agentlit("fit", "--config", QUICKSTART, *TINY, "--trainer.strategy", "ddp", "--trainer.devices", "2",
+             "--trainer.accelerator", "cpu", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "2",
+             "--trainer.default_root_dir", str(tmp_path / "runs"), cwd=tmp_path)
+    runs = list((tmp_path / "runs").iterdir())
+    assert [r.name for r in runs] == ["version_0"]  # both ranks agreed on one run folder
+    ckpt = torch.load(runs[0] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 3
+    module = ClassificationModule.load_from_checkpoint(runs[0] / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert module(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--model.model_name", "agent_deit_tiyn"], r"unknown model name 'agent_deit_tiyn'; closest registered names: \['agent_deit_tiny'"),
+        (["--data", "agentlit.data.ImageFolderDataModule", "--data.root", "missing_dir"], r"dataset root missing_dir does not exist"),
+        (["--model.img_size", "20", "--data.img_size", "20"], r"img_size=20 is not divisible by patch_size=8"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(tmp_path, args, expected):
+    proc = agentlit("fit", "--config", QUICKSTART, *TINY, *args, "--trainer.max_steps", "1",
+                    "--trainer.default_root_dir", str(tmp_path), cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert re.search(expected, proc.stderr), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_yaml_key_lists_valid_ones(tmp_path):
+    proc = agentlit("fit", "--config", QUICKSTART, "--model.learning_rate", "1", cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "learning_rate" in proc.stderr and "lr" in proc.stderr
+
+
+def test_help_lists_subcommands():
+    proc = subprocess.run([sys.executable, "-m", "agentlit", "--help"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0
+    for sub in ("fit", "validate", "test", "predict"):
+        assert sub in proc.stdout
