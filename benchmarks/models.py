@@ -1,0 +1,214 @@
+"""CPU throughput and peak memory of the paper's speed pairs, agent model vs baseline, in one run.
+
+    python benchmarks/models.py                                   # the three pairs below, 224²
+    python benchmarks/models.py --batch-size 8 --repeats 3        # a quick look
+    python benchmarks/models.py --models agent_pvt_tiny:pvt_v1_tiny --output benchmarks/results/pvt_t.json
+
+Pairs (REFERENCE.md §2 "Speed"): Agent-PVT-S vs PVT-L (paper: 2.1× faster on a desktop CPU),
+Agent-Swin-S vs Swin-B (1.7×), and Agent-DeiT-T vs DeiT-T. For each model: inference images/s
+(eval, no grad), training images/s (forward + backward + SGD step) and the peak tensor memory of
+one inference / one training step beyond the weights (:func:`agentlit.utils.memory.peak_memory`).
+Each pair runs in its own spawned process, its two models timed in alternating rounds (so a change
+in the machine's load hits both alike); timings are the median of ``--repeats`` after ``--warmup``.
+Writes JSON and a PNG bar chart (same stem) and prints agent/baseline ratios.
+
+On a machine whose cores other processes are using, pass ``--threads 1``: intra-op threads that
+compete for busy cores slow small ops by an order of magnitude and swamp the comparison.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PAIRS = [
+    ("agent_pvt_small", "pvt_v1_large"),
+    ("agent_swin_small", "swin_base_patch4_window7_224"),
+    ("agent_deit_tiny", "deit_tiny_patch16_224"),
+]
+PAPER_CPU_SPEEDUP = {("agent_pvt_small", "pvt_v1_large"): 2.1, ("agent_swin_small", "swin_base_patch4_window7_224"): 1.7}
+
+
+def _interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each fn, the fns taking turns round by round so that a change in the
+    machine's load hits every model of a pair alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def measure_group(names: list[str], batch_size: int, img_size: int, warmup: int, repeats: int,
+                  threads: int | None, train: bool) -> dict[str, dict]:
+    """Runs in a fresh process: throughput (images/s) and peak tensor memory (MiB) of each model."""
+    import timm
+
+    import agentlit  # noqa: F401  (registers the agent models)
+    from agentlit.utils.memory import peak_memory
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    x = torch.randn(batch_size, 3, img_size, img_size)
+    models = {name: timm.create_model(name, pretrained=False) for name in names}
+    results = {
+        name: dict(model=name, params_m=sum(p.numel() for p in m.parameters()) / 1e6, batch_size=batch_size,
+                   img_size=img_size)
+        for name, m in models.items()
+    }
+
+    with torch.inference_mode():
+        for m in models.values():
+            m.eval()
+        times = _interleaved({n: (lambda m=m: m(x)) for n, m in models.items()}, warmup, repeats)
+        for name, m in models.items():
+            results[name]["infer_images_per_s"] = batch_size / statistics.median(times[name])
+            results[name]["infer_peak_mb"] = peak_memory(lambda: m(x)) / 2**20
+
+    if train:
+        y = torch.randint(0, 1000, (batch_size,))
+        steps = {}
+        for name, m in models.items():
+            m.train()
+            opt = torch.optim.SGD(m.parameters(), lr=1e-4)
+
+            def step(m: torch.nn.Module = m, opt: torch.optim.Optimizer = opt) -> None:
+                opt.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(m(x), y).backward()
+                opt.step()
+
+            steps[name] = step
+        times = _interleaved(steps, max(1, warmup), repeats)
+        for name, step in steps.items():
+            results[name]["train_images_per_s"] = batch_size / statistics.median(times[name])
+            results[name]["train_peak_mb"] = peak_memory(step) / 2**20  # activations, gradients, SGD step
+    return results
+
+
+def _run_isolated(kwargs: dict) -> dict[str, dict]:
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(measure_group, kwds=kwargs)
+
+
+def parse_models(entries: list[str] | None) -> list[tuple[str, str | None]]:
+    """``a:b`` entries are (agent, baseline) pairs; a bare name is measured alone."""
+    if not entries:
+        return list(PAIRS)
+    return [tuple(e.split(":", 1)) if ":" in e else (e, None) for e in entries]  # type: ignore[misc]
+
+
+def plot(results: dict[str, dict], pairs: list[tuple[str, str | None]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("infer_images_per_s", "train_images_per_s") if any(k in r for r in results.values())]
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        labels, values, colors = [], [], []
+        for agent, base in pairs:
+            for name, color in ((agent, "tab:orange"), (base, "tab:blue")):
+                if name:
+                    labels.append(name.replace("_patch16_224", "").replace("_patch4_window7_224", ""))
+                    values.append(results[name].get(key, 0.0))
+                    colors.append(color)
+        bars = ax.bar(range(len(values)), values, color=colors)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.set_xticks(range(len(values)), labels, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("images / s")
+        ax.set_title(("inference" if key.startswith("infer") else "training") + " throughput (CPU)")
+    fig.suptitle("agent model (orange) vs baseline (blue)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", default=None,
+                        help="agent:baseline pairs or single model names (default: the paper's speed pairs)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=10, help="timed iterations per model and mode")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--no-train", action="store_true", help="inference only")
+    parser.add_argument("--output", default=str(RESULTS / "models.json"), help="JSON path; the PNG gets the same stem")
+    args = parser.parse_args(argv)
+
+    pairs = parse_models(args.models)
+    names = list(dict.fromkeys(n for pair in pairs for n in pair if n))
+    import timm
+
+    import agentlit  # noqa: F401
+
+    unknown = [n for n in names if not timm.is_model(n)]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; e.g. {', '.join(a + ':' + b for a, b in PAIRS)}")
+
+    results: dict[str, dict] = {}
+    for group in pairs:  # one process per pair, its models measured in alternating rounds
+        names_ = [n for n in group if n and n not in results]
+        if not names_:
+            continue
+        results.update(_run_isolated(dict(names=names_, batch_size=args.batch_size, img_size=args.img_size,
+                                          warmup=args.warmup, repeats=args.repeats, threads=args.threads,
+                                          train=not args.no_train)))
+    for name in names:
+        r = results[name]
+        line = f"{name:32s} infer {r['infer_images_per_s']:8.2f} img/s  peak +{r['infer_peak_mb']:7.0f} MiB"
+        if "train_images_per_s" in r:
+            line += f" | train {r['train_images_per_s']:7.2f} img/s  peak +{r['train_peak_mb']:7.0f} MiB"
+        print(line)
+
+    ratios = []
+    print("\nagent vs baseline (measured in this run):")
+    for agent, base in pairs:
+        if not base:
+            continue
+        a, b = results[agent], results[base]
+        row = dict(agent=agent, baseline=base, infer_speedup=a["infer_images_per_s"] / b["infer_images_per_s"],
+                   infer_memory_ratio=a["infer_peak_mb"] / max(b["infer_peak_mb"], 1e-9),
+                   paper_cpu_speedup=PAPER_CPU_SPEEDUP.get((agent, base)))
+        if "train_images_per_s" in a and "train_images_per_s" in b:
+            row["train_speedup"] = a["train_images_per_s"] / b["train_images_per_s"]
+            row["train_memory_ratio"] = a["train_peak_mb"] / max(b["train_peak_mb"], 1e-9)
+        ratios.append(row)
+        paper = f" (paper: {row['paper_cpu_speedup']}x)" if row["paper_cpu_speedup"] else ""
+        train = f", training {row['train_speedup']:.2f}x" if "train_speedup" in row else ""
+        print(f"  {agent} vs {base}: inference {row['infer_speedup']:.2f}x faster{paper}{train}; "
+              f"peak memory {row['infer_memory_ratio']:.2f}x (inference)"
+              + (f", {row['train_memory_ratio']:.2f}x (training)" if "train_memory_ratio" in row else ""))
+
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = dict(
+        settings=dict(batch_size=args.batch_size, img_size=args.img_size, repeats=args.repeats, warmup=args.warmup,
+                      threads=args.threads or torch.get_num_threads(), torch=torch.__version__,
+                      machine=platform.processor() or platform.machine(), cpu_count=mp.cpu_count()),
+        results=results,
+        ratios=ratios,
+    )
+    out.write_text(json.dumps(report, indent=2))
+    plot(results, pairs, out.with_suffix(".png"))
+    print(f"\nwrote {out} and {out.with_suffix('.png')}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
