@@ -21,6 +21,8 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from .callbacks import StepSeed
+
 __all__ = ["AgentLitCLI", "main"]
 
 _VERSION_ENV = "AGENTLIT_RUN_VERSION"
@@ -38,10 +40,17 @@ def _run_version(root: Path) -> int:
 
 
 class AgentLitCLI(LightningCLI):
-    """LightningCLI with agentlit's run-folder, checkpoint and progress-bar defaults."""
+    """LightningCLI with agentlit's run-folder, checkpoint and progress-bar defaults and the
+    extra sub-commands of :class:`~agentlit.trainer.AgentTrainer`."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "profile": {"model", "datamodule"}}
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         configured = list(config.get("callbacks") or []) + list(callbacks)
+        if self.subcommand == "profile":  # a measurement, not a run: no run folder, no checkpoints
+            config.update(logger=False, enable_checkpointing=False, enable_progress_bar=False)
         if config.get("logger") in (None, True):
             root = Path(config.get("default_root_dir") or "runs")
             version = _run_version(root)
@@ -62,6 +71,8 @@ class AgentLitCLI(LightningCLI):
             )
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
             callbacks.append(RichProgressBar(leave=True))
+        if self.subcommand == "fit" and not any(isinstance(c, StepSeed) for c in configured):
+            callbacks.append(StepSeed())
         if config.get("logger") and self.subcommand == "fit" and not any(isinstance(c, LearningRateMonitor) for c in configured):
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         return super()._instantiate_trainer(config, callbacks)
@@ -71,7 +82,10 @@ def cli(args: list[str] | None = None, run: bool = True) -> AgentLitCLI:
     """Build (and by default run) the CLI; ``args`` defaults to ``sys.argv[1:]``."""
     import agentlit  # noqa: F401  (registers the agent backbones in timm)
 
+    from .trainer import AgentTrainer
+
     return AgentLitCLI(
+        trainer_class=AgentTrainer,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},  # multi-process runs write config.yaml once per rank

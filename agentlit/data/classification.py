@@ -10,26 +10,15 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from .base import ResumableDataModule
+from .sampling import EpochSeededDataset
+
 __all__ = ["DigitsDataModule", "ImageFolderDataModule", "IMG_EXTENSIONS"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-class _TransformedTensors(Dataset):
-    """(image, label) tensors with an optional per-sample transform on the image."""
-
-    def __init__(self, images: Tensor, labels: Tensor, transform: Any = None) -> None:
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        x = self.images[i]
-        return (self.transform(x) if self.transform else x), self.labels[i]
-
-
-class DigitsDataModule(L.LightningDataModule):
+class DigitsDataModule(ResumableDataModule):
     """scikit-learn's bundled 8×8 handwritten digits (1,797 images, 10 classes), no download.
 
     Images are upsampled to ``img_size`` (bilinear), replicated to 3 channels and normalised to
@@ -48,8 +37,10 @@ class DigitsDataModule(L.LightningDataModule):
         split_seed: int = 0,
         augment: bool = True,
         num_workers: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
+        self.seed = seed
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
         self.img_size, self.batch_size, self.num_workers = img_size, batch_size, num_workers
@@ -73,20 +64,14 @@ class DigitsDataModule(L.LightningDataModule):
             np.arange(len(labels)), test_size=self.val_fraction, random_state=self.split_seed, stratify=labels.numpy()
         )
         jitter = v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), fill=-1.0) if self.augment else None
-        self.train_set = _TransformedTensors(images[train_idx], labels[train_idx], jitter)
+        self.train_set = EpochSeededDataset(TensorDataset(images[train_idx], labels[train_idx]), jitter, self.seed)
         self.val_set = TensorDataset(images[val_idx], labels[val_idx])
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=train, drop_last=train,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-        )
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True)
+        return self.train_loader(self.train_set)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, False)
+        return self.eval_loader(self.val_set)
 
     test_dataloader = val_dataloader
     predict_dataloader = val_dataloader
@@ -110,7 +95,7 @@ def _class_folders(split_dir: Path) -> list[str]:
     return classes
 
 
-class ImageFolderDataModule(L.LightningDataModule):
+class ImageFolderDataModule(ResumableDataModule):
     """Images in the ImageNet folder layout: ``root/{train,val}/<class>/<image>``.
 
     Training uses timm's transform (random resized crop, flip, RandAugment via ``auto_augment``
@@ -137,9 +122,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
         std: tuple[float, float, float] = (0.229, 0.224, 0.225),
         pin_memory: bool = True,
+        skip_bad_images: bool = False,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root)
+        self.skip_bad_images, self.seed = skip_bad_images, seed
         self.img_size, self.batch_size, self.num_workers = img_size, batch_size, num_workers
         self.splits = {"train": train_split, "val": val_split, "test": test_split or val_split,
                        "predict": predict_split or val_split}
@@ -171,9 +159,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             self.classes = train
         return self.classes
 
-    def _dataset(self, split: str, train: bool):
+    def _dataset(self, split: str, train: bool) -> Dataset:
         from timm.data import create_transform
         from torchvision.datasets import ImageFolder
+
+        from .io import load_rgb
 
         classes = self._check_layout()
         transform = create_transform(
@@ -182,28 +172,62 @@ class ImageFolderDataModule(L.LightningDataModule):
             crop_pct=self.crop_pct, mean=self.mean, std=self.std,
         )
         split_dir = self.root / split
-        dataset = ImageFolder(str(split_dir), transform=transform)
-        if dataset.classes != classes:
-            raise ValueError(f"{split_dir} classes {dataset.classes} differ from the training classes {classes}")
-        return dataset
+        folder = ImageFolder(str(split_dir), loader=load_rgb, is_valid_file=_is_image)
+        if folder.classes != classes:
+            raise ValueError(f"{split_dir} classes {folder.classes} differ from the training classes {classes}")
+        files = _CheckedFiles(folder, skip_bad=self.skip_bad_images)
+        return EpochSeededDataset(files, transform, self.seed)
 
     def setup(self, stage: str | None = None) -> None:
         self._check_layout()
 
-    def _loader(self, key: str, train: bool) -> DataLoader:
-        return DataLoader(
-            self._dataset(self.splits[key], train), batch_size=self.batch_size, shuffle=train, drop_last=train,
-            num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
-        )
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
+        return self.train_loader(self._dataset(self.splits["train"], True))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
+        return self.eval_loader(self._dataset(self.splits["val"], False))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
+        return self.eval_loader(self._dataset(self.splits["test"], False))
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", False)
+        return self.eval_loader(self._dataset(self.splits["predict"], False))
+
+
+def _is_image(path: str) -> bool:
+    return path.lower().endswith(IMG_EXTENSIONS)
+
+
+class _CheckedFiles(Dataset):
+    """An ImageFolder whose unreadable files raise an error naming the file, or — when the user
+    opted in with ``skip_bad_images`` — are logged once and replaced by the next readable one."""
+
+    def __init__(self, folder: Any, skip_bad: bool) -> None:
+        self.folder, self.skip_bad = folder, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        from .io import BadImageError
+
+        for offset in range(len(self.folder)):
+            i = (index + offset) % len(self.folder)
+            try:
+                return self.folder[i]
+            except BadImageError as err:
+                if not self.skip_bad:
+                    raise
+                _warn_once(str(err))
+        raise BadImageError(f"no readable image left in {self.folder.root}")
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    if message not in _warned:
+        _warned.add(message)
+        rank_zero_warn(f"skipping unreadable image (skip_bad_images=true): {message}")

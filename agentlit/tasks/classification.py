@@ -9,7 +9,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..models import create_model, unwrap_checkpoint
@@ -96,6 +96,9 @@ class ClassificationModule(L.LightningModule):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         self.ema_metrics = metrics.clone(prefix="val_ema/") if self.ema is not None else None
+        # Epoch means as metrics (synced once per epoch): ranks may hold different numbers of
+        # evaluation batches, so nothing may all-reduce per step.
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, 3, H, W) → logits (B, num_classes)."""
@@ -168,7 +171,8 @@ class ClassificationModule(L.LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
-        self.log("val/loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True, batch_size=len(y))
+        self.val_loss.update(F.cross_entropy(logits, y), weight=len(y))
+        self.log("val/loss", self.val_loss, prog_bar=True, on_epoch=True, batch_size=len(y))
         self.val_metrics.update(logits, y)
         self.log_dict(self.val_metrics, prog_bar=True, on_epoch=True, batch_size=len(y))
         if self.ema is not None:
@@ -179,7 +183,8 @@ class ClassificationModule(L.LightningModule):
         x, y = batch
         model = self.ema if self.ema is not None else self.model
         logits = model(x)
-        self.log("test/loss", F.cross_entropy(logits, y), sync_dist=True, batch_size=len(y))
+        self.test_loss.update(F.cross_entropy(logits, y), weight=len(y))
+        self.log("test/loss", self.test_loss, on_epoch=True, batch_size=len(y))
         self.test_metrics.update(logits, y)
         self.log_dict(self.test_metrics, on_epoch=True, batch_size=len(y))
 

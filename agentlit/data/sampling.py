@@ -1,0 +1,110 @@
+"""Samplers and dataset wrappers that make training a pure function of (seed, epoch, step).
+
+* :class:`ResumableDistributedSampler` — the permutation of epoch e is ``randperm(seed + e)``
+  (DistributedSampler's rule), split across ranks by striding, so one process with batch 2b and
+  two processes with batch b see the same samples per step; after a resume it skips the batches
+  the interrupted epoch already used.
+* :class:`EvalDistributedSampler` — strided split *without* padding, so an evaluation over R
+  ranks visits every sample exactly once (a padded sampler would count some twice).
+* :class:`EpochSeededDataset` — random augmentation seeded by (seed, epoch, index): the same
+  sample gets the same augmentation whatever the worker count, batch layout or resume point.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, DistributedSampler
+
+__all__ = ["EpochSeededDataset", "EvalDistributedSampler", "ResumableDistributedSampler", "default_seed", "mix_seed"]
+
+
+def default_seed() -> int:
+    """The run's seed: ``seed_everything``'s (exported as PL_GLOBAL_SEED), else 0."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+def mix_seed(*parts: int) -> int:
+    """A well-spread 63-bit seed from integers (SplitMix64 over the parts)."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """DistributedSampler (works for one process too) that yields ``(epoch, index)`` pairs and can
+    skip the first ``skip_batches`` batches of one epoch (set when resuming mid-epoch)."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int = 1, rank: int = 0,
+                 shuffle: bool = True, seed: int | None = None, drop_last: bool = False) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle,
+                         seed=default_seed() if seed is None else seed, drop_last=drop_last)
+        self.batch_size = batch_size
+        self.resume_epoch: int | None = None
+        self.skip_batches = 0
+
+    def resume_from(self, epoch: int, batches_done: int) -> None:
+        self.resume_epoch, self.skip_batches = epoch, batches_done
+
+    def _skip(self) -> int:
+        return self.skip_batches * self.batch_size if self.resume_epoch == self.epoch else 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        indices = list(super().__iter__())[self._skip():]
+        self.resume_epoch = None  # the skip applies once
+        return iter([(self.epoch, i) for i in indices])
+
+    def __len__(self) -> int:
+        # Always the full epoch: Lightning counts the resumed epoch's batches from where it
+        # stopped, so the length it plans with must not shrink.
+        return self.num_samples
+
+
+class EvalDistributedSampler(DistributedSampler):
+    """Rank r takes indices r, r+R, r+2R, … — no padding, so every sample is evaluated once."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))  # type: ignore[arg-type]
+        self.total_size = len(dataset)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+
+class EpochSeededDataset(Dataset):
+    """Wraps ``dataset``; ``transform(sample)`` runs with Python, NumPy and torch RNGs seeded from
+    (seed, epoch, index), then the global RNG states are put back untouched.
+
+    Indexed by ``(epoch, index)`` pairs (from :class:`ResumableDistributedSampler`) or plain ints
+    (epoch 0). ``dataset[i]`` must return ``(sample, target)``.
+    """
+
+    def __init__(self, dataset: Dataset, transform: Callable[[Any], Any] | None, seed: int | None = None) -> None:
+        self.dataset, self.transform = dataset, transform
+        self.seed = default_seed() if seed is None else seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, Any]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        sample, target = self.dataset[index]
+        if self.transform is None:
+            return sample, target
+        seed = mix_seed(self.seed, epoch, index)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
+            sample = self.transform(sample)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        return sample, target

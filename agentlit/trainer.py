@@ -1,0 +1,51 @@
+"""The Trainer behind the ``agentlit`` CLI: Lightning's, plus the extra sub-commands.
+
+LightningCLI turns every method of its Trainer class listed in ``AgentLitCLI.subcommands()`` into
+a sub-command whose options are the method's typed arguments, so ``agentlit profile --help``
+lists them next to fit/validate/test/predict.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+from lightning.pytorch import Trainer
+
+__all__ = ["AgentTrainer"]
+
+
+class AgentTrainer(Trainer):
+    """``lightning.Trainer`` with ``profile`` (MACs, throughput, memory) and ``export`` (weights for timm)."""
+
+    def profile(
+        self,
+        model: L.LightningModule,
+        datamodule: L.LightningDataModule | None = None,
+        batch_size: int | None = None,
+        img_size: int | None = None,
+        mode: Literal["inference", "train", "both"] = "both",
+        steps: int | None = None,
+        warmup: int | None = None,
+        threads: int | None = None,
+        output: str | None = None,
+    ) -> dict[str, Any]:
+        """Profile the configured model: parameters, MACs, throughput and peak memory (writes JSON with --output).
+
+        Args:
+            model: the task module built from the config.
+            datamodule: the config's data; gives the input shape and batch size when not overridden.
+            batch_size: items per measured step (default: the datamodule's batch size).
+            img_size: input resolution override (square); the model is rebuilt at that size when its config fixes one.
+            mode: measure inference, a training step (forward + loss + backward + optimiser step), or both.
+            steps: timed steps per measurement, the median is reported (default 5; generation: 3 pipeline calls).
+            warmup: untimed steps before timing (default 2; generation: 1).
+            threads: torch intra-op CPU threads for the measurement (default: torch's); 1 gives steadier
+                numbers when other processes share the cores.
+            output: write the report as JSON to this path.
+        """
+        from .profiling import profile_module
+
+        return profile_module(
+            self, model, datamodule, batch_size=batch_size, img_size=img_size, mode=mode, steps=steps,
+            warmup=warmup, threads=threads, output=output,
+        )
