@@ -77,6 +77,25 @@ class AgentLitCLI(LightningCLI):
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         return super()._instantiate_trainer(config, callbacks)
 
+    def before_fit(self) -> None:
+        # `--ckpt_path last` resumes the newest run under default_root_dir. Every invocation logs
+        # into a new version folder (nothing earlier is overwritten), so Lightning's own lookup,
+        # which searches only the new run's folder, would never find it.
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") == "last":
+            found = latest_last_checkpoint(Path(self.trainer.default_root_dir))
+            if found is None:
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                rank_zero_warn(f"--ckpt_path last: no last.ckpt under {self.trainer.default_root_dir}; starting fresh")
+            config["ckpt_path"] = str(found) if found else None
+
+
+def latest_last_checkpoint(root: Path) -> Path | None:
+    """The newest ``last*.ckpt`` of any run folder under ``root`` (``<root>/version_N/checkpoints``)."""
+    found = [p for p in root.glob("version_*/checkpoints/last*.ckpt") if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
 
 def cli(args: list[str] | None = None, run: bool = True) -> AgentLitCLI:
     """Build (and by default run) the CLI; ``args`` defaults to ``sys.argv[1:]``."""

@@ -34,7 +34,7 @@ def test_training_step_with_mixup_and_ema_updates_average():
     logits = module(x2)
     (-(soft * logits.log_softmax(-1)).sum(-1).mean()).backward()
     opt.step()
-    module.on_train_batch_end(None, None, 0)
+    module.update_ema()
     moved = [not torch.equal(b, e) for b, e in zip(before, module.ema.parameters())]
     assert any(moved)
     for e, p, b in zip(module.ema.parameters(), module.model.parameters(), before):

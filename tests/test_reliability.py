@@ -1,6 +1,7 @@
 """Reliability: exact resume after SIGKILL, DDP ≡ one process, each sample evaluated once."""
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -76,7 +77,11 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     first = tmp_path / "resumed" / "version_0" / "checkpoints"
     assert weights(first / "last.ckpt")["global_step"] == 15  # killed mid-epoch 1 (10 batches per epoch)
-    run([*common, "--config", ckpt_cfg, "--trainer.default_root_dir", "resumed", "--ckpt_path", "last"], tmp_path)
+    resume = run([*common, "--config", ckpt_cfg, "--trainer.default_root_dir", "resumed", "--ckpt_path", "last"], tmp_path)
+    # it really resumed (a fresh start with the same seed would end with the same weights too)
+    assert f"Restoring states from the checkpoint path at {first / 'last.ckpt'}".replace(str(tmp_path) + "/", "") in resume.stderr + resume.stdout
+    logged = [r for r in csv.DictReader(open(tmp_path / "resumed" / "version_1" / "metrics.csv")) if r.get("train/loss_step")]
+    assert logged and min(int(r["step"]) for r in logged) >= 15
 
     straight = weights(tmp_path / "straight" / "version_0" / "checkpoints" / "last.ckpt")
     resumed = weights(tmp_path / "resumed" / "version_1" / "checkpoints" / "last.ckpt")

@@ -125,12 +125,18 @@ class ClassificationModule(L.LightningModule):
             "(--trainer.gradient_clip_val) or use bf16 instead of fp16."
         )
 
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: checkpoint callbacks run before that module hook, so an
+        # update made there would be missing from a checkpoint written at this step.
+        self.update_ema()
+
     @torch.no_grad()
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def update_ema(self) -> None:
+        """One EMA step after an optimizer step; the decay warms up as in timm's ModelEmaV3."""
         if self.ema is None:
             return
-        # Warm-up of the decay (as timm's ModelEmaV3) so early averages are not dominated by the init.
-        step = self.global_step
+        step = self.global_step  # optimizer steps completed before this one
         decay = min(self.hparams.ema_decay, (1 + step) / (10 + step))
         for e, p in zip(self.ema.parameters(), self.model.parameters()):
             e.lerp_(p.detach(), 1.0 - decay)
