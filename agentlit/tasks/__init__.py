@@ -1,4 +1,5 @@
 """LightningModules: one per task, all built on the shared agent-attention core."""
 from .classification import ClassificationModule
+from .generation import GenerationModule, RandomConvFeatures
 
-__all__ = ["ClassificationModule"]
+__all__ = ["ClassificationModule", "GenerationModule", "RandomConvFeatures"]

@@ -1,0 +1,175 @@
+"""Token merging for Stable Diffusion: bipartite soft matching with a random destination per cell.
+
+Tokens x (B, N = h·w, C) of one latent map are split into two sets:
+
+* dst: one token per sx×sy cell of the map, picked at random in the cell (the top-left one when
+  randomness is off); tokens of an incomplete cell at the right/bottom border are all src.
+* src: every other token.
+
+Each src token is scored against every dst token by cosine similarity of the *metric* (the block
+input) and points to its most similar dst. The r src tokens with the highest best-score are merged
+(averaged) into their dst; the rest stay. The merged sequence is ``[unmerged src | dst]``
+(N - r tokens). One matching serves twice (AgentSD, REFERENCE.md §4): with r = ⌊N·ratio⌋ for the
+features that go through attention, and with r_a = ⌊N·agent_ratio⌋ for the agent tokens.
+``unmerge`` gives every original position the value of the merged token it went into.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["TokenMatching", "bipartite_soft_matching_random2d"]
+
+
+class TokenMatching:
+    """One matching of the N tokens of a (h, w) map: merge to N - r tokens, make agents, unmerge.
+
+    Built by :func:`bipartite_soft_matching_random2d`; all index tensors are (B, ·, 1) int64.
+    """
+
+    def __init__(
+        self,
+        num_tokens: int,
+        src_pos: Tensor,  # (1, Ns, 1) positions of the src tokens in the map
+        dst_pos: Tensor,  # (1, Nd, 1) positions of the dst tokens in the map
+        order: Tensor,  # (B, Ns, 1) src indices sorted by best similarity, most similar first
+        best_dst: Tensor,  # (B, Ns, 1) index (into dst) of each src token's most similar dst
+        r: int,
+        agent_r: int,
+    ) -> None:
+        self.num_tokens = num_tokens
+        self.src_pos, self.dst_pos = src_pos, dst_pos
+        self.order, self.best_dst = order, best_dst
+        self.r, self.agent_r = r, agent_r
+        self._unmerge_index: Tensor | None = None
+
+    @property
+    def num_merged(self) -> int:
+        """Length of the merged feature sequence, N - r."""
+        return self.num_tokens - self.r
+
+    @property
+    def num_agents(self) -> int:
+        """Number of agent tokens, N - r_a."""
+        return self.num_tokens - self.agent_r
+
+    @property
+    def use_agents(self) -> bool:
+        """Agents pay off only while they are fewer than half the tokens attention runs on."""
+        return 2 * self.num_agents < self.num_merged
+
+    def _merge(self, x: Tensor, r: int) -> Tensor:
+        # x (B, N, C) -> (B, N - r, C) = [unmerged src | dst (mean over itself and its merged src)]
+        B, _, C = x.shape
+        src = x.gather(1, self.src_pos.expand(B, -1, C))  # (B, Ns, C)
+        dst = x.gather(1, self.dst_pos.expand(B, -1, C))  # (B, Nd, C)
+        unm = src.gather(1, self.order[:, r:].expand(B, -1, C))  # (B, Ns - r, C)
+        if r > 0:
+            moved = src.gather(1, self.order[:, :r].expand(B, -1, C))  # (B, r, C)
+            into = self.best_dst.gather(1, self.order[:, :r]).expand(B, -1, C)  # (B, r, C)
+            dst = dst.scatter_reduce(1, into, moved, reduce="mean", include_self=True)
+        return torch.cat([unm, dst], dim=1)
+
+    def merge(self, x: Tensor) -> Tensor:
+        """(B, N, C) -> merged features (B, N - r, C)."""
+        return self._merge(x, self.r)
+
+    def agents(self, x: Tensor) -> Tensor:
+        """(B, N, C) -> agent tokens (B, N - r_a, C), from the same matching with r_a merges."""
+        return self._merge(x, self.agent_r)
+
+    def unmerge(self, x: Tensor) -> Tensor:
+        """(B, N - r, C) -> (B, N, C): each position takes the merged token it was folded into."""
+        B, _, C = x.shape
+        return x.gather(1, self.unmerge_index.expand(B, -1, C))
+
+    @property
+    def unmerge_index(self) -> Tensor:
+        """(B, N, 1): for every original token, its index in the merged sequence."""
+        if self._unmerge_index is None:
+            B, Ns, _ = self.order.shape
+            Nd, r = self.dst_pos.shape[1], self.r
+            dev = self.order.device
+            # index in the merged sequence of each src, by src index: unmerged -> 0..Ns-r-1,
+            # merged -> (Ns - r) + its dst index
+            src_to_merged = torch.empty(B, Ns, 1, dtype=torch.int64, device=dev)
+            unm_rank = torch.arange(Ns - r, device=dev).view(1, -1, 1).expand(B, -1, 1)
+            src_to_merged.scatter_(1, self.order[:, r:], unm_rank)
+            if r > 0:
+                dst_of_merged = self.best_dst.gather(1, self.order[:, :r]) + (Ns - r)
+                src_to_merged.scatter_(1, self.order[:, :r], dst_of_merged)
+            index = torch.empty(B, self.num_tokens, 1, dtype=torch.int64, device=dev)
+            index.scatter_(1, self.src_pos.expand(B, -1, 1), src_to_merged)
+            dst_rank = torch.arange(Ns - r, Ns - r + Nd, device=dev).view(1, -1, 1).expand(B, -1, 1)
+            index.scatter_(1, self.dst_pos.expand(B, -1, 1), dst_rank)
+            self._unmerge_index = index
+        return self._unmerge_index
+
+
+def _dst_mask(h: int, w: int, sx: int, sy: int, rand: bool, generator: torch.Generator | None) -> Tensor:
+    """(h·w,) bool, True at the one destination token of every complete sy×sx cell."""
+    hsy, wsx = h // sy, w // sx
+    if rand:
+        pick = torch.randint(sy * sx, (hsy, wsx), generator=generator, device="cpu")
+    else:
+        pick = torch.zeros(hsy, wsx, dtype=torch.int64)
+    cells = torch.zeros(hsy, wsx, sy * sx, dtype=torch.bool)
+    cells.scatter_(2, pick.unsqueeze(-1), True)
+    cells = cells.view(hsy, wsx, sy, sx).transpose(1, 2).reshape(hsy * sy, wsx * sx)
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    mask[: hsy * sy, : wsx * sx] = cells  # border tokens outside complete cells stay src
+    return mask.flatten()
+
+
+def bipartite_soft_matching_random2d(
+    metric: Tensor,
+    w: int,
+    h: int,
+    sx: int,
+    sy: int,
+    r: int,
+    agent_r: int = 0,
+    *,
+    use_rand: bool = True,
+    generator: torch.Generator | None = None,
+) -> TokenMatching | None:
+    """Match the tokens of a (h, w) map for merging (ToMe for SD) and for AgentSD's agents.
+
+    Args:
+        metric: (B, N = h·w, C) features the similarity is measured on (the block input).
+        w, h: the map size in tokens.
+        sx, sy: cell size; one destination token per complete cell.
+        r: src tokens merged for the features (clamped to the number of src tokens).
+        agent_r: src tokens merged for the agent tokens (clamped likewise).
+        use_rand: pick the destination at random in each cell (else the top-left token).
+        generator: CPU generator for the random picks (the global RNG is left untouched if given).
+
+    Returns:
+        A :class:`TokenMatching`, or None when there is nothing to do (no merge and no agents, or no
+        complete cell).
+    """
+    B, N, _ = metric.shape
+    if N != h * w:
+        raise ValueError(f"metric has {N} tokens but the map is h={h} x w={w} = {h * w}")
+    if sx < 1 or sy < 1:
+        raise ValueError(f"sx and sy must be >= 1, got sx={sx}, sy={sy}")
+    dst_mask = _dst_mask(h, w, sx, sy, use_rand, generator)
+    num_dst = int(dst_mask.sum())
+    num_src = N - num_dst
+    r, agent_r = min(max(r, 0), num_src), min(max(agent_r, 0), num_src)
+    if num_dst == 0 or (r == 0 and agent_r == 0):
+        return None
+    dev = metric.device
+    # stable sort of the mask puts src (False) first, then dst, each in raster order
+    perm = dst_mask.to(torch.int8).argsort(stable=True).to(dev)
+    src_pos = perm[:num_src].view(1, -1, 1)
+    dst_pos = perm[num_src:].view(1, -1, 1)
+    with torch.no_grad():
+        m = metric / metric.norm(dim=-1, keepdim=True)
+        C = m.shape[-1]
+        a = m.gather(1, src_pos.expand(B, -1, C))
+        b = m.gather(1, dst_pos.expand(B, -1, C))
+        scores = a @ b.transpose(-1, -2)  # (B, Ns, Nd) cosine similarity src -> dst
+        best, best_dst = scores.max(dim=-1)  # (B, Ns)
+        order = best.argsort(dim=-1, descending=True, stable=True)
+    return TokenMatching(N, src_pos, dst_pos, order.unsqueeze(-1), best_dst.unsqueeze(-1), r, agent_r)

@@ -1,0 +1,338 @@
+"""AgentSD for diffusers: agent attention + token merging in Stable Diffusion's self-attention.
+
+Training-free (REFERENCE.md §4). What is patched, all removable:
+
+* every ``BasicTransformerBlock``'s self-attention ``attn1`` gets an :class:`AgentSDAttnProcessor`
+  through diffusers' own processor mechanism (``Attention.set_processor``); the original processor
+  object is kept and put back by :func:`remove_patch`;
+* a forward pre-hook on each such block computes the token matching from the block input (the
+  metric ToMe for SD uses) and hands it to the processor; a post-hook drops it;
+* a forward pre-hook on the UNet records the latent size (to tell a block's downsampling) and
+  the denoising step (for the schedule).
+
+Cross-attention ``attn2`` and the MLP run untouched on all N tokens, as in the reference patch
+(merge_crossattn / merge_mlp are off there). Inside ``attn1``:
+
+    y (B, N, C) --merge--> y_m (B, N - r, C), agent tokens y_a (B, n, C)
+    Q, K, V = to_q(y_m), to_k(y_m), to_v(y_m);   A = to_q(y_a)
+    O = agent_attention(Q, K, V, A, scale=s, broadcast_scale=s ** k_scale2) + k_shortcut · V
+    out = unmerge(to_out(O))                                          # (B, N, C)
+
+with agents only while 2·n < N - r; otherwise plain softmax attention on the merged tokens.
+
+Schedule: the first ``agent_steps`` denoising steps use (sx, sy, agent_ratio); later steps use
+(late_sx, late_sy, late_agent_ratio), by default ToMe only. The step is the pipeline's own: the
+UNet hook counts distinct timesteps of one generation (a repeated timestep, e.g. PNDM's first
+step or guidance run as two calls, is the same step; a rising timestep starts a new generation).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core import agent_attention
+from .merge import TokenMatching, bipartite_soft_matching_random2d
+
+__all__ = ["AgentSDAttnProcessor", "AgentSDConfig", "AgentSDState", "apply_patch", "get_state", "remove_patch"]
+
+_STATE_ATTR = "_agentsd_state"
+
+
+class AgentSDState:
+    """Settings and run-time state shared by all patched blocks of one UNet."""
+
+    def __init__(self, **settings: Any) -> None:
+        self.settings = settings
+        self.size: tuple[int, int] | None = None  # latent (H, W) of the current UNet call
+        self.step = -1  # denoising step of the current generation
+        self.last_timestep: float | None = None
+        self.generator: torch.Generator | None = None
+        self.hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self.processors: dict[str, tuple[nn.Module, Any, AgentSDAttnProcessor]] = {}
+
+    def phase(self) -> tuple[int, int, float]:
+        """(sx, sy, agent_ratio) for the current step."""
+        s = self.settings
+        if self.step < s["agent_steps"]:
+            return s["sx"], s["sy"], s["agent_ratio"]
+        return s["late_sx"], s["late_sy"], s["late_agent_ratio"]
+
+    def observe_timestep(self, t: float) -> None:
+        """Advance the step counter from the timestep of a UNet call."""
+        if self.last_timestep is None or t > self.last_timestep:
+            self.step = 0  # a new generation (timesteps fall within one)
+            # A private generator for the random destinations, copied from the global RNG without
+            # consuming it: ``torch.manual_seed`` makes a patched run reproducible, and the
+            # pipeline's own random draws are the same as unpatched.
+            self.generator = torch.Generator().set_state(torch.get_rng_state())
+        elif t < self.last_timestep:
+            self.step += 1
+        self.last_timestep = t
+
+    def matching(self, x: Tensor) -> TokenMatching | None:
+        """The matching for a block input x (B, N, C), or None where this block is left alone."""
+        if self.size is None:
+            return None
+        s = self.settings
+        H, W = self.size
+        B, N, _ = x.shape
+        downsample = math.ceil(math.sqrt(H * W // N)) if N <= H * W else 1
+        if downsample > s["max_downsample"]:
+            return None
+        h, w = math.ceil(H / downsample), math.ceil(W / downsample)
+        if h * w != N:  # not a latent map we can lay out
+            return None
+        sx, sy, agent_ratio = self.phase()
+        # An odd batch cannot hold matching conditional/unconditional halves; the reference
+        # (ToMe for SD) turns the random destinations off there to avoid artifacts.
+        use_rand = s["use_rand"] and B % 2 == 0
+        m = bipartite_soft_matching_random2d(
+            x, w, h, sx, sy, int(N * s["ratio"]), int(N * agent_ratio),
+            use_rand=use_rand, generator=self.generator,
+        )
+        if m is not None and m.r == 0 and not m.use_agents:
+            return None  # nothing would change
+        return m
+
+
+class AgentSDAttnProcessor:
+    """Processor for a self-attention ``attn1``: merge -> (agent) attention -> unmerge.
+
+    Falls back to the original processor, unchanged, whenever its block has no matching (deeper
+    blocks, masks, cross-attention), so other processors (SDPA, xformers, ...) keep serving there.
+    """
+
+    def __init__(self, state: AgentSDState, original: Any) -> None:
+        self.state = state
+        self.original = original
+        self.matching: TokenMatching | None = None  # set by the block pre-hook for one forward
+        params = inspect.signature(original.__call__).parameters
+        self._orig_takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        self._orig_params = set(params)
+
+    def _call_original(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs):
+        if temb is not None:  # passed on only when given, as Attention.forward does
+            kwargs = {**kwargs, "temb": temb}
+        if not self._orig_takes_any:
+            kwargs = {k: v for k, v in kwargs.items() if k in self._orig_params}
+        return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                             attention_mask=attention_mask, **kwargs)
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        temb: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        m = self.matching
+        if m is None or encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
+            return self._call_original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
+        s = self.state.settings
+        merged = m.merge(hidden_states)  # (B, N - r, C)
+        if m.use_agents or s["attn_precision"] == "fp32":
+            agents = m.agents(hidden_states) if m.use_agents else None  # (B, n, C)
+            out = self._attend(attn, merged, agents)
+        else:  # plain ToMe: the original processor on the merged tokens
+            out = self._call_original(attn, merged, None, None, temb, kwargs)
+        return m.unmerge(out)
+
+    def _attend(self, attn: nn.Module, x: Tensor, agents: Tensor | None) -> Tensor:
+        # x (B, M, C) merged tokens, agents (B, n, C) or None -> (B, M, C)
+        s = self.state.settings
+        B, M, _ = x.shape
+        heads = attn.heads
+        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+        d = q.shape[-1] // heads
+
+        def split(t: Tensor) -> Tensor:  # (B, L, H·d) -> (B, H, L, d)
+            return t.view(B, -1, heads, d).transpose(1, 2)
+
+        q, k, v = split(q), split(k), split(v)
+        a = split(attn.to_q(agents)) if agents is not None else None
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+            a = attn.norm_q(a) if a is not None else None
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        dtype = q.dtype
+        scale = attn.scale
+        fp32 = s["attn_precision"] == "fp32"
+        with torch.autocast(q.device.type, enabled=False) if fp32 else contextlib.nullcontext():
+            if fp32:  # similarities in fp32: fp16 logits overflow in SD 2.x
+                q, k, v = q.float(), k.float(), v.float()
+                a = a.float() if a is not None else None
+            if a is not None:
+                o = agent_attention(q, k, v, a, scale=scale, broadcast_scale=scale ** s["k_scale2"])
+                o = o + s["k_shortcut"] * v  # the training-free stand-in for the DWC term
+            else:
+                o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        o = o.to(dtype).transpose(1, 2).reshape(B, M, heads * d)
+        o = attn.to_out[1](attn.to_out[0](o))  # linear, dropout
+        if attn.residual_connection:
+            o = o + x
+        return o / attn.rescale_output_factor
+
+
+@dataclasses.dataclass
+class AgentSDConfig:
+    """The settings of :func:`apply_patch` as one value (for configs); defaults = the paper's schedule."""
+
+    ratio: float = 0.4
+    agent_ratio: float = 0.95
+    sx: int = 4
+    sy: int = 4
+    max_downsample: int = 1
+    use_rand: bool = True
+    k_scale2: float = 0.3
+    k_shortcut: float = 0.075
+    attn_precision: str | None = None
+    agent_steps: int = 20
+    late_sx: int = 2
+    late_sy: int = 2
+    late_agent_ratio: float = 0.5
+
+    def apply(self, pipe_or_unet: Any) -> Any:
+        """``apply_patch(pipe_or_unet, **these settings)``."""
+        return apply_patch(pipe_or_unet, **dataclasses.asdict(self))
+
+
+def _unet_of(pipe_or_unet: Any) -> nn.Module:
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    if not isinstance(unet, nn.Module):
+        raise TypeError(
+            "apply_patch/remove_patch expect a diffusers pipeline with a `.unet` or a UNet module "
+            f"(e.g. UNet2DConditionModel), got {type(pipe_or_unet).__name__}"
+        )
+    return unet
+
+
+def _first_arg(args: tuple, kwargs: dict, name: str, pos: int) -> Any:
+    return kwargs[name] if name in kwargs else (args[pos] if len(args) > pos else None)
+
+
+def _validate(settings: dict[str, Any]) -> None:
+    for key in ("ratio", "agent_ratio", "late_agent_ratio"):
+        if not 0.0 <= settings[key] <= 1.0:
+            raise ValueError(f"{key} must be in [0, 1], got {settings[key]}")
+    for key in ("sx", "sy", "late_sx", "late_sy", "max_downsample"):
+        if int(settings[key]) != settings[key] or settings[key] < 1:
+            raise ValueError(f"{key} must be an integer >= 1, got {settings[key]}")
+    if settings["agent_steps"] < 0:
+        raise ValueError(f"agent_steps must be >= 0, got {settings['agent_steps']}")
+    if settings["attn_precision"] not in (None, "fp32"):
+        raise ValueError(f"attn_precision must be None or 'fp32', got {settings['attn_precision']!r}")
+
+
+def apply_patch(
+    pipe_or_unet: Any,
+    *,
+    ratio: float = 0.4,
+    agent_ratio: float = 0.95,
+    sx: int = 4,
+    sy: int = 4,
+    max_downsample: int = 1,
+    use_rand: bool = True,
+    k_scale2: float = 0.3,
+    k_shortcut: float = 0.075,
+    attn_precision: str | None = None,
+    agent_steps: int = 20,
+    late_sx: int = 2,
+    late_sy: int = 2,
+    late_agent_ratio: float = 0.5,
+) -> Any:
+    """Patch a diffusers Stable Diffusion pipeline (or its UNet) with AgentSD, in place.
+
+    Args:
+        pipe_or_unet: a pipeline with ``.unet`` or the UNet itself. Patching again re-patches.
+        ratio: fraction of tokens merged away for attention (r = ⌊N·ratio⌋).
+        agent_ratio: fraction merged away to make the agents (n = N - ⌊N·agent_ratio⌋, at least one
+            per sx×sy cell).
+        sx, sy: cell size for the destination tokens.
+        max_downsample: patch blocks whose latent is downsampled at most this much (1: full
+            resolution only, as in the paper).
+        use_rand: random destination per cell (off automatically for odd batches).
+        k_scale2: the broadcast softmax uses scale ** k_scale2 (sharper than scale).
+        k_shortcut: weight of the V shortcut added to the agent-attention output.
+        attn_precision: "fp32" to run the attention similarities in fp32 under fp16.
+        agent_steps: number of first denoising steps using agents; later steps use the late_* settings.
+        late_sx, late_sy, late_agent_ratio: settings from step ``agent_steps`` on (the defaults give
+            plain ToMe: 2·n >= N - r, so no agents).
+
+    Returns:
+        ``pipe_or_unet``, patched.
+    """
+    settings = dict(
+        ratio=ratio, agent_ratio=agent_ratio, sx=sx, sy=sy, max_downsample=max_downsample, use_rand=use_rand,
+        k_scale2=k_scale2, k_shortcut=k_shortcut, attn_precision=attn_precision, agent_steps=agent_steps,
+        late_sx=late_sx, late_sy=late_sy, late_agent_ratio=late_agent_ratio,
+    )
+    _validate(settings)
+    unet = _unet_of(pipe_or_unet)
+    remove_patch(unet)
+    blocks = [
+        (name, mod) for name, mod in unet.named_modules()
+        if type(mod).__name__ == "BasicTransformerBlock" and not getattr(mod, "only_cross_attention", False)
+    ]
+    if not blocks:
+        raise ValueError(
+            f"{type(unet).__name__} has no diffusers BasicTransformerBlock to patch; AgentSD supports "
+            "Stable Diffusion 1.x/2.x UNets (UNet2DConditionModel)"
+        )
+    state = AgentSDState(**settings)
+
+    def unet_pre_hook(module, args, kwargs):
+        sample = _first_arg(args, kwargs, "sample", 0)
+        t = _first_arg(args, kwargs, "timestep", 1)
+        state.size = (sample.shape[-2], sample.shape[-1])
+        if t is not None:
+            state.observe_timestep(float(t.flatten()[0]) if torch.is_tensor(t) else float(t))
+
+    state.hooks.append(unet.register_forward_pre_hook(unet_pre_hook, with_kwargs=True))
+
+    for name, block in blocks:
+        proc = AgentSDAttnProcessor(state, block.attn1.processor)
+        state.processors[name] = (block.attn1, block.attn1.processor, proc)
+        block.attn1.set_processor(proc)
+
+        def block_pre_hook(module, args, kwargs, proc=proc):
+            x = _first_arg(args, kwargs, "hidden_states", 0)
+            proc.matching = state.matching(x) if x is not None and x.ndim == 3 else None
+
+        def block_post_hook(module, args, output, proc=proc):
+            proc.matching = None
+
+        state.hooks.append(block.register_forward_pre_hook(block_pre_hook, with_kwargs=True))
+        state.hooks.append(block.register_forward_hook(block_post_hook))
+
+    setattr(unet, _STATE_ATTR, state)
+    return pipe_or_unet
+
+
+def remove_patch(pipe_or_unet: Any) -> Any:
+    """Undo :func:`apply_patch`: hooks removed, original processor objects restored. No-op if unpatched."""
+    unet = _unet_of(pipe_or_unet)
+    state: AgentSDState | None = getattr(unet, _STATE_ATTR, None)
+    if state is None:
+        return pipe_or_unet
+    for hook in state.hooks:
+        hook.remove()
+    for attn, original, proc in state.processors.values():
+        if attn.processor is proc:  # leave a processor the user set after patching alone
+            attn.set_processor(original)
+    delattr(unet, _STATE_ATTR)
+    return pipe_or_unet
+
+
+def get_state(pipe_or_unet: Any) -> AgentSDState | None:
+    """The patch state (settings, current step) of a patched pipeline/UNet, or None."""
+    return getattr(_unet_of(pipe_or_unet), _STATE_ATTR, None)

@@ -1,0 +1,324 @@
+"""Text-to-image generation with Stable Diffusion, plain or with AgentSD (REFERENCE.md §4).
+
+``agentlit predict`` writes one PNG per (prompt, seed) and ``generation.json`` with prompts, seeds
+and per-image times; ``agentlit test`` generates the same way and scores the images: FID against a
+reference image folder (torchmetrics ``FrechetInceptionDistance``) and CLIP score where the CLIP
+weights are available.
+
+The pipeline is a diffusers ``StableDiffusionPipeline``: ``from_pretrained`` on a hub id or local
+folder (the real path, e.g. SD 1.5 in fp16), or, with no path, a tiny one with random weights
+built locally (:func:`agentlit.diffusion.build_tiny_pipeline`) for quickstarts and tests.
+"""
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..diffusion import AgentSDConfig, build_tiny_pipeline, remove_patch
+
+__all__ = ["GenerationModule", "RandomConvFeatures"]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+class RandomConvFeatures(nn.Module):
+    """A small fixed random-conv feature extractor for FID where Inception weights are unavailable.
+
+    Takes uint8 images (B, 3, H, W) as torchmetrics passes them and returns (B, num_features). Its
+    distances are only comparable with each other, never with published (Inception) FID numbers.
+    """
+
+    def __init__(self, num_features: int = 64, size: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        self.num_features, self.size = num_features, size
+        g = torch.Generator().manual_seed(seed)
+        self.conv1 = nn.Conv2d(3, 32, 4, stride=2)
+        self.conv2 = nn.Conv2d(32, num_features, 4, stride=2)
+        with torch.no_grad():
+            for conv in (self.conv1, self.conv2):
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) / conv.weight[0].numel() ** 0.5)
+                conv.bias.zero_()
+        self.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        x = F.relu(self.conv1(x * 2 - 1))
+        return F.relu(self.conv2(x)).mean((2, 3))  # (B, num_features)
+
+
+class GenerationModule(L.LightningModule):
+    """Stable Diffusion text-to-image, with AgentSD (``agentsd``) or plain (``agentsd: null``).
+
+    Args:
+        pretrained_model_name_or_path: hub id or folder for ``StableDiffusionPipeline.from_pretrained``
+            (e.g. ``runwayml/stable-diffusion-v1-5``); None builds the tiny local pipeline.
+        torch_dtype: "float32", "float16" or "bfloat16" for the pipeline weights.
+        scheduler: None keeps the pipeline's own (SD 1.5: PNDM/PLMS, as in the paper); or "ddim",
+            "pndm", "euler" built from its config.
+        safety_checker: keep the pipeline's safety checker when it ships one.
+        agentsd: AgentSD settings (:class:`agentlit.diffusion.AgentSDConfig`); None = baseline.
+        num_inference_steps, guidance_scale, height, width, negative_prompt: the pipeline call.
+        output_dir: where PNGs and the JSON reports go.
+        save_images: write PNGs in ``predict`` (``test`` only scores them).
+        warmup: one short untimed generation before the first timed batch.
+        tiny_seed: weight seed of the tiny pipeline.
+        fid_reference_dir: folder of real images for FID in ``test`` (searched recursively).
+        fid_feature: torchmetrics' ``feature``: 64/192/768/2048 (Inception; needs torch-fidelity and
+            its weights) or a feature module such as :class:`RandomConvFeatures`.
+        clip_model_name_or_path: CLIP weights for the CLIP score (e.g. ``openai/clip-vit-large-patch14``);
+            None or unavailable: skipped with a warning.
+    """
+
+    def __init__(
+        self,
+        pretrained_model_name_or_path: str | None = None,
+        torch_dtype: str = "float32",
+        scheduler: str | None = None,
+        safety_checker: bool = True,
+        agentsd: AgentSDConfig | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+        negative_prompt: str | None = None,
+        output_dir: str = "outputs/generation",
+        save_images: bool = True,
+        warmup: bool = True,
+        tiny_seed: int = 0,
+        fid_reference_dir: str | None = None,
+        fid_feature: int | nn.Module = 2048,
+        clip_model_name_or_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["fid_feature"])
+        if torch_dtype not in _DTYPES:
+            raise ValueError(f"torch_dtype must be one of {sorted(_DTYPES)}, got {torch_dtype!r}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        dtype = _DTYPES[torch_dtype]
+        if pretrained_model_name_or_path is None:
+            pipe = build_tiny_pipeline(seed=tiny_seed, torch_dtype=dtype)
+        else:
+            from diffusers import StableDiffusionPipeline
+
+            extra = {} if safety_checker else dict(safety_checker=None, requires_safety_checker=False)
+            pipe = StableDiffusionPipeline.from_pretrained(pretrained_model_name_or_path, torch_dtype=dtype, **extra)
+            pipe.set_progress_bar_config(disable=True)
+        if scheduler is not None:
+            pipe.scheduler = _make_scheduler(scheduler, pipe.scheduler.config)
+        if agentsd is not None:
+            if isinstance(agentsd, dict):
+                agentsd = AgentSDConfig(**agentsd)
+            agentsd.apply(pipe)
+        self.agentsd = agentsd
+        self.pipe = pipe
+        # registered as submodules so Lightning moves them to the run's device
+        self.unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+        if getattr(pipe, "safety_checker", None) is not None:
+            self.safety_checker = pipe.safety_checker
+        self.fid_feature = fid_feature
+        self.fid = None
+        self.clip_score = None
+        self._records: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts: list[str], seeds: list[int], output_type: str = "pil") -> tuple[Any, float]:
+        """Generate one image per (prompt, seed); returns (images, wall seconds for the batch)."""
+        hp = self.hparams
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]  # CPU: same noise on any device
+        neg = [hp.negative_prompt] * len(prompts) if hp.negative_prompt else None
+        dev = self.unet.device
+        self._sync(dev)
+        start = time.perf_counter()
+        # AgentSD's random destinations come from a copy of the global RNG: seed it per batch so
+        # images are reproducible, without disturbing the caller's RNG stream.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seeds[0]))
+            out = self.pipe(
+                prompt=list(prompts), negative_prompt=neg, generator=generators,
+                num_inference_steps=hp.num_inference_steps, guidance_scale=hp.guidance_scale,
+                height=hp.height, width=hp.width, output_type=output_type,
+            )
+        self._sync(dev)
+        return out.images, time.perf_counter() - start
+
+    @staticmethod
+    def _sync(device: torch.device) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def _warmup(self) -> None:
+        if self.hparams.warmup:
+            hp = self.hparams
+            with torch.random.fork_rng(devices=[]):
+                self.pipe(prompt=["warm-up"], num_inference_steps=min(2, hp.num_inference_steps),
+                          guidance_scale=hp.guidance_scale, height=hp.height, width=hp.width, output_type="latent",
+                          generator=torch.Generator().manual_seed(0))
+
+    @property
+    def _run_info(self) -> dict[str, Any]:
+        hp = self.hparams
+        h = hp.height or self.unet.config.sample_size * self.pipe.vae_scale_factor
+        w = hp.width or self.unet.config.sample_size * self.pipe.vae_scale_factor
+        return {
+            "model": hp.pretrained_model_name_or_path or "tiny-random (agentlit.diffusion.build_tiny_pipeline)",
+            "torch_dtype": hp.torch_dtype,
+            "scheduler": type(self.pipe.scheduler).__name__,
+            "agentsd": None if self.agentsd is None else vars(self.agentsd),
+            "num_inference_steps": hp.num_inference_steps,
+            "guidance_scale": hp.guidance_scale,
+            "height": h,
+            "width": w,
+            "device": str(self.unet.device),
+        }
+
+    def _report(self, name: str, extra: dict[str, Any]) -> Path:
+        times = [r["time_s"] for r in self._records]
+        report = {
+            **self._run_info,
+            **extra,
+            "num_images": len(self._records),
+            "mean_time_per_image_s": sum(times) / len(times) if times else None,
+            "images": self._records,
+        }
+        out = Path(self.hparams.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if self.trainer is not None and self.trainer.world_size > 1:
+            name = name.replace(".json", f"_rank{self.global_rank}.json")
+        path = out / name
+        path.write_text(json.dumps(report, indent=2))
+        return path
+
+    def _record(self, batch: dict[str, list], seconds: float, files: list[str | None]) -> list[dict[str, Any]]:
+        n = len(batch["prompt"])
+        recs = [
+            {"index": int(i), "prompt": p, "seed": int(s), "file": f, "time_s": seconds / n, "batch_time_s": seconds}
+            for i, p, s, f in zip(batch["index"], batch["prompt"], batch["seed"], files)
+        ]
+        self._records.extend(recs)
+        return recs
+
+    # ------------------------------------------------------------------ predict
+    def on_predict_epoch_start(self) -> None:
+        self._records = []
+        self._warmup()
+
+    def predict_step(self, batch: dict[str, list], batch_idx: int) -> list[dict[str, Any]]:
+        images, seconds = self.generate(batch["prompt"], batch["seed"], output_type="pil")
+        files: list[str | None] = [None] * len(images)
+        if self.hparams.save_images:
+            out = Path(self.hparams.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            for k, (img, idx) in enumerate(zip(images, batch["index"])):
+                name = f"{int(idx):05d}.png"
+                img.save(out / name)
+                files[k] = name
+        return self._record(batch, seconds, files)
+
+    def on_predict_epoch_end(self) -> None:
+        self._report("generation.json", {})
+
+    # ------------------------------------------------------------------ test (FID / CLIP score)
+    def setup(self, stage: str) -> None:
+        if stage != "test":
+            return
+        if self.hparams.fid_reference_dir is not None and self.fid is None:
+            from torchmetrics.image.fid import FrechetInceptionDistance
+
+            try:
+                self.fid = FrechetInceptionDistance(feature=self.fid_feature, normalize=False)
+            except ModuleNotFoundError as err:
+                raise ModuleNotFoundError(
+                    f"FID with Inception features needs torch-fidelity (pip install torch-fidelity) and its "
+                    f"weights; or set `fid_feature` to a feature module ({err})"
+                ) from err
+        if self.hparams.clip_model_name_or_path is not None and self.clip_score is None:
+            from torchmetrics.multimodal.clip_score import CLIPScore
+
+            try:
+                self.clip_score = CLIPScore(model_name_or_path=self.hparams.clip_model_name_or_path)
+            except Exception as err:  # weights not cached / no network: FID still runs
+                warnings.warn(f"CLIP score skipped: could not load {self.hparams.clip_model_name_or_path!r} ({err})")
+
+    def on_test_epoch_start(self) -> None:
+        self._records = []
+        if self.fid is not None:
+            self.fid.reset()
+            info = self._run_info
+            for real in _iter_reference_images(self.hparams.fid_reference_dir, (info["height"], info["width"])):
+                self.fid.update(real.to(self.device), real=True)
+        self._warmup()
+
+    def test_step(self, batch: dict[str, list], batch_idx: int) -> None:
+        images, seconds = self.generate(batch["prompt"], batch["seed"], output_type="pt")  # (B, 3, H, W) in [0, 1]
+        images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        if self.fid is not None:
+            self.fid.update(images.to(self.device), real=False)
+        if self.clip_score is not None:
+            self.clip_score.update(images.to(self.device), list(batch["prompt"]))
+        self._record(batch, seconds, [None] * len(images))
+
+    def on_test_epoch_end(self) -> None:
+        metrics: dict[str, float] = {}
+        if self.fid is not None:
+            metrics["test/fid"] = float(self.fid.compute())
+        if self.clip_score is not None:
+            metrics["test/clip_score"] = float(self.clip_score.compute())
+        times = [r["time_s"] for r in self._records]
+        if times:
+            metrics["test/time_per_image_s"] = sum(times) / len(times)
+        for k, v in metrics.items():
+            self.log(k, v, sync_dist=True)
+        self._report("test_metrics.json", {"metrics": metrics, "fid_reference_dir": self.hparams.fid_reference_dir})
+
+    def unpatch(self) -> None:
+        """Remove AgentSD from the pipeline (the baseline from then on)."""
+        remove_patch(self.pipe)
+        self.agentsd = None
+
+
+def _make_scheduler(name: str, config: Any):
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
+
+    table = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "euler": EulerDiscreteScheduler}
+    if name not in table:
+        raise ValueError(f"scheduler must be one of {sorted(table)} or null, got {name!r}")
+    return table[name].from_config(config)
+
+
+def _iter_reference_images(folder: str, size: tuple[int, int], batch: int = 16):
+    """Real images from ``folder`` (recursive) as uint8 (B, 3, H, W): resized to cover (H, W), centre crop."""
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"fid_reference_dir is not a folder: {root}")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
+    if len(files) < 2:
+        raise ValueError(
+            f"fid_reference_dir {root} holds {len(files)} images ({sorted(_IMAGE_SUFFIXES)}); FID needs >= 2"
+        )
+    chunk: list[Tensor] = []
+    for f in files:
+        with Image.open(f) as im:
+            img = TF.pil_to_tensor(im.convert("RGB"))
+        scale = max(size[0] / img.shape[1], size[1] / img.shape[2])
+        cover = [max(size[0], round(img.shape[1] * scale)), max(size[1], round(img.shape[2] * scale))]
+        img = TF.resize(img, cover, antialias=True)
+        chunk.append(TF.center_crop(img, list(size)))
+        if len(chunk) == batch:
+            yield torch.stack(chunk)
+            chunk = []
+    if chunk:
+        yield torch.stack(chunk)
