@@ -1,5 +1,13 @@
 """LightningDataModules: folder layouts, shipped and generated sets."""
 from .classification import DigitsDataModule, ImageFolderDataModule
 from .prompts import PromptDataModule
+from .segmentation import ADE20KDataModule, FolderSegmentationDataModule, ShapesDataModule
 
-__all__ = ["DigitsDataModule", "ImageFolderDataModule", "PromptDataModule"]
+__all__ = [
+    "ADE20KDataModule",
+    "DigitsDataModule",
+    "FolderSegmentationDataModule",
+    "ImageFolderDataModule",
+    "PromptDataModule",
+    "ShapesDataModule",
+]

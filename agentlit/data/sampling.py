@@ -83,7 +83,8 @@ class EpochSeededDataset(Dataset):
     (seed, epoch, index), then the global RNG states are put back untouched.
 
     Indexed by ``(epoch, index)`` pairs (from :class:`ResumableDistributedSampler`) or plain ints
-    (epoch 0). ``dataset[i]`` must return ``(sample, target)``.
+    (epoch 0). For ``(sample, target)`` items the transform gets the sample; any other item (a
+    dict holding an image and its mask, say) goes to the transform whole.
     """
 
     def __init__(self, dataset: Dataset, transform: Callable[[Any], Any] | None, seed: int | None = None) -> None:
@@ -93,18 +94,19 @@ class EpochSeededDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        sample, target = self.dataset[index]
+        item = self.dataset[index]
         if self.transform is None:
-            return sample, target
+            return item
+        pair = isinstance(item, tuple) and len(item) == 2
         seed = mix_seed(self.seed, epoch, index)
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
             random.seed(seed)
             np.random.seed(seed % 2**32)
             torch.manual_seed(seed)
-            sample = self.transform(sample)
+            out = (self.transform(item[0]), item[1]) if pair else self.transform(item)
         random.setstate(py_state)
         np.random.set_state(np_state)
-        return sample, target
+        return out

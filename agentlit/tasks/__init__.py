@@ -1,5 +1,6 @@
 """LightningModules: one per task, all built on the shared agent-attention core."""
 from .classification import ClassificationModule
 from .generation import GenerationModule, RandomConvFeatures
+from .segmentation import SegmentationModule
 
-__all__ = ["ClassificationModule", "GenerationModule", "RandomConvFeatures"]
+__all__ = ["ClassificationModule", "GenerationModule", "RandomConvFeatures", "SegmentationModule"]
