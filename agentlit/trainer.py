@@ -49,3 +49,25 @@ class AgentTrainer(Trainer):
             self, model, datamodule, batch_size=batch_size, img_size=img_size, mode=mode, steps=steps,
             warmup=warmup, threads=threads, output=output,
         )
+
+    def export(
+        self,
+        model: L.LightningModule,
+        ckpt_path: str,
+        datamodule: L.LightningDataModule | None = None,
+        output: str = "model.safetensors",
+        use_ema: bool = True,
+    ) -> str:
+        """Write a trained classifier's weights as safetensors that plain timm loads (after ``import agentlit``).
+
+        Args:
+            model: the task module built from the config (its weights come from ``ckpt_path``).
+            datamodule: the config's data (not needed for exporting).
+            ckpt_path: the Lightning checkpoint to export.
+            output: the ``.safetensors`` file to write (written atomically; the folder must be writable).
+            use_ema: export the EMA weights when the run kept them.
+        """
+        from .export import export_weights
+
+        return str(export_weights(model, ckpt_path, output, use_ema=use_ema))
+
