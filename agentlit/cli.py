@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from .callbacks import StepSeed
+from .utils.paths import ensure_writable_dir
 
 __all__ = ["AgentLitCLI", "main"]
 
@@ -45,30 +46,21 @@ class AgentLitCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "profile": {"model", "datamodule"}}
+        return {**LightningCLI.subcommands(), "profile": {"model", "datamodule"}, "export": {"model", "datamodule"}}
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         configured = list(config.get("callbacks") or []) + list(callbacks)
-        if self.subcommand == "profile":  # a measurement, not a run: no run folder, no checkpoints
+        if self.subcommand in ("profile", "export"):  # not a run: no run folder, no checkpoints
             config.update(logger=False, enable_checkpointing=False, enable_progress_bar=False)
         if config.get("logger") in (None, True):
-            root = Path(config.get("default_root_dir") or "runs")
+            root = ensure_writable_dir(config.get("default_root_dir") or "runs", "--trainer.default_root_dir")
             version = _run_version(root)
             config["logger"] = [
                 CSVLogger(root, name="", version=version),
                 TensorBoardLogger(root, name="", version=version, default_hp_metric=False),
             ]
         if config.get("enable_checkpointing") is not False and not any(isinstance(c, ModelCheckpoint) for c in configured):
-            monitor = getattr(self.model, "monitor", None)
-            callbacks.append(
-                ModelCheckpoint(
-                    monitor=monitor,
-                    mode=getattr(self.model, "monitor_mode", "min"),
-                    save_last=True,
-                    filename="epoch{epoch:03d}-step{step}" + (f"-{monitor.replace('/', '_')}{{{monitor}:.4f}}" if monitor else ""),
-                    auto_insert_metric_name=False,
-                )
-            )
+            callbacks.extend(default_checkpoints(getattr(self.model, "monitor", None), getattr(self.model, "monitor_mode", "min")))
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
             callbacks.append(RichProgressBar(leave=True))
         if self.subcommand == "fit" and not any(isinstance(c, StepSeed) for c in configured):
@@ -89,6 +81,21 @@ class AgentLitCLI(LightningCLI):
 
                 rank_zero_warn(f"--ckpt_path last: no last.ckpt under {self.trainer.default_root_dir}; starting fresh")
             config["ckpt_path"] = str(found) if found else None
+
+
+def default_checkpoints(monitor: str | None, mode: str) -> list[ModelCheckpoint]:
+    """The best checkpoint by the task's metric, and ``last.ckpt`` rewritten at every save.
+
+    Two callbacks because a monitored ModelCheckpoint only refreshes its ``last.ckpt`` when the
+    metric improved; resuming needs the latest state whatever the metric did.
+    """
+    best = ModelCheckpoint(
+        monitor=monitor, mode=mode, save_top_k=1,
+        filename="epoch{epoch:03d}-step{step}" + (f"-{monitor.replace('/', '_')}{{{monitor}:.4f}}" if monitor else ""),
+        auto_insert_metric_name=False,
+    )
+    last = ModelCheckpoint(monitor=None, save_top_k=1, filename=ModelCheckpoint.CHECKPOINT_NAME_LAST)
+    return [best, last] if monitor else [last]
 
 
 def latest_last_checkpoint(root: Path) -> Path | None:
@@ -127,7 +134,8 @@ def main(args: list[str] | None = None) -> None:
     (set ``AGENTLIT_TRACEBACK=1`` to see the full one)."""
     try:
         cli(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, KeyError) as err:
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FileExistsError, KeyError,
+            FloatingPointError) as err:
         if os.environ.get("AGENTLIT_TRACEBACK"):
             raise
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err

@@ -52,6 +52,22 @@ def test_fit_writes_run_folder_and_test_reproduces_accuracy(tmp_path):
     assert float(match.group(1)) == pytest.approx(acc, abs=1e-6)
     assert (tmp_path / "runs" / "version_1").is_dir()  # a new run folder, nothing overwritten
 
+    # export → plain timm loads it (only `import agentlit` registers the model) and agrees with the module
+    agentlit("export", "--config", QUICKSTART, *TINY, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+             "--output", str(tmp_path / "model.safetensors"), cwd=tmp_path)
+    import timm
+
+    import agentlit as _  # noqa: F401
+    from agentlit.tasks import ClassificationModule
+
+    net = timm.create_model("agent_deit_tiny", pretrained=True, num_classes=10, img_size=16, patch_size=8, depth=1,
+                            agent_num=4, embed_dim=32, num_heads=2,
+                            pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors"), num_classes=10)).eval()
+    module = ClassificationModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu").eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), module(x))
+
 
 def test_ddp_two_processes_on_cpu_and_checkpoint_loads(tmp_path):
     from agentlit.tasks import ClassificationModule

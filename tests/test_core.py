@@ -270,3 +270,29 @@ def test_layer_under_low_precision_autocast():
         y = m(x)
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
     torch.testing.assert_close(y.float(), m(x), rtol=0.05, atol=0.05)
+
+
+def test_float16_large_logits_stay_finite():
+    """Logits far beyond float16's range (65504): a plain fp16 computation overflows, ours does not."""
+    torch.manual_seed(0)
+    B, H, N, n, d = 1, 2, 64, 4, 64
+    q, k, v = (torch.randn(B, H, N, d) * 60 for _ in range(3))
+    a = q[:, :, :n] * 1.0
+    ref = agent_attention_reference(q.double(), k.double(), v.double(), a.double()).float()
+    naive_half = agent_attention_reference(q.half(), k.half(), v.half(), a.half())
+    assert not torch.isfinite(naive_half).all()  # the overflow is real
+    out = agent_attention(q.half(), k.half(), v.half(), a.half())
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_layer_under_autocast_with_large_activations(dtype):
+    m = AgentAttention(64, 2, feat_size=4, agent_num=4, num_prefix_tokens=1)
+    with torch.no_grad():
+        m.qkv.weight.mul_(40)  # logits of order 1e5
+    x = torch.randn(2, 17, 64) * 4
+    with torch.autocast("cpu", dtype=dtype):
+        y = m(x)
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), m(x), rtol=0.1, atol=0.1 * m(x).abs().max().item())

@@ -48,6 +48,7 @@ def agent_attention(
     scale: float | None = None,
     broadcast_scale: float | None = None,
     dropout_p: float = 0.0,
+    upcast: bool | None = None,
 ) -> Tensor:
     """Agent attention ``softmax(bs·Q Aᵀ + B2) · (softmax(s·A Kᵀ + B1) · V)``.
 
@@ -60,11 +61,26 @@ def agent_attention(
         scale: s, defaults to d^-0.5.
         broadcast_scale: bs, defaults to ``scale`` (AgentSD uses a sharper ``scale ** 0.3``).
         dropout_p: attention dropout applied to both softmax maps (pass 0 in eval).
+        upcast: compute the similarities and softmaxes in float32 and cast the result back.
+            Default: only for float16 inputs, whose range (65504) large logits exceed — the
+            agent path is O(N·n·d), so this costs little; bfloat16 has float32's range.
 
     Returns:
         (B, H, N, d).
     """
     _check_shapes(q, k, v, agents)
+    if upcast is None:
+        upcast = q.dtype == torch.float16
+    if upcast and q.dtype != torch.float32:
+        # autocast would cast SDPA's inputs straight back to half precision
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            out = agent_attention(
+                q.float(), k.float(), v.float(), agents.float(),
+                agent_bias=None if agent_bias is None else agent_bias.float(),
+                query_bias=None if query_bias is None else query_bias.float(),
+                scale=scale, broadcast_scale=broadcast_scale, dropout_p=dropout_p, upcast=False,
+            )
+        return out.to(q.dtype)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if broadcast_scale is None:

@@ -3,7 +3,7 @@ from . import agent_deit
 from . import agent_pvt  # noqa: F401  (registers agent_pvt_* / pvt_v1_*)
 from . import agent_swin  # noqa: F401  (registers agent_swin_*)
 from . import agent_cswin  # noqa: F401  (registers agent_cswin_* / cswin_*)
-from ._helpers import adapt_agent_biases, create_model, unwrap_checkpoint
+from ._helpers import adapt_agent_biases, create_model, load_weights, state_dict_mismatch, unwrap_checkpoint
 from .agent_deit import AgentVisionTransformer
 
-__all__ = ["AgentVisionTransformer", "adapt_agent_biases", "create_model", "unwrap_checkpoint"]
+__all__ = ["AgentVisionTransformer", "adapt_agent_biases", "create_model", "load_weights", "state_dict_mismatch", "unwrap_checkpoint"]

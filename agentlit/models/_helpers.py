@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..core import AgentPositionBias, adapt_agent_bias
 from ..core.bias import AGENT_BIAS_AXES
 
-__all__ = ["unwrap_checkpoint", "adapt_agent_biases", "create_model"]
+__all__ = ["adapt_agent_biases", "create_model", "load_checkpoint_file", "load_weights", "state_dict_mismatch", "unwrap_checkpoint"]
 
 
 def unwrap_checkpoint(checkpoint: dict[str, Any], use_ema: bool = False) -> dict[str, Tensor]:
@@ -58,3 +58,56 @@ def create_model(model_name: str, **kwargs: Any) -> nn.Module:
             f"agentlit models: {ours}"
         )
     return timm.create_model(model_name, **kwargs)
+
+
+def state_dict_mismatch(expected: dict[str, Tensor], found: dict[str, Tensor], limit: int = 8) -> str:
+    """A short description of how ``found`` (a checkpoint) differs from ``expected`` (a model)."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [f"{k}: checkpoint {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in expected if k in found and hasattr(found[k], "shape") and found[k].shape != expected[k].shape]
+
+    def head(items: list[str]) -> str:
+        return ", ".join(items[:limit]) + (f", … ({len(items)} in all)" if len(items) > limit else "")
+
+    parts = [f"{name} ({len(items)}): {head(items)}" for name, items in
+             (("missing from the checkpoint", missing), ("not in the model", unexpected), ("shape mismatches", shapes))
+             if items]
+    return "; ".join(parts) or "no key differences"
+
+
+def load_checkpoint_file(path: str, use_ema: bool = False) -> dict[str, Tensor]:
+    """The state dict inside a .pth/.ckpt/.safetensors file (see :func:`unwrap_checkpoint`)."""
+    import torch
+
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return unwrap_checkpoint(torch.load(path, map_location="cpu", weights_only=False), use_ema=use_ema)
+
+
+def load_weights(model: nn.Module, path: str, use_ema: bool = False) -> nn.Module:
+    """Load a weights file into a timm ``model`` through its family's ``checkpoint_filter_fn``
+    (official layouts, other resolutions), keeping the model's own classifier when the class
+    count differs. Anything else that does not fit is an error naming the keys — never a silent
+    partial load."""
+    import sys
+
+    state = load_checkpoint_file(path, use_ema=use_ema)
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state = filter_fn(state, model)
+    expected = model.state_dict()
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    heads = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
+    for head in heads:
+        for key in (f"{head}.weight", f"{head}.bias"):
+            if key in state and key in expected and state[key].shape != expected[key].shape:
+                del state[key]  # another class count: fine-tuning keeps the fresh head
+    missing = [k for k in expected if k not in state and not k.startswith(tuple(f"{h}." for h in heads))]
+    bad = [k for k in state if k not in expected or state[k].shape != expected[k].shape]
+    if missing or bad:
+        raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: {state_dict_mismatch(expected, state)}")
+    model.load_state_dict(state, strict=False)
+    return model

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import lightning as L
@@ -12,8 +11,9 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..models import create_model, unwrap_checkpoint
+from ..models import create_model, load_weights
 from ._schedule import warmup_cosine
+from ._util import latest_checkpoint
 
 __all__ = ["ClassificationModule"]
 
@@ -25,9 +25,10 @@ class ClassificationModule(L.LightningModule):
         model_name: any ``timm.create_model`` name, e.g. ``agent_deit_tiny`` (agentlit's are registered on import).
         num_classes: classifier width.
         img_size: input size passed to the model (None: the model's default).
-        pretrained: load the model's pretrained weights (``checkpoint_path`` gives a local file).
-        checkpoint_path: weights file for ``pretrained`` (official release file or one of ours); it goes through the
-            model's ``checkpoint_filter_fn``, so other resolutions / class counts are adapted.
+        pretrained: load the model's registered pretrained weights (from the hub).
+        checkpoint_path: initial weights from a local file (an official release file, one of our checkpoints or an
+            export); it goes through the model's ``checkpoint_filter_fn``, so other resolutions / class counts are
+            adapted, and a file of another architecture is an error naming the keys that do not fit.
         drop_path_rate: stochastic depth.
         model_kwargs: further model arguments (``agent_num``, ``depth``, ``patch_size`` …).
         lr: peak learning rate at ``lr_reference_batch`` (None: use ``lr`` as is).
@@ -71,12 +72,12 @@ class ClassificationModule(L.LightningModule):
         kwargs = dict(model_kwargs or {})
         if img_size is not None:
             kwargs["img_size"] = img_size
-        if checkpoint_path is not None:
-            kwargs["pretrained_cfg_overlay"] = dict(file=checkpoint_path)
-            pretrained = True
         self.model = create_model(
-            model_name, pretrained=pretrained, num_classes=num_classes, drop_path_rate=drop_path_rate, **kwargs
+            model_name, pretrained=pretrained and checkpoint_path is None, num_classes=num_classes,
+            drop_path_rate=drop_path_rate, **kwargs,
         )
+        if checkpoint_path is not None:
+            load_weights(self.model, checkpoint_path)
         self.mixup = None
         if mixup_alpha > 0 or cutmix_alpha > 0:
             from timm.data import Mixup
@@ -118,7 +119,7 @@ class ClassificationModule(L.LightningModule):
         return loss
 
     def _non_finite_message(self, loss: Tensor) -> str:
-        ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+        ckpt = latest_checkpoint(self.trainer) or "none written yet"
         return (
             f"non-finite training loss ({loss.item()}) at global step {self.global_step}, epoch {self.current_epoch}; "
             f"the last good checkpoint is {ckpt}. Lower the learning rate, enable gradient clipping "

@@ -22,7 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning.pytorch.utilities import rank_zero_info
+
 from ..diffusion import AgentSDConfig, build_tiny_pipeline, remove_patch
+from ..utils.paths import ensure_writable_dir, fresh_dir
 
 __all__ = ["GenerationModule", "RandomConvFeatures"]
 
@@ -191,8 +194,7 @@ class GenerationModule(L.LightningModule):
             "mean_time_per_image_s": sum(times) / len(times) if times else None,
             "images": self._records,
         }
-        out = Path(self.hparams.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        out = self.output_dir
         if self.trainer is not None and self.trainer.world_size > 1:
             name = name.replace(".json", f"_rank{self.global_rank}.json")
         path = out / name
@@ -217,8 +219,7 @@ class GenerationModule(L.LightningModule):
         images, seconds = self.generate(batch["prompt"], batch["seed"], output_type="pil")
         files: list[str | None] = [None] * len(images)
         if self.hparams.save_images:
-            out = Path(self.hparams.output_dir)
-            out.mkdir(parents=True, exist_ok=True)
+            out = self.output_dir
             for k, (img, idx) in enumerate(zip(images, batch["index"])):
                 name = f"{int(idx):05d}.png"
                 img.save(out / name)
@@ -230,6 +231,10 @@ class GenerationModule(L.LightningModule):
 
     # ------------------------------------------------------------------ test (FID / CLIP score)
     def setup(self, stage: str) -> None:
+        # Checked before any image is generated; an earlier run's images are never overwritten.
+        self.output_dir = ensure_writable_dir(fresh_dir(self.hparams.output_dir), "--model.output_dir")
+        if self.output_dir != Path(self.hparams.output_dir):
+            rank_zero_info(f"{self.hparams.output_dir} already holds outputs; writing to {self.output_dir}")
         if stage != "test":
             return
         if self.hparams.fid_reference_dir is not None and self.fid is None:
