@@ -39,3 +39,36 @@ def test_config_parses(config, capsys):
         cli(["--config", str(config), "--print_config"], run=False)
     assert exit_info.value.code in (0, None), capsys.readouterr().err
     assert "class_path" in capsys.readouterr().out
+
+
+OVERLAYS = sorted((ROOT / "configs" / "strategies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=[p.name for p in OVERLAYS])
+def test_strategy_overlay_parses_on_top_of_a_task_config(overlay, capsys):
+    from agentlit.cli import cli
+
+    base = ROOT / "configs" / "classification" / "agent_deit_tiny_imagenet.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["--config", str(base), "--config", str(overlay), "--print_config"], run=False)
+    assert exit_info.value.code in (0, None), capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "strategy" in printed and "agent_deit_tiny" in printed
+
+
+def test_launch_scripts_are_valid_bash():
+    import subprocess
+
+    for script in (ROOT / "scripts" / "slurm" / "train.sbatch", ROOT / "scripts" / "torchrun.sh"):
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
+
+
+def test_fsdp_wrap_policy_wraps_each_block():
+    import timm
+
+    from agentlit.utils.fsdp import wrap_transformer_blocks
+
+    model = timm.create_model("agent_pvt_tiny", embed_dims=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2])
+    wrapped = [name for name, m in model.named_modules() if wrap_transformer_blocks(m, recurse=False, nonwrapped_numel=0)]
+    assert len(wrapped) == 4 and all("block" in n for n in wrapped)
+    assert wrap_transformer_blocks(model, recurse=True, nonwrapped_numel=0)

@@ -1,0 +1,153 @@
+"""Every bad input a user is likely to hit gets one clear message naming the file/key/value.
+
+The README's "Bad input" table lists these cases with their messages; the ones exercised in other
+files are named there (unknown YAML key, model name, empty/mismatched class folders, bad sizes).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+from agentlit.data import ImageFolderDataModule, PromptDataModule
+from agentlit.data.io import BadImageError, load_rgb
+from agentlit.tasks import ClassificationModule
+from agentlit.utils.paths import ensure_writable_dir, fresh_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(model_name="agent_deit_tiny", num_classes=2, img_size=16,
+            model_kwargs=dict(patch_size=8, depth=1, agent_num=4, embed_dim=32, num_heads=2))
+
+
+def _folder(root: Path, n: int = 2) -> None:
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.new("RGB", (20, 20), (i * 50, 90, 10)).save(root / split / c / f"{i}.png")
+
+
+def _all_batches(loader) -> int:
+    return sum(len(y) for _, y in loader)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_an_image"])
+def test_unreadable_image_names_the_file(tmp_path, damage):
+    _folder(tmp_path)
+    bad = tmp_path / "val" / "dog" / "1.png"
+    if damage == "truncated":
+        bad.write_bytes(bad.read_bytes()[:40])
+    else:
+        bad.write_text("this is not a png")
+    dm = ImageFolderDataModule(str(tmp_path), img_size=16, batch_size=2, num_workers=0, pin_memory=False)
+    with pytest.raises(BadImageError, match=rf"cannot read image .*{bad.name}.*skip_bad_images"):
+        _all_batches(dm.val_dataloader())
+
+
+def test_unreadable_image_skipped_when_opted_in(tmp_path):
+    _folder(tmp_path)
+    (tmp_path / "val" / "dog" / "1.png").write_text("broken")
+    dm = ImageFolderDataModule(str(tmp_path), img_size=16, batch_size=2, num_workers=0, pin_memory=False,
+                               skip_bad_images=True)
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        assert _all_batches(dm.val_dataloader()) == 4  # the bad file is replaced by a readable one
+
+
+@pytest.mark.parametrize(
+    "mode,value,expected",
+    [("L", 128, (128, 128, 128)), ("RGBA", (200, 100, 50, 255), (200, 100, 50)), ("RGBA", (200, 100, 50, 0), (0, 0, 0)),
+     ("I;16", 65535, (255, 255, 255)), ("I;16", 32896, (128, 128, 128)), ("P", 3, None), ("CMYK", (0, 0, 0, 0), (255, 255, 255))],
+)
+def test_any_image_mode_becomes_8bit_rgb(tmp_path, mode, value, expected):
+    path = tmp_path / ("x.tiff" if mode in ("CMYK",) else "x.png")
+    img = Image.new(mode, (4, 3), value)
+    img.save(path)
+    rgb = load_rgb(path)
+    assert rgb.mode == "RGB" and rgb.size == (4, 3)
+    if expected is not None:
+        assert rgb.getpixel((0, 0)) == expected
+
+
+def test_wide_and_odd_images_train_through_the_folder_module(tmp_path):
+    _folder(tmp_path)
+    Image.new("I;16", (30, 20), 40000).save(tmp_path / "train" / "cat" / "wide.png")
+    Image.new("LA", (12, 40), (90, 128)).save(tmp_path / "train" / "dog" / "gray_alpha.png")
+    dm = ImageFolderDataModule(str(tmp_path), img_size=16, batch_size=2, num_workers=0, pin_memory=False)
+    x, _ = next(iter(dm.train_dataloader()))
+    assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()
+
+
+def test_checkpoint_of_another_architecture_names_the_keys(tmp_path):
+    import timm
+
+    other = tmp_path / "resnet.pth"
+    torch.save({"model": timm.create_model("resnet18", num_classes=2).state_dict()}, other)
+    with pytest.raises(ValueError, match=r"does not fit .*missing from the checkpoint \(\d+\): cls_token.*not in the model \(\d+\): conv1.weight"):
+        ClassificationModule(**TINY, checkpoint_path=str(other))
+    wider = tmp_path / "wider.ckpt"
+    torch.save({"state_dict": ClassificationModule(**{**TINY, "model_kwargs": {**TINY["model_kwargs"], "embed_dim": 64}}).state_dict()}, wider)
+    with pytest.raises(ValueError, match=r"shape mismatches \(\d+\): cls_token: checkpoint \(1, 1, 64\) vs model \(1, 1, 32\)"):
+        ClassificationModule(**TINY, checkpoint_path=str(wider))
+
+
+def test_export_of_a_mismatched_checkpoint_is_refused(tmp_path):
+    from agentlit.export import export_weights
+
+    ckpt = tmp_path / "x.ckpt"
+    torch.save({"state_dict": ClassificationModule(**{**TINY, "num_classes": 3}).state_dict()}, ckpt)
+    with pytest.raises(ValueError, match=r"head.weight: checkpoint \(3, 32\) vs model \(2, 32\)"):
+        export_weights(ClassificationModule(**TINY), str(ckpt), tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_empty_prompt_file(tmp_path):
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match=rf"{empty}: no prompts found"):
+        PromptDataModule(prompt_file=str(empty)).prompts
+
+
+def test_output_folder_that_cannot_be_written(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(PermissionError, match=r"--trainer.default_root_dir=.*a_file/runs is not a writable folder"):
+        ensure_writable_dir(blocker / "runs", "--trainer.default_root_dir")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "agentlit", "fit", "--config", str(ROOT / "configs" / "quickstart.yaml"),
+         "--trainer.default_root_dir", str(blocker / "runs")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and "is not a writable folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_earlier_outputs_are_never_overwritten(tmp_path):
+    out = tmp_path / "gen"
+    out.mkdir()
+    (out / "00000.png").write_bytes(b"earlier image")
+    assert fresh_dir(out) == tmp_path / "gen-1"
+    (tmp_path / "gen-1").mkdir()
+    (tmp_path / "gen-1" / "x").write_text("")
+    assert fresh_dir(out) == tmp_path / "gen-2"
+    assert fresh_dir(tmp_path / "new") == tmp_path / "new"
+    assert (out / "00000.png").read_bytes() == b"earlier image"
+
+
+class _NaNData(L.LightningDataModule):
+    def train_dataloader(self):
+        x = torch.full((4, 3, 16, 16), float("nan"))
+        return DataLoader(TensorDataset(x, torch.tensor([0, 1, 0, 1])), batch_size=2)
+
+
+def test_non_finite_loss_stops_with_step_and_last_checkpoint(tmp_path):
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(tmp_path))
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss \(nan\) at global step 0, epoch 0; "
+                                                 r"the last good checkpoint is none written yet"):
+        trainer.fit(ClassificationModule(**TINY), datamodule=_NaNData())
