@@ -544,7 +544,7 @@ def format_report(report: dict[str, Any]) -> str:
     rows = report.get("macs_breakdown") or []
     if rows:
         width = max(len("module"), *(len(r["module"]) for r in rows))
-        lines.append(f"  MACs by module (per item; repeated blocks merged as *):")
+        lines.append("  MACs by module (per item; repeated blocks merged as *):")
         lines.append(f"    {'module':<{width}}  {'n':>3}  {'MACs':>9}  share")
         for r in rows:
             lines.append(f"    {r['module']:<{width}}  {r['instances']:>3}  {_fmt_count(r['macs']):>9}  {100 * r['share']:5.1f}%")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import threading
 import time
@@ -36,25 +35,11 @@ from pathlib import Path
 import torch
 
 from agentlit.diffusion import apply_patch, build_sd15_pipeline, remove_patch
+from agentlit.profiling import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PAPER_STEPS = 50
 SETTINGS = ("baseline", "tome", "agentsd")
-
-
-def machine() -> dict[str, object]:
-    info = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def fixed_mmap_threshold(nbytes: int = 1 << 20) -> None:
@@ -219,7 +204,7 @@ def main() -> None:
         "benchmark": "agentsd",
         "model": "Stable Diffusion v1.5 architecture (agentlit.diffusion.build_sd15_pipeline) with RANDOM weights: "
                  "timing/memory only, no image quality",
-        "machine": machine(), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "machine": machine_info(device), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "time_includes": "text encoding + denoising loop"
                          + (" + VAE decoding" if args.decode else " (no VAE decoding)"),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "output"},

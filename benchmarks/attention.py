@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from agentlit.core import agent_attention
+from agentlit.profiling import machine_info
 from agentlit.utils.memory import peak_memory
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -59,21 +59,6 @@ def timeit(fn: Callable[[], object], repeats: int, warmup: int, device: torch.de
         sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def machine() -> dict[str, object]:
-    info = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def main() -> None:
@@ -141,7 +126,7 @@ def main() -> None:
               f"{s['sdpa_over_agent_fwd_bwd_memory']:14.2f} | {s['cost_model']:7.1f}")
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    report = {"benchmark": "attention", "machine": machine(), "device": str(device), "dtype": args.dtype,
+    report = {"benchmark": "attention", "machine": machine_info(device), "device": str(device), "dtype": args.dtype,
               "config": {k: v for k, v in vars(args).items() if k not in ("output",)}, "rows": rows, "summary": summary}
     args.output.write_text(json.dumps(report, indent=2, default=str))
     plot(rows, args.output.with_suffix(".png"))

@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--output", default="docs/model_table.md", help="markdown file, or - for stdout")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--readme", default="README.md",
+                        help="also replace the block between the model-table markers in this file ('' to skip)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,6 +131,28 @@ def main(argv: list[str] | None = None) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(table)
         print(f"wrote {out}")
+        if args.readme and Path(args.readme).is_file():
+            print(f"updated {update_readme(Path(args.readme), table)}")
+
+
+README_START, README_END = "<!-- model-table:start (scripts/model_table.py) -->", "<!-- model-table:end -->"
+
+
+def readme_block(table: str) -> str:
+    """The table as the README carries it: the generated file without its title line, its section
+    headings demoted to sit under the README's "Models" heading."""
+    body = table.split("\n", 1)[1].strip() if table.startswith("# ") else table.strip()
+    return "\n".join("##" + line if line.startswith("## ") else line for line in body.splitlines())
+
+
+def update_readme(readme: Path, table: str) -> Path:
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise SystemExit(f"{readme} has no {README_START} … {README_END} block to update")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_START}\n{readme_block(table)}\n{README_END}{tail}")
+    return readme
 
 
 if __name__ == "__main__":

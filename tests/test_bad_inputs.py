@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 from PIL import Image

@@ -1,7 +1,6 @@
 """The agent-attention core against naive references written from the paper's formulas."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

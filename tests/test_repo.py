@@ -72,3 +72,18 @@ def test_fsdp_wrap_policy_wraps_each_block():
     wrapped = [name for name, m in model.named_modules() if wrap_transformer_blocks(m, recurse=False, nonwrapped_numel=0)]
     assert len(wrapped) == 4 and all("block" in n for n in wrapped)
     assert wrap_transformer_blocks(model, recurse=True, nonwrapped_numel=0)
+
+
+def test_readme_model_table_is_the_generated_one():
+    """The README carries docs/model_table.md as scripts/model_table.py wrote it (no hand edits)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("model_table", ROOT / "scripts" / "model_table.py")
+    model_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model_table)
+    generated = model_table.readme_block((ROOT / "docs" / "model_table.md").read_text())
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split(model_table.README_START, 1)[1].split(model_table.README_END, 1)[0].strip()
+    assert block == generated
+    for name in model_table.PAPER:
+        assert f"`{name}`" in block

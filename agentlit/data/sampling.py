@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import math
 import os
 import random
 from typing import Any, Callable, Iterator

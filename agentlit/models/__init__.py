@@ -1,5 +1,5 @@
 """Agent-attention backbones registered in timm (``timm.create_model("agent_deit_tiny")``)."""
-from . import agent_deit
+from . import agent_deit  # noqa: F401  (registers agent_deit_*)
 from . import agent_pvt  # noqa: F401  (registers agent_pvt_* / pvt_v1_*)
 from . import agent_swin  # noqa: F401  (registers agent_swin_*)
 from . import agent_cswin  # noqa: F401  (registers agent_cswin_* / cswin_*)
