@@ -136,3 +136,15 @@ def test_train_sampler_split_matches_single_process_and_resumes():
     assert [i for _, i in resumed] == order[40:]
     assert len(resumed) == 100  # the planned epoch length stays the full one
     assert [i for _, i in resumed] == order  # the skip applies to the interrupted epoch only once
+
+
+def test_quickstart_trains_in_bf16_mixed_on_cpu(tmp_path):
+    from agentlit.cli import cli
+
+    c = cli(["--config", QUICKSTART, *TINY, "--trainer.precision", "bf16-mixed", "--trainer.max_epochs", "1",
+             "--trainer.limit_train_batches", "4",
+             "--trainer.limit_val_batches", "2", "--trainer.default_root_dir", str(tmp_path)], run=False)
+    c.trainer.fit(c.model, datamodule=c.datamodule)
+    assert c.trainer.global_step == 4 and c.trainer.precision == "bf16-mixed"
+    assert torch.isfinite(c.trainer.callback_metrics["val/loss"])
+    assert all(torch.isfinite(p).all() for p in c.model.parameters())
