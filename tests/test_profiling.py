@@ -229,7 +229,12 @@ def test_cli_profile_quickstart_writes_json(tmp_path):
     assert "MACs by module" in proc.stdout and "items/s" in proc.stdout
     report = json.loads(out.read_text())
     assert REPORT_KEYS <= set(report)
-    assert report["input"]["shape"] == [[64, 3, 32, 32]] and report["model_kwargs"]["depth"] == 6
+    import yaml
+
+    config = yaml.safe_load(open(QUICKSTART))  # the shapes come from the same YAML fit uses
+    batch, size = config["data"]["init_args"]["batch_size"], config["data"]["init_args"]["img_size"]
+    assert report["input"]["shape"] == [[batch, 3, size, size]]
+    assert report["model_kwargs"]["depth"] == config["model"]["init_args"]["model_kwargs"]["depth"]
     assert report["train"]["what"].endswith("grad clip (norm 5.0)")  # the config's trainer.gradient_clip_val
     assert report["machine"]["torch_threads"] == 1
     assert not (tmp_path / "runs").exists()  # a measurement writes no run folder

@@ -56,45 +56,62 @@ def weights(ckpt: Path) -> dict:
     return torch.load(ckpt, map_location="cpu", weights_only=False)
 
 
-def test_resume_after_sigkill_is_exact(tmp_path):
+def assert_resume_is_exact(tmp_path: Path, common: list[str], kill_at: int, every: int, total: int) -> None:
+    """Run ``common`` straight; run it again, SIGKILL it mid-epoch at step ``kill_at`` (a checkpoint
+    exists), resume with ``--ckpt_path last``; the final checkpoints must be identical."""
     (tmp_path / "killer.py").write_text(KILLER)
-    every = """
+    checkpoints = f"""
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {every_n_train_steps: 5, save_last: true, save_top_k: -1}
+      init_args: {{every_n_train_steps: {every}, save_last: true, save_top_k: -1}}
     """
-    ckpt_cfg = overlay(tmp_path / "ckpt.yaml", every)
-    kill_cfg = overlay(tmp_path / "kill.yaml", every + """
+    ckpt_cfg = overlay(tmp_path / "ckpt.yaml", checkpoints)
+    kill_cfg = overlay(tmp_path / "kill.yaml", checkpoints + f"""
     - class_path: killer.KillAtStep
-      init_args: {step: 15}
+      init_args: {{step: {kill_at}}}
     """)
-    # Everything random that shapes training is on: augmentation, mixup/cutmix, drop path, EMA.
-    common = ["fit", "--config", QUICKSTART, *TINY, "--data.batch_size", "32", "--trainer.limit_train_batches", "10",
-              "--trainer.max_epochs", "3", "--model.mixup_alpha", "0.8", "--model.cutmix_alpha", "1.0",
-              "--model.drop_path_rate", "0.1", "--model.ema_decay", "0.9", "--model.warmup_epochs", "1"]
     run([*common, "--config", ckpt_cfg, "--trainer.default_root_dir", "straight"], tmp_path)
 
     killed = run([*common, "--config", kill_cfg, "--trainer.default_root_dir", "resumed"], tmp_path, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     first = tmp_path / "resumed" / "version_0" / "checkpoints"
-    assert weights(first / "last.ckpt")["global_step"] == 15  # killed mid-epoch 1 (10 batches per epoch)
+    assert weights(first / "last.ckpt")["global_step"] == kill_at
     resume = run([*common, "--config", ckpt_cfg, "--trainer.default_root_dir", "resumed", "--ckpt_path", "last"], tmp_path)
     # it really resumed (a fresh start with the same seed would end with the same weights too)
     assert f"Restoring states from the checkpoint path at {first / 'last.ckpt'}".replace(str(tmp_path) + "/", "") in resume.stderr + resume.stdout
-    logged = [r for r in csv.DictReader(open(tmp_path / "resumed" / "version_1" / "metrics.csv")) if r.get("train/loss_step")]
-    assert logged and min(int(r["step"]) for r in logged) >= 15
+    logged = [r for r in csv.DictReader(open(tmp_path / "resumed" / "version_1" / "metrics.csv")) if r.get("step")]
+    assert logged and min(int(r["step"]) for r in logged) >= kill_at
 
     straight = weights(tmp_path / "straight" / "version_0" / "checkpoints" / "last.ckpt")
     resumed = weights(tmp_path / "resumed" / "version_1" / "checkpoints" / "last.ckpt")
-    assert straight["global_step"] == resumed["global_step"] == 30
+    assert straight["global_step"] == resumed["global_step"] == total
     assert straight["state_dict"].keys() == resumed["state_dict"].keys()
-    assert any(k.startswith("ema.") for k in straight["state_dict"])
     for k, v in straight["state_dict"].items():
         assert torch.equal(v, resumed["state_dict"][k]), f"{k} differs after resume"
     for a, b in zip(straight["optimizer_states"][0]["state"].values(), resumed["optimizer_states"][0]["state"].values()):
         assert all(torch.equal(a[s], b[s]) for s in a)
     assert straight["lr_schedulers"] == resumed["lr_schedulers"]
     # the interrupted run's files are untouched; the resumed run wrote a new run folder
-    assert weights(first / "last.ckpt")["global_step"] == 15
+    assert weights(first / "last.ckpt")["global_step"] == kill_at
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    # Everything random that shapes training is on: augmentation, mixup/cutmix, drop path, EMA.
+    common = ["fit", "--config", QUICKSTART, *TINY, "--data.batch_size", "32", "--trainer.limit_train_batches", "10",
+              "--trainer.max_epochs", "3", "--model.mixup_alpha", "0.8", "--model.cutmix_alpha", "1.0",
+              "--model.drop_path_rate", "0.1", "--model.ema_decay", "0.9", "--model.warmup_epochs", "1"]
+    assert_resume_is_exact(tmp_path, common, kill_at=15, every=5, total=30)  # killed mid-epoch 1 of 10 batches
+    straight = weights(tmp_path / "straight" / "version_0" / "checkpoints" / "last.ckpt")
+    assert any(k.startswith("ema.") for k in straight["state_dict"])
+
+
+def test_segmentation_resume_after_sigkill_is_exact(tmp_path):
+    # joint image/mask augmentation (random resize-crop, flip, photometric) + drop path
+    common = ["fit", "--config", str(ROOT / "configs" / "segmentation" / "quickstart.yaml"),
+              "--data.num_train", "48", "--data.num_val", "8", "--data.batch_size", "8", "--data.val_batch_size", "8",
+              "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1", "--trainer.enable_progress_bar", "false",
+              "--model.backbone_kwargs", "{img_size: 64, embed_dims: [16, 32, 64, 128], num_heads: [1, 1, 2, 4], "
+              "depths: [1, 1, 1, 1], mlp_ratios: [4, 4, 4, 4], agent_num: [9, 16, 16, 4], drop_path_rate: 0.1}"]
+    assert_resume_is_exact(tmp_path, common, kill_at=9, every=3, total=12)  # 6 batches per epoch
 
 
 def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path):
