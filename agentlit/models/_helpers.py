@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..core import AgentPositionBias, adapt_agent_bias
 from ..core.bias import AGENT_BIAS_AXES
 
-__all__ = ["adapt_agent_biases", "create_model", "load_checkpoint_file", "load_weights", "state_dict_mismatch", "unwrap_checkpoint"]
+__all__ = ["adapt_agent_biases", "create_model", "pretrained_cfg", "load_checkpoint_file", "load_weights", "state_dict_mismatch", "unwrap_checkpoint"]
 
 
 def unwrap_checkpoint(checkpoint: dict[str, Any], use_ema: bool = False) -> dict[str, Tensor]:
@@ -111,3 +111,16 @@ def load_weights(model: nn.Module, path: str, use_ema: bool = False) -> nn.Modul
         raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: {state_dict_mismatch(expected, state)}")
     model.load_state_dict(state, strict=False)
     return model
+
+
+def pretrained_cfg(first_conv: str, **kwargs: Any) -> dict[str, Any]:
+    """A timm ``pretrained_cfg`` for an agent family at 224² / ImageNet-1K. No URL: the official
+    weights are published outside the hub, so they come as ``pretrained_cfg_overlay=dict(file=…)``."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.9,
+        "interpolation": "bicubic", "fixed_input_size": False, "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD, "first_conv": first_conv, "classifier": "head", "license": "mit",
+        "paper_ids": "arXiv:2312.08874", **kwargs,
+    }

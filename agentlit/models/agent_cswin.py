@@ -20,13 +20,12 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..core import AgentPositionBias, agent_attention, to_grid
-from ._helpers import adapt_agent_biases, unwrap_checkpoint
+from ._helpers import adapt_agent_biases, pretrained_cfg, unwrap_checkpoint
 from .agent_pvt import _per_stage, agent_bias_names, expand_attn_types
 
 __all__ = ["AgentBranch", "LePEBranch", "CSwinBlock", "CSwinTransformer", "checkpoint_filter_fn"]
@@ -360,22 +359,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> CSwinTrans
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stage1_conv_embed.0",
-        "classifier": "head",
-        "license": "mit",
-        "paper_ids": "arXiv:2312.08874",
-        **kwargs,
-    }
+    return pretrained_cfg("stage1_conv_embed.0", **kwargs)
 
 
 # No hub weights: official checkpoints load with pretrained_cfg_overlay=dict(file=...).

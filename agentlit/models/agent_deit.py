@@ -10,13 +10,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
 from ..core import AgentAttention, to_grid
-from ._helpers import adapt_agent_biases, unwrap_checkpoint
+from ._helpers import adapt_agent_biases, pretrained_cfg, unwrap_checkpoint
 
 __all__ = ["AgentVisionTransformer", "checkpoint_filter_fn"]
 
@@ -120,22 +119,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> AgentVisio
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": True,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "mit",
-        "paper_ids": "arXiv:2312.08874",
-        **kwargs,
-    }
+    return pretrained_cfg("patch_embed.proj", pool_size=None, crop_pct=0.875, fixed_input_size=True, **kwargs)
 
 
 # Official weights are published outside the hub: pass them with pretrained_cfg_overlay=dict(file=...).

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.swin_transformer import SwinTransformer
@@ -25,7 +24,7 @@ from timm.models.swin_transformer import checkpoint_filter_fn as swin_checkpoint
 from timm.models.vision_transformer import init_weights_vit_timm
 
 from ..core import AgentAttention, to_grid
-from ._helpers import adapt_agent_biases, unwrap_checkpoint
+from ._helpers import adapt_agent_biases, pretrained_cfg, unwrap_checkpoint
 from .agent_pvt import _per_stage, agent_bias_names, expand_attn_types
 
 __all__ = ["AgentSwinBlock", "AgentSwinTransformer", "checkpoint_filter_fn"]
@@ -122,22 +121,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> AgentSwinT
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "fixed_input_size": True,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head.fc",
-        "license": "mit",
-        "paper_ids": "arXiv:2312.08874",
-        **kwargs,
-    }
+    return pretrained_cfg("patch_embed.proj", fixed_input_size=True, classifier="head.fc", **kwargs)
 
 
 # No hub weights: official checkpoints load with pretrained_cfg_overlay=dict(file=...).
