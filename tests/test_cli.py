@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import os
 import re
 import subprocess
 import sys
@@ -11,24 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
-# A much smaller network than the quickstart's so the suite stays fast; same code path.
-TINY = [
-    "--model.model_kwargs", "{patch_size: 8, depth: 1, agent_num: 4, embed_dim: 32, num_heads: 2}",
-    "--model.img_size", "16", "--data.img_size", "16",
-    "--trainer.enable_progress_bar", "false",
-]
-
-
-def agentlit(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    env.pop("AGENTLIT_RUN_VERSION", None)
-    proc = subprocess.run([sys.executable, "-m", "agentlit", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"agentlit {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+from cli_helpers import QUICKSTART, TINY
+from cli_helpers import run_agentlit as agentlit
 
 
 def last_val_acc(run: Path) -> float:

@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import csv
-import os
 import signal
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -14,12 +11,7 @@ import torch
 
 from agentlit.data.sampling import EvalDistributedSampler, ResumableDistributedSampler
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
-TINY = [
-    "--model.model_kwargs", "{patch_size: 8, depth: 1, agent_num: 4, embed_dim: 32, num_heads: 2}",
-    "--model.img_size", "16", "--data.img_size", "16", "--trainer.enable_progress_bar", "false",
-]
+from cli_helpers import QUICKSTART, ROOT, TINY, run_agentlit
 
 KILLER = textwrap.dedent(
     """
@@ -35,16 +27,6 @@ KILLER = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)
     """
 )
-
-
-def run(args, cwd, extra_env=None, check=True):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(cwd), **(extra_env or {})}
-    env.pop("AGENTLIT_RUN_VERSION", None)
-    proc = subprocess.run([sys.executable, "-m", "agentlit", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stderr[-5000:]}")
-    return proc
 
 
 def overlay(path: Path, callbacks: str) -> str:
@@ -69,13 +51,13 @@ def assert_resume_is_exact(tmp_path: Path, common: list[str], kill_at: int, ever
     - class_path: killer.KillAtStep
       init_args: {{step: {kill_at}}}
     """)
-    run([*common, "--config", ckpt_cfg, "--trainer.default_root_dir", "straight"], tmp_path)
+    run_agentlit(*common, "--config", ckpt_cfg, "--trainer.default_root_dir", "straight", cwd=tmp_path)
 
-    killed = run([*common, "--config", kill_cfg, "--trainer.default_root_dir", "resumed"], tmp_path, check=False)
+    killed = run_agentlit(*common, "--config", kill_cfg, "--trainer.default_root_dir", "resumed", cwd=tmp_path, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     first = tmp_path / "resumed" / "version_0" / "checkpoints"
     assert weights(first / "last.ckpt")["global_step"] == kill_at
-    resume = run([*common, "--config", ckpt_cfg, "--trainer.default_root_dir", "resumed", "--ckpt_path", "last"], tmp_path)
+    resume = run_agentlit(*common, "--config", ckpt_cfg, "--trainer.default_root_dir", "resumed", "--ckpt_path", "last", cwd=tmp_path)
     # it really resumed (a fresh start with the same seed would end with the same weights too)
     assert f"Restoring states from the checkpoint path at {first / 'last.ckpt'}".replace(str(tmp_path) + "/", "") in resume.stderr + resume.stdout
     logged = [r for r in csv.DictReader(open(tmp_path / "resumed" / "version_1" / "metrics.csv")) if r.get("step")]
@@ -117,9 +99,9 @@ def test_segmentation_resume_after_sigkill_is_exact(tmp_path):
 def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path):
     common = ["fit", "--config", QUICKSTART, *TINY, "--trainer.max_steps", "4", "--trainer.accelerator", "cpu",
               "--model.drop_path_rate", "0.0", "--trainer.limit_val_batches", "0", "--model.warmup_epochs", "0"]
-    run([*common, "--data.batch_size", "16", "--trainer.devices", "1", "--trainer.default_root_dir", "one"], tmp_path)
-    run([*common, "--data.batch_size", "8", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-         "--trainer.default_root_dir", "two"], tmp_path)
+    run_agentlit(*common, "--data.batch_size", "16", "--trainer.devices", "1", "--trainer.default_root_dir", "one", cwd=tmp_path)
+    run_agentlit(*common, "--data.batch_size", "8", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+         "--trainer.default_root_dir", "two", cwd=tmp_path)
     one = weights(tmp_path / "one" / "version_0" / "checkpoints" / "last.ckpt")["state_dict"]
     two = weights(tmp_path / "two" / "version_0" / "checkpoints" / "last.ckpt")["state_dict"]
     for k, v in one.items():
