@@ -1,0 +1,151 @@
+"""The protocol every agentlit task implements, so tools (``profile``, ``export``, the CLI) never
+special-case a task.
+
+A task is a LightningModule that also says
+
+- how to make a batch of random data shaped like its real batches (``example_batch``), and which
+  part of it one inference call takes (``example_input``);
+- what one inference and one training step are (``inference_step``, ``training_loss``);
+- which sub-modules are called once per "step" of a multi-step inference, e.g. the UNet in a
+  denoising loop (``timed_modules``), so per-step time and MACs can be reported;
+- its input size, and how to rebuild itself at another one (``input_size``, ``at_input_size``).
+
+:class:`TaskModule` gives defaults for everything but ``example_batch``; a new task subclasses it
+(or implements the same methods: :class:`Task` is a ``typing.Protocol``) and gets ``agentlit
+profile`` for free.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Protocol, runtime_checkable
+
+import lightning as L
+from torch import Tensor, nn
+
+__all__ = ["Task", "TaskModule", "pair"]
+
+
+def pair(value: int | tuple[int, int] | list[int] | None) -> tuple[int, int] | None:
+    """``224`` → ``(224, 224)``; ``(h, w)`` / ``[.., h, w]`` → ``(h, w)``; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, (tuple, list)):
+        return (int(value[-2]), int(value[-1])) if len(value) >= 2 else (int(value[0]), int(value[0]))
+    return int(value), int(value)
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What ``agentlit profile`` / ``export`` / the CLI need from a task module."""
+
+    task_name: str
+
+    def example_batch(self, batch_size: int, img_size: tuple[int, int] | None = None) -> Any: ...
+
+    def example_input(self, batch: Any) -> tuple[Any, ...]: ...
+
+    def inference_step(self, batch: Any) -> Any: ...
+
+    def training_loss(self, batch: Any) -> Tensor: ...
+
+    def timed_modules(self) -> dict[str, nn.Module]: ...
+
+    def input_size(self) -> tuple[int, int] | None: ...
+
+    def at_input_size(self, size: tuple[int, int]) -> "Task": ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class TaskModule(L.LightningModule):
+    """Base class of agentlit's tasks: the :class:`Task` protocol with defaults.
+
+    Subclasses set ``task_name`` and implement :meth:`example_batch`; the rest has defaults that
+    fit a module whose ``forward`` takes the batch's images.
+    """
+
+    task_name: str = "task"
+    #: the metric the default checkpoint callback monitors, and its direction
+    monitor: str | None = None
+    monitor_mode: str = "min"
+
+    # ------------------------------------------------------------------ protocol
+    def example_batch(self, batch_size: int, img_size: tuple[int, int] | None = None) -> Any:
+        """A batch of random data with the structure and shapes of the task's real training batches,
+        on the module's device.
+
+        Args:
+            batch_size: items in the batch.
+            img_size: (H, W) of the images (None: :meth:`input_size`).
+        """
+        raise NotImplementedError(f"{type(self).__qualname__} does not define example_batch(batch_size, img_size)")
+
+    def example_input(self, batch: Any) -> tuple[Any, ...]:
+        """The positional arguments of one ``forward`` call for ``batch`` (used to count MACs).
+
+        Args:
+            batch: a batch from :meth:`example_batch`.
+        """
+        if isinstance(batch, dict):
+            return (batch["image"],)
+        if isinstance(batch, (tuple, list)):
+            return (batch[0],)
+        return (batch,)
+
+    def inference_step(self, batch: Any) -> Any:
+        """One inference as ``predict`` runs it (the caller sets eval mode and no-grad).
+
+        Args:
+            batch: a batch from :meth:`example_batch`.
+        """
+        return self(*self.example_input(batch))
+
+    def training_loss(self, batch: Any) -> Tensor:
+        """The loss of one training step on ``batch`` (the task's own ``training_step``).
+
+        Args:
+            batch: a batch from :meth:`example_batch`.
+        """
+        out = self.training_step(batch, 0)
+        return out["loss"] if isinstance(out, dict) else out
+
+    def timed_modules(self) -> dict[str, nn.Module]:
+        """Sub-modules called once per step of a multi-step inference (e.g. ``{"denoising step": unet}``);
+        empty for single-pass tasks."""
+        return {}
+
+    def input_size(self) -> tuple[int, int] | None:
+        """The (H, W) the module is configured for (``img_size`` hyper-parameter, else the model's
+        ``pretrained_cfg`` input size), None when it takes any size."""
+        size = pair(self.hparams.get("img_size")) if hasattr(self, "hparams") else None
+        if size is not None:
+            return size
+        for m in self.modules():
+            cfg = getattr(m, "pretrained_cfg", None)
+            if isinstance(cfg, dict) and cfg.get("input_size"):
+                return pair(cfg["input_size"])
+        return None
+
+    def at_input_size(self, size: tuple[int, int]) -> "TaskModule":
+        """This task rebuilt at another input size when its config fixes one (position embeddings and
+        agent biases follow); ``self`` when the size does not change anything.
+
+        Args:
+            size: the new (H, W).
+        """
+        if "img_size" not in self.hparams or pair(self.hparams["img_size"]) == tuple(size):
+            return self
+        hp = dict(self.hparams)
+        hp["img_size"] = size[0] if size[0] == size[1] else list(size)
+        params = inspect.signature(type(self).__init__).parameters
+        return type(self)(**{k: v for k, v in hp.items() if k in params})
+
+    def describe(self) -> dict[str, Any]:
+        """What a report should say the module is: ``{"task", "module", "model", "model_kwargs"}``."""
+        hp = dict(self.hparams) if hasattr(self, "hparams") else {}
+        return {
+            "task": self.task_name,
+            "module": f"{type(self).__module__}.{type(self).__qualname__}",
+            "model": hp.get("model_name") or hp.get("backbone") or type(self).__name__,
+            "model_kwargs": hp.get("model_kwargs") or hp.get("backbone_kwargs") or {},
+        }
