@@ -1,9 +1,6 @@
 """Agent-DeiT: timm registry, published sizes, official checkpoint layout, resolution changes."""
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import pytest
 import timm
 import torch
@@ -11,27 +8,7 @@ import torch
 import agentlit  # noqa: F401  (registers the models)
 from agentlit.core import AgentAttention
 from agentlit.models import create_model
-
-OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "paper" / "official_checkpoints"
-
-
-def official_layout(name: str) -> dict[str, tuple[int, ...]]:
-    """key → shape from the official release's state-dict listing."""
-    layout = {}
-    for line in (OFFICIAL / f"{name}.txt").read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape = line.split("\t")
-        layout[key] = tuple(int(s) for s in re.findall(r"\d+", shape))
-    return layout
-
-
-def official_state_dict(name: str, model_fallback: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Random tensors in the official naming; built from the listing when shared/ is there, else
-    from a model of ours (whose names are the official ones — checked by test_keys_match_official)."""
-    g = torch.Generator().manual_seed(0)
-    layout = official_layout(name) if OFFICIAL.is_dir() else {k: tuple(v.shape) for k, v in model_fallback.state_dict().items()}
-    return {k: torch.randn(shape, generator=g) * 0.02 for k, shape in layout.items()}
+from official_layout import official_layout, random_official_state_dict
 
 
 @pytest.mark.parametrize(
@@ -44,7 +21,6 @@ def test_published_parameter_counts(name, paper_m):
     assert abs(n - paper_m) / paper_m < 0.01, (name, n)
 
 
-@pytest.mark.skipif(not OFFICIAL.is_dir(), reason="shared/paper/official_checkpoints not beside the repo")
 @pytest.mark.parametrize("name", ["agent_deit_tiny", "agent_deit_small", "agent_deit_base"])
 def test_keys_match_official(name):
     with torch.device("meta"):
@@ -85,9 +61,9 @@ def _save(tmp_path, sd, wrap=True):
 
 
 def test_official_checkpoint_loads_strictly(tmp_path):
-    with torch.device("meta"):
-        ref = timm.create_model("agent_deit_tiny")
-    sd = official_state_dict("agent_deit_tiny", ref)
+    """A file with exactly the release's keys and shapes (random values) loads strictly, every tensor intact."""
+    sd = random_official_state_dict("agent_deit_tiny")
+    assert {k: tuple(v.shape) for k, v in sd.items()} == official_layout("agent_deit_tiny")
     model = timm.create_model("agent_deit_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=_save(tmp_path, sd)))
     loaded = model.state_dict()
     assert loaded.keys() == sd.keys()
@@ -96,9 +72,7 @@ def test_official_checkpoint_loads_strictly(tmp_path):
 
 
 def test_official_checkpoint_finetunes_at_other_size_and_classes(tmp_path):
-    with torch.device("meta"):
-        ref = timm.create_model("agent_deit_tiny")
-    sd = official_state_dict("agent_deit_tiny", ref)
+    sd = random_official_state_dict("agent_deit_tiny")
     path = _save(tmp_path, sd)
     model = timm.create_model(
         "agent_deit_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=path),

@@ -13,15 +13,14 @@ import agentlit  # noqa: F401  (registers the models)
 from agentlit.core import agent_attention_reference
 from agentlit.models import agent_cswin, agent_pvt, agent_swin
 from agentlit.utils import count_macs
+from official_layout import MODELS, header_param_count, official_layout, official_param_count
 
-OFFICIAL = Path(__file__).resolve().parents[2] / "shared/paper/official_checkpoints"
-needs_official = pytest.mark.skipif(not OFFICIAL.is_dir(), reason=f"{OFFICIAL} is missing")
 
 AGENT = [f"agent_pvt_{s}" for s in ("tiny", "small", "medium", "large")] + [
     f"agent_{f}_{s}" for f in ("swin", "cswin") for s in ("tiny", "small", "base")
 ]
 BASELINES = [f"pvt_v1_{s}" for s in ("tiny", "small", "medium", "large")] + [f"cswin_{s}" for s in ("tiny", "small", "base")]
-# REFERENCE.md §2: (params M, FLOPs G = MACs) at 224².
+# docs/reference.md, "Models" (paper Sec. 4.1, Tables 1-2): (params M, FLOPs G = MACs) at 224².
 PAPER = {
     "agent_pvt_tiny": (11.6, 2.0), "agent_pvt_small": (20.6, 4.0), "agent_pvt_medium": (35.9, 7.0),
     "agent_pvt_large": (48.7, 10.4), "agent_swin_tiny": (29, 4.5), "agent_swin_small": (50, 8.7),
@@ -55,20 +54,6 @@ def family(name: str) -> str:
 
 def small(name: str, **kw) -> torch.nn.Module:
     return timm.create_model(name, **{**SMALL[family(name)], **kw})
-
-
-def parse_official(name: str) -> dict[str, tuple[int, ...]]:
-    """key → shape from an official_checkpoints/<name>.txt listing."""
-    shapes = {}
-    for line in (OFFICIAL / f"{name}.txt").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            key, shape = line.split("\t")
-            shapes[key] = tuple(int(v) for v in re.findall(r"\d+", shape))
-    return shapes
-
-
-def official_total_params(name: str) -> int:
-    return int(re.search(r"# total_params (\d+)", (OFFICIAL / f"{name}.txt").read_text()).group(1))
 
 
 def to_official(model: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
@@ -137,13 +122,12 @@ def test_attention_types_per_stage():
 # ---------------------------------------------------------------------------------------------- sizes
 
 
-@needs_official
 @pytest.mark.parametrize("name", AGENT)
 def test_full_size_params_match_official_and_paper(name):
     with torch.device("meta"):
         model = timm.create_model(name)
     n = sum(p.numel() for p in model.parameters())
-    assert n == official_total_params(name)
+    assert n == official_param_count(name) == header_param_count(name)
     paper = PAPER[name][0]
     # Within 1%, or within the precision of a figure the paper gives in whole millions: CSwin-T is
     # 20.46M in the official code and "21M" in the paper.
@@ -305,13 +289,22 @@ def test_official_naming_round_trip_without_files(name, tmp_path):
     torch.testing.assert_close(dst(x), src(x))
 
 
-@needs_official
+def test_official_listings_cover_every_agent_model():
+    """The layouts ship with the repository, one per agent model, and their rows agree with their headers."""
+    deit = [f"agent_deit_{s}" for s in ("tiny", "small", "base")]
+    assert MODELS == sorted(AGENT + deit)
+    for name in MODELS:
+        header = (Path(__file__).parent / "data" / "official_keys" / f"{name}.tsv").read_text().splitlines()[0]
+        entries = int(re.search(r"\| (\d+) entries", header).group(1))
+        assert header.startswith(f"# {name} |") and len(official_layout(name)) == entries, name
+
+
 @pytest.mark.parametrize("name", AGENT)
 def test_official_layout_keys_and_shapes_load_strictly(name):
     """Every official key/shape listing loads strictly into our full-size model (meta tensors: shapes only)."""
     with torch.device("meta"):
         model = timm.create_model(name)
-    sd = {k: torch.empty(s, device="meta") for k, s in parse_official(name).items()}
+    sd = {k: torch.empty(s, device="meta") for k, s in official_layout(name).items()}
     model.load_state_dict(FILTERS[family(name)](sd, model), strict=True)
     bad = dict(sd)
     key = next(k for k in bad if k.endswith("mlp.fc1.weight"))
@@ -320,11 +313,10 @@ def test_official_layout_keys_and_shapes_load_strictly(name):
         model.load_state_dict(FILTERS[family(name)](bad, model), strict=True)
 
 
-@needs_official
 @pytest.mark.parametrize("name", ["agent_pvt_tiny", "agent_swin_tiny", "agent_cswin_tiny"])
 def test_official_checkpoint_file_other_resolution_and_classes(name, tmp_path):
     """Random weights in the official layout → file → timm pretrained path at 288² and 10 classes."""
-    shapes = parse_official(name)
+    shapes = official_layout(name)
     sd = {k: torch.randn(s) if "index" not in k else torch.zeros(s, dtype=torch.long) for k, s in shapes.items()}
     path = tmp_path / f"{name}.pth"
     torch.save({"model": sd, "state_dict_ema": sd}, path)
