@@ -128,16 +128,29 @@ class TaskModule(L.LightningModule):
 
     def at_input_size(self, size: tuple[int, int]) -> "TaskModule":
         """This task rebuilt at another input size when its config fixes one (position embeddings and
-        agent biases follow); ``self`` when the size does not change anything.
+        agent biases follow); ``self`` when the size does not change anything. ``self`` is never
+        modified.
 
         Args:
             size: the new (H, W).
         """
         if "img_size" not in self.hparams or pair(self.hparams["img_size"]) == tuple(size):
             return self
-        hp = dict(self.hparams)
-        hp["img_size"] = size[0] if size[0] == size[1] else list(size)
+        return self.with_hparams(img_size=size[0] if size[0] == size[1] else list(size))
+
+    def with_hparams(self, **changes: Any) -> "TaskModule":
+        """A new instance of this task built from its hyper-parameters with ``changes`` applied
+        (fresh weights; ``self`` and its ``hparams`` stay as they are).
+
+        Args:
+            changes: ``__init__`` arguments to replace.
+        """
         params = inspect.signature(type(self).__init__).parameters
+        unknown = sorted(set(changes) - set(params))
+        if unknown:
+            valid = [p for p in params if p != "self"]
+            raise ValueError(f"{type(self).__qualname__} has no argument(s) {unknown}; valid: {valid}")
+        hp = {**dict(self.hparams), **changes}
         return type(self)(**{k: v for k, v in hp.items() if k in params})
 
     def describe(self) -> dict[str, Any]:
