@@ -13,12 +13,14 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ..models import create_model, load_weights
 from ._schedule import warmup_cosine
+from .optim import create_optimizer, param_groups
 from ._util import latest_checkpoint
+from .base import TaskModule
 
 __all__ = ["ClassificationModule"]
 
 
-class ClassificationModule(L.LightningModule):
+class ClassificationModule(TaskModule):
     """A timm classifier trained the DeiT/Swin way (REFERENCE.md §2 recipe).
 
     Args:
@@ -35,12 +37,15 @@ class ClassificationModule(L.LightningModule):
         lr_reference_batch: batch size ``lr`` was tuned for; the effective lr scales linearly with the global batch.
         weight_decay: AdamW decay (never on norms, biases, position embeddings or agent biases).
         warmup_epochs: linear warm-up length (fractions allowed), from ``warmup_lr`` to the peak.
-        min_lr: floor of the cosine decay.
+        warmup_lr: lr at the first warm-up step, at ``lr_reference_batch`` (scaled like ``lr``).
+        min_lr: floor of the cosine decay and the lr of the cool-down, at ``lr_reference_batch`` (scaled like ``lr``).
+        cooldown_epochs: epochs at ``min_lr`` after the cosine, included in ``trainer.max_epochs`` (the cosine spans ``max_epochs - cooldown_epochs``).
         label_smoothing: for the plain cross-entropy and inside mixup targets.
         mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob: timm's Mixup (off when both alphas are 0).
         ema_decay: keep an exponential moving average of the weights (None: off); validated as ``val_ema/*``.
     """
 
+    task_name = "classification"
     monitor = "val/acc1"
     monitor_mode = "max"
 
@@ -60,6 +65,7 @@ class ClassificationModule(L.LightningModule):
         warmup_epochs: float = 5.0,
         warmup_lr: float = 1e-6,
         min_lr: float = 1e-5,
+        cooldown_epochs: float = 0.0,
         label_smoothing: float = 0.1,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
@@ -105,6 +111,18 @@ class ClassificationModule(L.LightningModule):
         """x (B, 3, H, W) → logits (B, num_classes)."""
         return self.model(x)
 
+    def example_batch(self, batch_size: int, img_size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+        """Random (images (B, C, H, W), labels (B,)) shaped like a training batch.
+
+        Args:
+            batch_size: items in the batch.
+            img_size: (H, W) of the images (None: :meth:`input_size`, else 224²).
+        """
+        h, w = img_size or self.input_size() or (224, 224)
+        in_chans = int((self.hparams.model_kwargs or {}).get("in_chans", 3))
+        x = torch.randn(batch_size, in_chans, h, w, device=self.device)
+        return x, torch.randint(0, self.hparams.num_classes, (batch_size,), device=self.device)
+
     # -- training ---------------------------------------------------------------------------
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -144,20 +162,34 @@ class ClassificationModule(L.LightningModule):
         for e, b in zip(self.ema.buffers(), self.model.buffers()):
             e.copy_(b)
 
-    def configure_optimizers(self):
-        from timm.optim import create_optimizer_v2
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups ``[decayed, not decayed]`` by the package's one rule (:mod:`agentlit.tasks.optim`):
+        no decay on norms, biases, position embeddings / tables, class tokens and agent biases."""
+        return param_groups(self.model, self.hparams.weight_decay)
 
+    def configure_optimizers(self):
         lr = self.effective_lr()
-        optimizer = create_optimizer_v2(
-            self.model, "adamw", lr=lr, weight_decay=self.hparams.weight_decay, betas=tuple(self.hparams.betas)
-        )
+        optimizer = create_optimizer(self.model, lr, self.hparams.weight_decay, tuple(self.hparams.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
         steps_per_epoch = total / epochs if epochs else None
-        warmup = int(round(self.hparams.warmup_epochs * steps_per_epoch)) if steps_per_epoch else 0
+        warmup = int(self.hparams.warmup_epochs * steps_per_epoch) if steps_per_epoch else 0
+        cosine = total
+        if self.hparams.cooldown_epochs:
+            if not epochs or self.hparams.cooldown_epochs >= epochs:
+                raise ValueError(
+                    f"cooldown_epochs={self.hparams.cooldown_epochs} needs trainer.max_epochs larger than it (got "
+                    f"{self.trainer.max_epochs}); set max_epochs to the cosine epochs + cooldown_epochs, e.g. 300 + 10 = 310"
+                )
+            cosine = int((epochs - self.hparams.cooldown_epochs) * steps_per_epoch)
+        # Factors relative to the unscaled lr, so warm-up lr and min lr scale with the global batch exactly
+        # as lr does (the release scales all three by global batch / 512). Cosine over the absolute step
+        # with the warm-up in place of its first steps, then flat at min lr: timm's CosineLRScheduler as
+        # the release steps it per iteration.
+        base = self.hparams.lr
         schedule = warmup_cosine(
-            total_steps=total, warmup_steps=warmup, warmup_factor=self.hparams.warmup_lr / lr,
-            min_factor=self.hparams.min_lr / lr,
+            total_steps=cosine, warmup_steps=warmup, warmup_factor=self.hparams.warmup_lr / base if base else 0.0,
+            min_factor=self.hparams.min_lr / base if base else 0.0, warmup_prefix=False,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
