@@ -5,5 +5,9 @@ from . import agent_swin  # noqa: F401  (registers agent_swin_*)
 from . import agent_cswin  # noqa: F401  (registers agent_cswin_* / cswin_*)
 from ._helpers import adapt_agent_biases, create_model, load_weights, state_dict_mismatch, unwrap_checkpoint
 from .agent_deit import AgentVisionTransformer
+from .segmentation import SegmentationModel, build_backbone, palette, slide_inference
 
-__all__ = ["AgentVisionTransformer", "adapt_agent_biases", "create_model", "load_weights", "state_dict_mismatch", "unwrap_checkpoint"]
+__all__ = [
+    "AgentVisionTransformer", "SegmentationModel", "adapt_agent_biases", "build_backbone", "create_model",
+    "load_weights", "palette", "slide_inference", "state_dict_mismatch", "unwrap_checkpoint",
+]

@@ -4,33 +4,26 @@ with dataset-level mIoU, whole-image or sliding-window inference.
 """
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch import Tensor, nn
 
-from ..core.bias import AGENT_BIAS_AXES
-from ..models import create_model, unwrap_checkpoint
-from ..models.heads import FCNHead, SemanticFPNHead, SimplePyramid, UperNetHead
+from ..models import unwrap_checkpoint
+from ..models.segmentation import SegmentationModel, build_backbone, palette, slide_inference
 from ._schedule import warmup_poly
+from .base import TaskModule, pair
+from .optim import create_optimizer, param_groups
 from .seg_metrics import SegmentationMetrics, format_iou_table
 
 __all__ = ["SegmentationModule", "SegmentationModel", "build_backbone", "load_checkpoint_file", "palette", "slide_inference"]
 
-# Parameters never decayed in the dense recipes: norms (by module type), position embeddings /
-# relative-position tables, class tokens and agent biases (by name).
-_NO_DECAY_NAMES = ("pos_embed", "absolute_pos_embed", "relative_position_bias_table", "cls_token", "dist_token")
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
-_FEATURE_EXAMPLES = ("resnet50", "convnext_tiny", "swin_tiny_patch4_window7_224", "vit_small_patch16_224")
 
 
 def load_checkpoint_file(path: str | Path) -> dict[str, Tensor]:
@@ -50,192 +43,11 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Tensor]:
     return unwrap_checkpoint(ckpt)
 
 
-def _backbone_names_with_features() -> list[str]:
-    return timm.list_models("agent_*") + list(_FEATURE_EXAMPLES)
-
-
-def build_backbone(
-    name: str,
-    out_indices: tuple[int, ...] | None = None,
-    state_dict: dict[str, Tensor] | None = None,
-    pretrained: bool = False,
-    **kwargs: Any,
-) -> nn.Module:
-    """``timm.create_model(name, features_only=True, …)`` → a module returning [(B, C_i, H_i, W_i)].
-
-    ``state_dict``: classification weights, loaded *before* the feature wrapping through the
-    family's ``checkpoint_filter_fn`` (so official and our checkpoints both map, biases resized).
-    """
-    if out_indices is not None:
-        kwargs["out_indices"] = tuple(out_indices)
-    if state_dict is not None:
-        kwargs["pretrained_cfg_overlay"] = dict(state_dict=state_dict)
-        pretrained = True
-    records: list[logging.LogRecord] = []
-    handler = _ListHandler(records)
-    builder_log = logging.getLogger("timm.models._builder")
-    builder_log.addHandler(handler)
-    old_level = builder_log.level
-    builder_log.setLevel(logging.INFO)
-    try:
-        model = create_model(name, features_only=True, pretrained=pretrained, **kwargs)
-    except ValueError as e:
-        if "unknown model name" in str(e):
-            raise
-        _raise_if_no_features(name, kwargs, e)
-        raise
-    except (AssertionError, RuntimeError, AttributeError, NotImplementedError, TypeError, KeyError) as e:
-        _raise_if_no_features(name, kwargs, e)
-        raise
-    finally:
-        builder_log.removeHandler(handler)
-        builder_log.setLevel(old_level)
-    if state_dict is not None:
-        cfg = getattr(model, "pretrained_cfg", None)
-        classifier = (cfg or {}).get("classifier") or ()
-        classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-        for rec in records:  # timm loads non-strictly for features: surface what did not match
-            msg = rec.getMessage()
-            if msg.startswith(("Missing keys", "Unexpected keys")):
-                keys = [k.strip() for k in msg[msg.find("(") + 1: msg.find(")")].split(",")]
-                keys = [k for k in keys if not any(k.startswith(c + ".") for c in classifier)]  # the dropped classifier
-                if keys:
-                    rank_zero_warn(f"backbone checkpoint for {name}: {msg.split(' (')[0]}: {keys}")
-        if isinstance(cfg, dict):
-            cfg.pop("state_dict", None)  # do not keep a second copy of the weights around
-    if not hasattr(model, "feature_info"):
-        _raise_if_no_features(name, kwargs, None)
-    return model
-
-
-class _ListHandler(logging.Handler):
-    def __init__(self, records: list[logging.LogRecord]) -> None:
-        super().__init__(logging.INFO)
-        self.records = records
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-def _raise_if_no_features(name: str, kwargs: dict[str, Any], err: Exception | None) -> None:
-    """If ``name`` builds fine without ``features_only``, the feature API is what is missing."""
-    if err is not None and ("out of range" in str(err) or "out_indices" in str(err)):
-        raise ValueError(
-            f"backbone {name!r}: out_indices={kwargs.get('out_indices', 'default')} do not fit the model ({err}); "
-            "pass out_indices with valid stage/block indices (e.g. [0, 1, 2, 3] for a 4-stage pyramid, "
-            "or the last blocks of a shallow ViT)"
-        ) from err
-    plain = {k: v for k, v in kwargs.items() if k not in ("out_indices", "pretrained_cfg_overlay")}
-    try:
-        with torch.device("meta"):
-            create_model(name, pretrained=False, **plain)
-    except Exception:
-        return  # the model itself fails to build: let the original error speak
-    raise ValueError(
-        f"backbone {name!r} does not support features_only=True (timm's feature-extraction API: "
-        f"{type(err).__name__ if err else 'no feature_info'}: {err}). Backbones with feature maps include "
-        f"{_backbone_names_with_features()} and most timm CNNs / hierarchical transformers"
-    ) from err
-
-
-class SegmentationModel(nn.Module):
-    """backbone → (simple pyramid for single-stride backbones) → decode head (+ auxiliary head).
-
-    forward(x (B, 3, H, W)) → logits (B, K, H/s0, W/s0) at the finest feature stride s0, or
-    (logits, aux_logits) in training when an auxiliary head exists.
-    """
-
-    def __init__(
-        self,
-        backbone: nn.Module,
-        num_classes: int,
-        head: Literal["fpn", "upernet"] = "fpn",
-        head_channels: int | None = None,
-        neck_channels: int = 256,
-        pool_scales: tuple[int, ...] = (1, 2, 3, 6),
-        dropout: float = 0.1,
-        simple_pyramid: bool | None = None,
-        aux: bool = False,
-        aux_index: int = -2,
-        aux_channels: int = 256,
-    ) -> None:
-        super().__init__()
-        self.backbone = backbone
-        channels = list(backbone.feature_info.channels())
-        strides = list(backbone.feature_info.reduction())
-        if simple_pyramid is None:  # a plain ViT reports every level at one stride
-            simple_pyramid = len(set(strides)) == 1 and len(strides) >= 1
-        self.pyramid = SimplePyramid(channels[-1]) if simple_pyramid else None
-        if self.pyramid is not None:
-            channels, strides = [channels[-1]] * 4, SimplePyramid.strides(strides[-1])
-        self.channels, self.strides = channels, strides
-        if head == "fpn":
-            self.decode_head: nn.Module = SemanticFPNHead(
-                channels, strides, num_classes, neck_channels, head_channels or 128, dropout
-            )
-        elif head == "upernet":
-            self.decode_head = UperNetHead(channels, num_classes, head_channels or 512, pool_scales, dropout)
-        else:
-            raise ValueError(f"head={head!r} is not one of 'fpn' (Semantic FPN), 'upernet'")
-        self.aux_index = aux_index
-        self.aux_head = FCNHead(channels[aux_index], num_classes, aux_channels, dropout) if aux else None
-
-    def features(self, x: Tensor) -> list[Tensor]:
-        feats = []
-        for f, c in zip(self.backbone(x), self.backbone.feature_info.channels()):
-            if f.ndim == 4 and f.shape[1] != c and f.shape[-1] == c:  # NHWC feature maps (some timm models)
-                f = f.permute(0, 3, 1, 2)
-            feats.append(f.contiguous())
-        return self.pyramid(feats) if self.pyramid is not None else feats
-
-    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        feats = self.features(x)
-        logits = self.decode_head(feats)
-        if self.training and self.aux_head is not None:
-            return logits, self.aux_head(feats[self.aux_index])
-        return logits
-
-
-def slide_inference(
-    predict: Any, x: Tensor, num_classes: int, crop: tuple[int, int], stride: tuple[int, int]
-) -> Tensor:
-    """Sliding-window logits: crops of ``crop`` every ``stride`` (the last window flush with the
-    border), each predicted at full crop resolution, logits averaged where windows overlap.
-    x (B, 3, H, W) → (B, K, H, W). Images smaller than the crop are predicted whole."""
-    B, _, H, W = x.shape
-    ch, cw = min(crop[0], H), min(crop[1], W)
-    sh, sw = stride
-    rows = max(H - ch + sh - 1, 0) // sh + 1
-    cols = max(W - cw + sw - 1, 0) // sw + 1
-    out = x.new_zeros(B, num_classes, H, W)
-    count = x.new_zeros(1, 1, H, W)
-    for r in range(rows):
-        for c in range(cols):
-            y1, x1 = min(r * sh, H - ch), min(c * sw, W - cw)
-            out[:, :, y1: y1 + ch, x1: x1 + cw] += predict(x[:, :, y1: y1 + ch, x1: x1 + cw])
-            count[:, :, y1: y1 + ch, x1: x1 + cw] += 1
-    return out / count
-
-
-def palette(num_classes: int) -> np.ndarray:
-    """(K, 3) uint8 colours: the PASCAL VOC bit-interleaving palette (0 = black), distinct for K ≤ 256."""
-    pal = np.zeros((max(num_classes, 256), 3), dtype=np.uint8)
-    for i in range(len(pal)):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal[i] = (r, g, b)
-    return pal
-
-
 def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-class SegmentationModule(L.LightningModule):
+class SegmentationModule(TaskModule):
     """Semantic segmentation with any ``features_only`` timm backbone (agent backbones included).
 
     Args:
@@ -266,6 +78,7 @@ class SegmentationModule(L.LightningModule):
         output_dir: where ``predict`` writes masks (None: ``<log dir>/predictions``).
     """
 
+    task_name = "segmentation"
     monitor = "val/mIoU"
     monitor_mode = "max"
 
@@ -323,6 +136,36 @@ class SegmentationModule(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         """x (B, 3, H, W) → logits (B, K, H, W) at input resolution (``inference`` mode, ``flip``)."""
         return self.infer(x)
+
+    # -- task protocol (agentlit profile) ------------------------------------------------------
+    def example_batch(self, batch_size: int, img_size: tuple[int, int] | None = None) -> dict[str, Tensor]:
+        """Random ``{"image": (B, C, H, W), "mask": (B, H, W)}`` shaped like a training batch.
+
+        Args:
+            batch_size: items in the batch.
+            img_size: (H, W) of the images (None: :meth:`input_size`, else ``crop_size``).
+        """
+        h, w = img_size or self.input_size() or _pair(self.hparams.crop_size)
+        in_chans = int((self.hparams.backbone_kwargs or {}).get("in_chans", 3))
+        x = torch.randn(batch_size, in_chans, h, w, device=self.device)
+        return {"image": x, "mask": torch.randint(0, self.hparams.num_classes, (batch_size, h, w), device=self.device)}
+
+    def input_size(self) -> tuple[int, int] | None:
+        """The backbone's ``img_size`` (``backbone_kwargs``), else its default input size."""
+        return pair((self.hparams.backbone_kwargs or {}).get("img_size")) or super().input_size()
+
+    def at_input_size(self, size: tuple[int, int]) -> "SegmentationModule":
+        """Rebuilt with ``backbone_kwargs.img_size = size`` when the config sets one (agent biases
+        and position embeddings follow); ``self`` otherwise.
+
+        Args:
+            size: the new (H, W).
+        """
+        kwargs = dict(self.hparams.backbone_kwargs or {})
+        if "img_size" not in kwargs or pair(kwargs["img_size"]) == tuple(size):
+            return self
+        kwargs["img_size"] = size[0] if size[0] == size[1] else list(size)
+        return self.with_hparams(backbone_kwargs=kwargs)
 
     def _whole(self, x: Tensor) -> Tensor:
         H, W = x.shape[-2:]
@@ -447,34 +290,13 @@ class SegmentationModule(L.LightningModule):
 
     # -- optimisation -------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
-        """AdamW groups: decay for weights, none for norms, position embeddings and agent biases."""
-        no_decay_backbone = set()
-        inner = getattr(self.model.backbone, "model", None)
-        for mod in (self.model.backbone, inner):
-            if mod is not None and hasattr(mod, "no_weight_decay"):
-                no_decay_backbone |= set(mod.no_weight_decay())
-        decay, no_decay, seen = [], [], set()
-        for mod_name, module in self.model.named_modules():
-            for p_name, p in module.named_parameters(recurse=False):
-                if not p.requires_grad or id(p) in seen:
-                    continue
-                seen.add(id(p))
-                full = f"{mod_name}.{p_name}" if mod_name else p_name
-                skip = (
-                    isinstance(module, _NORMS)
-                    or p_name in AGENT_BIAS_AXES
-                    or any(k in p_name for k in _NO_DECAY_NAMES)
-                    or any(full.endswith("backbone." + n) or full.endswith("backbone.model." + n) for n in no_decay_backbone)
-                )
-                (no_decay if skip else decay).append(p)
-        return [
-            {"params": decay, "weight_decay": self.hparams.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        """AdamW groups ``[decayed, not decayed]`` by the package's one rule (:mod:`agentlit.tasks.optim`):
+        no decay on norms, biases, position embeddings / tables and agent biases."""
+        return param_groups(self.model, self.hparams.weight_decay)
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.param_groups(), lr=hp.lr, betas=tuple(hp.betas))
+        optimizer = create_optimizer(self.model, hp.lr, hp.weight_decay, tuple(hp.betas))
         total = hp.max_iters or max(1, int(self.trainer.estimated_stepping_batches))
         if not math.isfinite(total):
             raise ValueError("set max_iters (or trainer.max_steps / max_epochs) so the poly schedule knows its length")
