@@ -26,7 +26,8 @@ from timm.models._features import feature_take_indices
 
 from ..core import AgentPositionBias, agent_attention, to_grid
 from ._helpers import adapt_agent_biases, pretrained_cfg, unwrap_checkpoint
-from .agent_pvt import _per_stage, agent_bias_names, expand_attn_types
+from ._policy import no_weight_decay_names
+from ._stages import expand_attn_types, per_stage
 
 __all__ = ["AgentBranch", "LePEBranch", "CSwinBlock", "CSwinTransformer", "checkpoint_filter_fn"]
 
@@ -205,8 +206,8 @@ class CSwinTransformer(nn.Module):
         n = len(depths)
         img_hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         types = expand_attn_types(attn_type, depths)
-        agents = [to_grid(a, f"agent_num[{i}]") for i, a in enumerate(_per_stage(agent_num, n, "agent_num"))]
-        split_size = _per_stage(split_size, n, "split_size")
+        agents = [to_grid(a, f"agent_num[{i}]") for i, a in enumerate(per_stage(agent_num, n, "agent_num"))]
+        split_size = per_stage(split_size, n, "split_size")
         self.num_classes, self.global_pool, self.num_stages, self.drop_rate = num_classes, global_pool, n, drop_rate
         self.attn_types = ["".join(t) for t in types]
         dims = [embed_dim * 2**i for i in range(n)]
@@ -247,8 +248,8 @@ class CSwinTransformer(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """Agent biases (CSWin has no position embedding)."""
-        return agent_bias_names(self)
+        """Agent biases (CSWin has no position embedding; see :mod:`agentlit.models._policy`)."""
+        return no_weight_decay_names(self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoin
 
 from ..core import AgentAttention, to_grid
 from ._helpers import adapt_agent_biases, pretrained_cfg, unwrap_checkpoint
+from ._policy import no_weight_decay_names
 
 __all__ = ["AgentVisionTransformer", "checkpoint_filter_fn"]
 
@@ -90,10 +91,8 @@ class AgentVisionTransformer(VisionTransformer):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        names = set(super().no_weight_decay())
-        for i, attn in enumerate(self._agent_attentions()):
-            names |= {f"blocks.{i}.attn.{k}" for k, _ in attn.named_parameters() if k.endswith("_bias")}
-        return names
+        """Position embedding, class token and agent biases (see :mod:`agentlit.models._policy`)."""
+        return no_weight_decay_names(self)
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: AgentVisionTransformer, **kwargs: Any) -> dict[str, Tensor]:

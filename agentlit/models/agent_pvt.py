@@ -22,53 +22,11 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from ..core import AgentAttention, AgentPositionBias, to_grid
-from ..core.bias import AGENT_BIAS_AXES
 from ._helpers import adapt_agent_biases, pretrained_cfg, unwrap_checkpoint
+from ._policy import no_weight_decay_names
+from ._stages import expand_attn_types, per_stage
 
-__all__ = ["AgentPVT", "PVTAttention", "PVTBlock", "checkpoint_filter_fn", "expand_attn_types", "agent_bias_names"]
-
-
-def expand_attn_types(attn_type: str | Sequence[str], depths: Sequence[int]) -> list[list[str]]:
-    """Per-block attention letters from a per-stage spec such as ``"AAAB"`` or ``"AAMB2"``.
-
-    ``A`` = agent, ``B`` = the baseline's attention, ``M`` = mixed: the first k blocks of the stage
-    agent and the rest baseline (k = the trailing number, 2 by default, as in the official "AAMB2").
-    """
-    spec = "".join(attn_type) if not isinstance(attn_type, str) else attn_type
-    letters, tail = spec[: len(depths)], spec[len(depths):]
-    if len(letters) != len(depths) or set(letters) - set("ABM") or (tail and not tail.isdigit()):
-        raise ValueError(
-            f"attn_type={attn_type!r} must be one letter per stage from A (agent), B (baseline), "
-            f"M (mixed) for {len(depths)} stages, optionally followed by the mixed agent-block count, e.g. 'AAMB2'"
-        )
-    mixed = int(tail) if tail else 2
-    return [
-        ["A" if c == "A" or (c == "M" and j < mixed) else "B" for j in range(d)] for c, d in zip(letters, depths)
-    ]
-
-
-def _per_stage(value: Any, n: int, what: str) -> list[Any]:
-    """An int/pair for all stages, or one entry per stage (``"9-16-49-49"`` strings too)."""
-    if isinstance(value, str):
-        value = [int(v) for v in value.split("-")]
-    is_pair = isinstance(value, (tuple, list)) and len(value) == 2 and n != 2 and all(isinstance(v, int) for v in value)
-    if isinstance(value, int) or is_pair:  # one value (or one (ph, pw) grid) for every stage
-        return [value] * n
-    value = list(value)
-    if len(value) != n:
-        raise ValueError(f"{what}={value!r} needs one entry per stage ({n}), e.g. [9, 16, 49, 49]")
-    return value
-
-
-def agent_bias_names(model: nn.Module) -> set[str]:
-    """Names of every agent position-bias parameter of ``model`` (kept out of weight decay)."""
-    return {
-        f"{name}.{k}" if name else k
-        for name, m in model.named_modules()
-        if isinstance(m, AgentPositionBias)
-        for k in AGENT_BIAS_AXES
-        if isinstance(getattr(m, k, None), nn.Parameter)
-    }
+__all__ = ["AgentPVT", "PVTAttention", "PVTBlock", "checkpoint_filter_fn"]
 
 
 class PVTPatchEmbed(nn.Module):
@@ -181,7 +139,7 @@ class AgentPVT(nn.Module):
         n = len(depths)
         img_hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         types = expand_attn_types(attn_type, depths)
-        agents = [to_grid(a, f"agent_num[{i}]") for i, a in enumerate(_per_stage(agent_num, n, "agent_num"))]
+        agents = [to_grid(a, f"agent_num[{i}]") for i, a in enumerate(per_stage(agent_num, n, "agent_num"))]
         self.num_classes, self.global_pool, self.num_stages = num_classes, global_pool, n
         self.embed_dims = list(embed_dims)
         self.num_features = self.head_hidden_size = embed_dims[-1]
@@ -226,8 +184,8 @@ class AgentPVT(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """Position embeddings and agent biases (the dense-prediction recipe decays neither)."""
-        return {f"pos_embed{i + 1}" for i in range(self.num_stages)} | agent_bias_names(self)
+        """Position embeddings and agent biases (see :mod:`agentlit.models._policy`)."""
+        return no_weight_decay_names(self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:

@@ -25,7 +25,8 @@ from timm.models.vision_transformer import init_weights_vit_timm
 
 from ..core import AgentAttention, to_grid
 from ._helpers import adapt_agent_biases, pretrained_cfg, unwrap_checkpoint
-from .agent_pvt import _per_stage, agent_bias_names, expand_attn_types
+from ._policy import no_weight_decay_names
+from ._stages import expand_attn_types, per_stage
 
 __all__ = ["AgentSwinBlock", "AgentSwinTransformer", "checkpoint_filter_fn"]
 
@@ -76,7 +77,7 @@ class AgentSwinTransformer(SwinTransformer):
         super().__init__(**kwargs)
         depths = [len(stage.blocks) for stage in self.layers]
         types = expand_attn_types(attn_type, depths)
-        agents = [to_grid(a, f"agent_num[{i}]") for i, a in enumerate(_per_stage(agent_num, len(depths), "agent_num"))]
+        agents = [to_grid(a, f"agent_num[{i}]") for i, a in enumerate(per_stage(agent_num, len(depths), "agent_num"))]
         self.attn_types = ["".join(t) for t in types]
         for i, stage in enumerate(self.layers):
             for j, blk in enumerate(stage.blocks):
@@ -93,8 +94,8 @@ class AgentSwinTransformer(SwinTransformer):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """Swin's relative-position tables plus every agent bias."""
-        return set(super().no_weight_decay()) | agent_bias_names(self)
+        """Swin's relative-position tables plus every agent bias (see :mod:`agentlit.models._policy`)."""
+        return no_weight_decay_names(self)
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: AgentSwinTransformer) -> dict[str, Tensor]:
