@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import inspect
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -45,11 +46,95 @@ __all__ = ["AgentSDAttnProcessor", "AgentSDConfig", "AgentSDState", "apply_patch
 _STATE_ATTR = "_agentsd_state"
 
 
+@dataclasses.dataclass(frozen=True)
+class AgentSDConfig:
+    """The AgentSD settings, validated on construction; the defaults are the paper's schedule.
+
+    ``apply_patch(pipe, config)`` and ``apply_patch(pipe, **fields)`` both build one of these; the
+    patch state keeps it (``get_state(pipe).config``).
+
+    Args:
+        ratio: fraction of tokens merged away for attention (r = ⌊N·ratio⌋).
+        agent_ratio: fraction merged away to make the agents (n = N - ⌊N·agent_ratio⌋, at least one per sx×sy cell).
+        sx: cell width for the destination tokens.
+        sy: cell height for the destination tokens.
+        max_downsample: patch blocks whose latent is downsampled at most this much (1: full resolution only, as in the paper).
+        use_rand: random destination per cell (off automatically for odd batches).
+        k_scale2: the broadcast softmax uses scale ** k_scale2 (sharper than scale).
+        k_shortcut: weight of the V shortcut added to the agent-attention output.
+        attn_precision: "fp32" to run the attention similarities in fp32 under fp16 (None: the model dtype).
+        agent_steps: number of first denoising steps using agents; later steps use the late_* settings.
+        late_sx: cell width from step ``agent_steps`` on.
+        late_sy: cell height from step ``agent_steps`` on.
+        late_agent_ratio: agent_ratio from step ``agent_steps`` on (the defaults give plain ToMe: 2·n >= N - r, so no agents).
+    """
+
+    ratio: float = 0.4
+    agent_ratio: float = 0.95
+    sx: int = 4
+    sy: int = 4
+    max_downsample: int = 1
+    use_rand: bool = True
+    k_scale2: float = 0.3
+    k_shortcut: float = 0.075
+    attn_precision: str | None = None
+    agent_steps: int = 20
+    late_sx: int = 2
+    late_sy: int = 2
+    late_agent_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        for key in ("ratio", "agent_ratio", "late_agent_ratio"):
+            value = getattr(self, key)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{key} must be in [0, 1], got {value}")
+        for key in ("sx", "sy", "late_sx", "late_sy", "max_downsample"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                raise ValueError(f"{key} must be an integer >= 1, got {value}")
+        if self.agent_steps < 0:
+            raise ValueError(f"agent_steps must be >= 0, got {self.agent_steps}")
+        if self.attn_precision not in (None, "fp32"):
+            raise ValueError(f"attn_precision must be None or 'fp32', got {self.attn_precision!r}")
+
+    @classmethod
+    def build(cls, config: "AgentSDConfig | Mapping[str, Any] | None" = None, **overrides: Any) -> "AgentSDConfig":
+        """A config from another config, a mapping (e.g. a YAML block) or nothing, with ``overrides`` on top.
+
+        Args:
+            config: the starting settings (None: the defaults).
+            **overrides: fields to change; an unknown name is an error listing the valid ones.
+        """
+        if isinstance(config, cls) and not overrides:
+            return config  # frozen: sharing it is safe
+        if config is None:
+            base: dict[str, Any] = {}
+        elif isinstance(config, cls):
+            base = dataclasses.asdict(config)
+        elif isinstance(config, Mapping):
+            base = dict(config)
+        else:
+            raise TypeError(f"AgentSD settings must be an AgentSDConfig or a mapping, got {type(config).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(base) - fields | set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"unknown AgentSD setting(s) {unknown}; valid: {sorted(fields)}")
+        return cls(**{**base, **overrides})
+
+    def apply(self, pipe_or_unet: Any) -> Any:
+        """``apply_patch(pipe_or_unet, self)``.
+
+        Args:
+            pipe_or_unet: a pipeline with ``.unet`` or the UNet itself.
+        """
+        return apply_patch(pipe_or_unet, self)
+
+
 class AgentSDState:
     """Settings and run-time state shared by all patched blocks of one UNet."""
 
-    def __init__(self, **settings: Any) -> None:
-        self.settings = settings
+    def __init__(self, config: AgentSDConfig) -> None:
+        self.config = config
         self.size: tuple[int, int] | None = None  # latent (H, W) of the current UNet call
         self.step = -1  # denoising step of the current generation
         self.last_timestep: float | None = None
@@ -59,10 +144,10 @@ class AgentSDState:
 
     def phase(self) -> tuple[int, int, float]:
         """(sx, sy, agent_ratio) for the current step."""
-        s = self.settings
-        if self.step < s["agent_steps"]:
-            return s["sx"], s["sy"], s["agent_ratio"]
-        return s["late_sx"], s["late_sy"], s["late_agent_ratio"]
+        c = self.config
+        if self.step < c.agent_steps:
+            return c.sx, c.sy, c.agent_ratio
+        return c.late_sx, c.late_sy, c.late_agent_ratio
 
     def observe_timestep(self, t: float) -> None:
         """Advance the step counter from the timestep of a UNet call."""
@@ -80,11 +165,11 @@ class AgentSDState:
         """The matching for a block input x (B, N, C), or None where this block is left alone."""
         if self.size is None:
             return None
-        s = self.settings
+        c = self.config
         H, W = self.size
         B, N, _ = x.shape
         downsample = math.ceil(math.sqrt(H * W // N)) if N <= H * W else 1
-        if downsample > s["max_downsample"]:
+        if downsample > c.max_downsample:
             return None
         h, w = math.ceil(H / downsample), math.ceil(W / downsample)
         if h * w != N:  # not a latent map we can lay out
@@ -92,9 +177,9 @@ class AgentSDState:
         sx, sy, agent_ratio = self.phase()
         # An odd batch cannot hold matching conditional/unconditional halves; the reference
         # (ToMe for SD) turns the random destinations off there to avoid artifacts.
-        use_rand = s["use_rand"] and B % 2 == 0
+        use_rand = c.use_rand and B % 2 == 0
         m = bipartite_soft_matching_random2d(
-            x, w, h, sx, sy, int(N * s["ratio"]), int(N * agent_ratio),
+            x, w, h, sx, sy, int(N * c.ratio), int(N * agent_ratio),
             use_rand=use_rand, generator=self.generator,
         )
         if m is not None and m.r == 0 and not m.use_agents:
@@ -137,9 +222,8 @@ class AgentSDAttnProcessor:
         m = self.matching
         if m is None or encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
             return self._call_original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
-        s = self.state.settings
         merged = m.merge(hidden_states)  # (B, N - r, C)
-        if m.use_agents or s["attn_precision"] == "fp32":
+        if m.use_agents or self.state.config.attn_precision == "fp32":
             agents = m.agents(hidden_states) if m.use_agents else None  # (B, n, C)
             out = self._attend(attn, merged, agents)
         else:  # plain ToMe: the original processor on the merged tokens
@@ -148,7 +232,7 @@ class AgentSDAttnProcessor:
 
     def _attend(self, attn: nn.Module, x: Tensor, agents: Tensor | None) -> Tensor:
         # x (B, M, C) merged tokens, agents (B, n, C) or None -> (B, M, C)
-        s = self.state.settings
+        c = self.state.config
         B, M, _ = x.shape
         heads = attn.heads
         q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
@@ -166,14 +250,14 @@ class AgentSDAttnProcessor:
             k = attn.norm_k(k)
         dtype = q.dtype
         scale = attn.scale
-        fp32 = s["attn_precision"] == "fp32"
+        fp32 = c.attn_precision == "fp32"
         with torch.autocast(q.device.type, enabled=False) if fp32 else contextlib.nullcontext():
             if fp32:  # similarities in fp32: fp16 logits overflow in SD 2.x
                 q, k, v = q.float(), k.float(), v.float()
                 a = a.float() if a is not None else None
             if a is not None:
-                o = agent_attention(q, k, v, a, scale=scale, broadcast_scale=scale ** s["k_scale2"])
-                o = o + s["k_shortcut"] * v  # the training-free stand-in for the DWC term
+                o = agent_attention(q, k, v, a, scale=scale, broadcast_scale=scale ** c.k_scale2)
+                o = o + c.k_shortcut * v  # the training-free stand-in for the DWC term
             else:
                 o = F.scaled_dot_product_attention(q, k, v, scale=scale)
         o = o.to(dtype).transpose(1, 2).reshape(B, M, heads * d)
@@ -181,29 +265,6 @@ class AgentSDAttnProcessor:
         if attn.residual_connection:
             o = o + x
         return o / attn.rescale_output_factor
-
-
-@dataclasses.dataclass
-class AgentSDConfig:
-    """The settings of :func:`apply_patch` as one value (for configs); defaults = the paper's schedule."""
-
-    ratio: float = 0.4
-    agent_ratio: float = 0.95
-    sx: int = 4
-    sy: int = 4
-    max_downsample: int = 1
-    use_rand: bool = True
-    k_scale2: float = 0.3
-    k_shortcut: float = 0.075
-    attn_precision: str | None = None
-    agent_steps: int = 20
-    late_sx: int = 2
-    late_sy: int = 2
-    late_agent_ratio: float = 0.5
-
-    def apply(self, pipe_or_unet: Any) -> Any:
-        """``apply_patch(pipe_or_unet, **these settings)``."""
-        return apply_patch(pipe_or_unet, **dataclasses.asdict(self))
 
 
 def _unet_of(pipe_or_unet: Any) -> nn.Module:
@@ -220,63 +281,22 @@ def _first_arg(args: tuple, kwargs: dict, name: str, pos: int) -> Any:
     return kwargs[name] if name in kwargs else (args[pos] if len(args) > pos else None)
 
 
-def _validate(settings: dict[str, Any]) -> None:
-    for key in ("ratio", "agent_ratio", "late_agent_ratio"):
-        if not 0.0 <= settings[key] <= 1.0:
-            raise ValueError(f"{key} must be in [0, 1], got {settings[key]}")
-    for key in ("sx", "sy", "late_sx", "late_sy", "max_downsample"):
-        if int(settings[key]) != settings[key] or settings[key] < 1:
-            raise ValueError(f"{key} must be an integer >= 1, got {settings[key]}")
-    if settings["agent_steps"] < 0:
-        raise ValueError(f"agent_steps must be >= 0, got {settings['agent_steps']}")
-    if settings["attn_precision"] not in (None, "fp32"):
-        raise ValueError(f"attn_precision must be None or 'fp32', got {settings['attn_precision']!r}")
-
-
-def apply_patch(
-    pipe_or_unet: Any,
-    *,
-    ratio: float = 0.4,
-    agent_ratio: float = 0.95,
-    sx: int = 4,
-    sy: int = 4,
-    max_downsample: int = 1,
-    use_rand: bool = True,
-    k_scale2: float = 0.3,
-    k_shortcut: float = 0.075,
-    attn_precision: str | None = None,
-    agent_steps: int = 20,
-    late_sx: int = 2,
-    late_sy: int = 2,
-    late_agent_ratio: float = 0.5,
-) -> Any:
+def apply_patch(pipe_or_unet: Any, config: AgentSDConfig | Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
     """Patch a diffusers Stable Diffusion pipeline (or its UNet) with AgentSD, in place.
+
+    ``apply_patch(pipe)``, ``apply_patch(pipe, ratio=0.5)``, ``apply_patch(pipe, AgentSDConfig(...))``
+    and ``apply_patch(pipe, config, agent_steps=10)`` all work: the settings are one
+    :class:`AgentSDConfig` (see its fields), validated there.
 
     Args:
         pipe_or_unet: a pipeline with ``.unet`` or the UNet itself. Patching again re-patches.
-        ratio: fraction of tokens merged away for attention (r = ⌊N·ratio⌋).
-        agent_ratio: fraction merged away to make the agents (n = N - ⌊N·agent_ratio⌋, at least one
-            per sx×sy cell).
-        sx, sy: cell size for the destination tokens.
-        max_downsample: patch blocks whose latent is downsampled at most this much (1: full
-            resolution only, as in the paper).
-        use_rand: random destination per cell (off automatically for odd batches).
-        k_scale2: the broadcast softmax uses scale ** k_scale2 (sharper than scale).
-        k_shortcut: weight of the V shortcut added to the agent-attention output.
-        attn_precision: "fp32" to run the attention similarities in fp32 under fp16.
-        agent_steps: number of first denoising steps using agents; later steps use the late_* settings.
-        late_sx, late_sy, late_agent_ratio: settings from step ``agent_steps`` on (the defaults give
-            plain ToMe: 2·n >= N - r, so no agents).
+        config: the settings (an :class:`AgentSDConfig` or a mapping of its fields; None: the defaults).
+        **kwargs: :class:`AgentSDConfig` fields, on top of ``config``.
 
     Returns:
         ``pipe_or_unet``, patched.
     """
-    settings = dict(
-        ratio=ratio, agent_ratio=agent_ratio, sx=sx, sy=sy, max_downsample=max_downsample, use_rand=use_rand,
-        k_scale2=k_scale2, k_shortcut=k_shortcut, attn_precision=attn_precision, agent_steps=agent_steps,
-        late_sx=late_sx, late_sy=late_sy, late_agent_ratio=late_agent_ratio,
-    )
-    _validate(settings)
+    config = AgentSDConfig.build(config, **kwargs)
     unet = _unet_of(pipe_or_unet)
     remove_patch(unet)
     blocks = [
@@ -288,7 +308,7 @@ def apply_patch(
             f"{type(unet).__name__} has no diffusers BasicTransformerBlock to patch; AgentSD supports "
             "Stable Diffusion 1.x/2.x UNets (UNet2DConditionModel)"
         )
-    state = AgentSDState(**settings)
+    state = AgentSDState(config)
 
     def unet_pre_hook(module, args, kwargs):
         sample = _first_arg(args, kwargs, "sample", 0)
@@ -334,5 +354,5 @@ def remove_patch(pipe_or_unet: Any) -> Any:
 
 
 def get_state(pipe_or_unet: Any) -> AgentSDState | None:
-    """The patch state (settings, current step) of a patched pipeline/UNet, or None."""
+    """The patch state (``config``, current step) of a patched pipeline/UNet, or None."""
     return getattr(_unet_of(pipe_or_unet), _STATE_ATTR, None)
