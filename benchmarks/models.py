@@ -4,7 +4,7 @@
     python benchmarks/models.py --batch-size 8 --repeats 3        # a quick look
     python benchmarks/models.py --models agent_pvt_tiny:pvt_v1_tiny --output benchmarks/results/pvt_t.json
 
-Pairs (REFERENCE.md §2 "Speed"): Agent-PVT-S vs PVT-L (paper: 2.1× faster on a desktop CPU),
+Pairs (docs/reference.md §2 "Speed"): Agent-PVT-S vs PVT-L (paper: 2.1× faster on a desktop CPU),
 Agent-Swin-S vs Swin-B (1.7×), and Agent-DeiT-T vs DeiT-T. For each model: inference images/s
 (eval, no grad), training images/s (forward + backward + SGD step) and the peak tensor memory of
 one inference / one training step beyond the weights (:func:`agentlit.utils.memory.peak_memory`).

@@ -85,7 +85,7 @@ def test_gradcheck_float64():
 
 
 def test_equivalent_to_generalised_linear_attention():
-    """REFERENCE §1.7: O = φ_q(Q) (φ_k(K)ᵀ V) with φ_q(Q) = σ(s·Q Aᵀ), φ_k(K) = σ(s·A Kᵀ)ᵀ."""
+    """docs/reference.md §1 (item 7): O = φ_q(Q) (φ_k(K)ᵀ V) with φ_q(Q) = σ(s·Q Aᵀ), φ_k(K) = σ(s·A Kᵀ)ᵀ."""
     B, H, N, M, n, d = 2, 2, 40, 40, 5, 8
     s = d**-0.5
     q, k, v, a = _rand(B, H, N, d), _rand(B, H, M, d), _rand(B, H, M, d), _rand(B, H, n, d)
@@ -137,7 +137,7 @@ def test_bad_shapes_are_named():
 
 
 # ---------------------------------------------------------------------------------------------
-# The layer, against a naive re-statement of REFERENCE §1 (official layout, einsum + softmax)
+# The layer, against a naive re-statement of docs/reference.md §1 (official layout, einsum + softmax)
 # ---------------------------------------------------------------------------------------------
 def naive_agent_layer(m: AgentAttention, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     B, L, C = x.shape

@@ -20,7 +20,7 @@ AGENT = [f"agent_pvt_{s}" for s in ("tiny", "small", "medium", "large")] + [
     f"agent_{f}_{s}" for f in ("swin", "cswin") for s in ("tiny", "small", "base")
 ]
 BASELINES = [f"pvt_v1_{s}" for s in ("tiny", "small", "medium", "large")] + [f"cswin_{s}" for s in ("tiny", "small", "base")]
-# docs/reference.md, "Models" (paper Sec. 4.1, Tables 1-2): (params M, FLOPs G = MACs) at 224².
+# docs/reference.md, "Models" (paper Sec. 4): (params M, FLOPs G = MACs) at 224².
 PAPER = {
     "agent_pvt_tiny": (11.6, 2.0), "agent_pvt_small": (20.6, 4.0), "agent_pvt_medium": (35.9, 7.0),
     "agent_pvt_large": (48.7, 10.4), "agent_swin_tiny": (29, 4.5), "agent_swin_small": (50, 8.7),

@@ -1,4 +1,4 @@
-"""The multi-head agent-attention layer used by every agent backbone (REFERENCE.md §1)."""
+"""The multi-head agent-attention layer used by every agent backbone (docs/reference.md §1)."""
 from __future__ import annotations
 
 import torch

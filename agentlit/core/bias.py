@@ -1,4 +1,4 @@
-"""Agent position biases (REFERENCE.md §1): parameter layout, evaluation at any map size, resizing.
+"""Agent position biases (docs/reference.md §1): parameter layout, evaluation at any map size, resizing.
 
 Parameter names and shapes follow the official release so checkpoints map one to one
 (H heads, n = ph·pw agents, (h, w) the training feature map, P prefix/class tokens):

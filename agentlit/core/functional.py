@@ -1,6 +1,6 @@
 """The agent-attention operator: two softmax attentions through a small set of agent tokens.
 
-Shapes (REFERENCE.md §1): q (B, H, N, d); k, v (B, H, M, d); agents (B, H, n, d) with n << N, M.
+Shapes (docs/reference.md §1): q (B, H, N, d); k, v (B, H, M, d); agents (B, H, n, d) with n << N, M.
 
     V_A = softmax(scale · A Kᵀ + B1) V          # agent aggregation, (B, H, n, d)
     O   = softmax(broadcast_scale · Q Aᵀ + B2) V_A   # agent broadcast,  (B, H, N, d)

@@ -1,6 +1,6 @@
 """Prompts for text-to-image generation: a list, a YAML/text file, or ImageNet-class prompts.
 
-The paper's evaluation (REFERENCE.md §4) generates from ImageNet-class prompts, "a photo of a
+The paper's evaluation (docs/reference.md §4) generates from ImageNet-class prompts, "a photo of a
 {class}": ``imagenet_prompts=2000`` cycles through the 1000 class names twice.
 Each item is one image to make: ``{"prompt": str, "seed": int, "index": int}``; seeds are
 ``seed + index`` so any image can be regenerated on its own, whatever the batching.

@@ -9,7 +9,7 @@ Tokens x (B, N = h·w, C) of one latent map are split into two sets:
 Each src token is scored against every dst token by cosine similarity of the *metric* (the block
 input) and points to its most similar dst. The r src tokens with the highest best-score are merged
 (averaged) into their dst; the rest stay. The merged sequence is ``[unmerged src | dst]``
-(N - r tokens). One matching serves twice (AgentSD, REFERENCE.md §4): with r = ⌊N·ratio⌋ for the
+(N - r tokens). One matching serves twice (AgentSD, docs/reference.md §4): with r = ⌊N·ratio⌋ for the
 features that go through attention, and with r_a = ⌊N·agent_ratio⌋ for the agent tokens.
 ``unmerge`` gives every original position the value of the merged token it went into.
 """

@@ -1,6 +1,6 @@
 """AgentSD for diffusers: agent attention + token merging in Stable Diffusion's self-attention.
 
-Training-free (REFERENCE.md §4). What is patched, all removable:
+Training-free (docs/reference.md §4). What is patched, all removable:
 
 * every ``BasicTransformerBlock``'s self-attention ``attn1`` gets an :class:`AgentSDAttnProcessor`
   through diffusers' own processor mechanism (``Attention.set_processor``); the original processor

@@ -1,4 +1,4 @@
-"""Agent-CSwin and its baseline CSWin (REFERENCE.md §2).
+"""Agent-CSwin and its baseline CSWin (docs/reference.md §2).
 
 Registered in timm as ``agent_cswin_{tiny,small,base}`` ("AABB", agents 9-16-49-49; the official
 agent depths 2-4-18-1 / 3-6-29-2 / 3-6-29-2) and ``cswin_{tiny,small,base}`` (CSWin's own

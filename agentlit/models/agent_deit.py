@@ -1,4 +1,4 @@
-"""Agent-DeiT (REFERENCE.md §2): timm's VisionTransformer with agent attention in its first blocks.
+"""Agent-DeiT (docs/reference.md §2): timm's VisionTransformer with agent attention in its first blocks.
 
 Registered in timm as ``agent_deit_tiny`` / ``agent_deit_small`` / ``agent_deit_base``. State-dict
 names equal the official release's (``blocks.N.attn.{qkv,proj,dwc,an_bias,…}``), so

@@ -1,4 +1,4 @@
-"""Agent-PVT and its baseline PVT (v1) (REFERENCE.md §2): a 4-stage pyramid of plain transformer blocks.
+"""Agent-PVT and its baseline PVT (v1) (docs/reference.md §2): a 4-stage pyramid of plain transformer blocks.
 
 Registered in timm as ``agent_pvt_{tiny,small,medium,large}`` (agent attention in every block, no
 spatial reduction: "AAAA", agents 9-16-49-49) and ``pvt_v1_{tiny,small,medium,large}`` (the same

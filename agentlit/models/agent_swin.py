@@ -1,4 +1,4 @@
-"""Agent-Swin (REFERENCE.md §2): timm's Swin Transformer with global agent blocks in its early stages.
+"""Agent-Swin (docs/reference.md §2): timm's Swin Transformer with global agent blocks in its early stages.
 
 Registered in timm as ``agent_swin_tiny`` ("AAAB"), ``agent_swin_small`` ("AABB") and
 ``agent_swin_base`` ("AAMB2": stage 3 has 2 agent blocks, then Swin blocks), agents 9-16-49-49.

@@ -21,7 +21,7 @@ __all__ = ["ClassificationModule"]
 
 
 class ClassificationModule(TaskModule):
-    """A timm classifier trained the DeiT/Swin way (REFERENCE.md §2 recipe).
+    """A timm classifier trained the DeiT/Swin way (docs/reference.md §2 recipe).
 
     Args:
         model_name: any ``timm.create_model`` name, e.g. ``agent_deit_tiny`` (agentlit's are registered on import).

@@ -1,4 +1,4 @@
-"""Text-to-image generation with Stable Diffusion, plain or with AgentSD (REFERENCE.md §4).
+"""Text-to-image generation with Stable Diffusion, plain or with AgentSD (docs/reference.md §4).
 
 ``agentlit predict`` writes one PNG per (prompt, seed) and ``generation.json`` with prompts, seeds
 and per-image times; ``agentlit test`` generates the same way and scores the images: FID against a

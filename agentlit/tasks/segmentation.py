@@ -1,5 +1,5 @@
 """Semantic segmentation: a timm backbone (``features_only=True``) + Semantic FPN or UperNet
-(REFERENCE.md §3), trained with cross-entropy (ignore index), AdamW and a poly schedule, evaluated
+(docs/reference.md §3), trained with cross-entropy (ignore index), AdamW and a poly schedule, evaluated
 with dataset-level mIoU, whole-image or sliding-window inference.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Semantic FPN (Kirillov et al., "Panoptic Feature Pyramid Networks", 2019), as in mmseg's
-``FPN`` neck + ``FPNHead`` — the head of the paper's Agent-PVT ADE20K results (REFERENCE.md §3)."""
+``FPN`` neck + ``FPNHead`` — the head of the paper's Agent-PVT ADE20K results (docs/reference.md §3)."""
 from __future__ import annotations
 
 import math

@@ -1,7 +1,7 @@
 """UperNet (Xiao et al., "Unified Perceptual Parsing", 2018) as in mmseg's ``UPerHead``: a pyramid
 pooling module (PSPNet) on the coarsest level, FPN-style top-down fusion, all levels upsampled to
 the finest one, concatenated and fused — the head of the paper's Agent-Swin ADE20K results
-(REFERENCE.md §3). :class:`FCNHead` is the auxiliary head trained next to it (loss weight 0.4)."""
+(docs/reference.md §3). :class:`FCNHead` is the auxiliary head trained next to it (loss weight 0.4)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
