@@ -32,13 +32,14 @@ class AgentTrainer(Trainer):
         """Profile the configured model: parameters, MACs, throughput and peak memory (writes JSON with --output).
 
         Args:
-            model: the task module built from the config.
-            datamodule: the config's data; gives the input shape and batch size when not overridden.
+            model: the task module built from the config (any module implementing agentlit's task protocol).
+            datamodule: the config's data; gives the batch size when not overridden.
             batch_size: items per measured step (default: the datamodule's batch size).
-            img_size: input resolution override (square); the model is rebuilt at that size when its config fixes one.
+            img_size: input resolution override (square; default: the task's own); the task is rebuilt at that size.
             mode: measure inference, a training step (forward + loss + backward + optimiser step), or both.
-            steps: timed steps per measurement, the median is reported (default 5; generation: 3 pipeline calls).
-            warmup: untimed steps before timing (default 2; generation: 1).
+            steps: timed steps per measurement, the median is reported (default 5; multi-step tasks such as
+                generation: 3 full inferences).
+            warmup: untimed steps before timing (default 2; multi-step tasks: 1).
             threads: torch intra-op CPU threads for the measurement (default: torch's); 1 gives steadier
                 numbers when other processes share the cores.
             output: write the report as JSON to this path.

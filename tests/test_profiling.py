@@ -1,8 +1,10 @@
 """``agentlit profile``: MACs (against the paper and the formula), the per-module breakdown, the
-report/JSON it promises for every task type, and the CLI. No timings are asserted (speed is
-measured in benchmarks/), only that they were taken."""
+report/JSON it promises for every task type, tasks defined outside agentlit profiled through the
+task protocol alone, and the CLI. No timings are asserted (speed is measured in benchmarks/), only
+that they were taken."""
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agentlit.profiling import format_report, mac_breakdown, profile_module
+from agentlit.tasks.base import TaskModule
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
@@ -64,7 +67,7 @@ def test_profile_tiny_classifier_report_json_and_table(tmp_path, capsys):
     assert saved["params"]["total"] == sum(p.numel() for p in module.parameters()) == report["params"]["total"]
     _check_measured(saved["inference"], 6)
     _check_measured(saved["train"], 6)
-    assert "training_step" in saved["train"]["what"] and saved["train"]["optimizer"].startswith("AdamW")
+    assert "training_loss" in saved["train"]["what"] and saved["train"]["optimizer"].startswith("AdamW")
 
     # MACs from the formula: 2x2 patch tokens + class token = 5 tokens, C = 32, 4 agents
     N, P, C, n = 5, 4, 32, 4
@@ -127,29 +130,40 @@ def test_profile_generation_times_images_and_denoising_steps(tmp_path):
     module = GenerationModule(num_inference_steps=2, height=32, width=32, output_dir=str(tmp_path),
                               agentsd=dict(ratio=0.4, agent_ratio=0.95, sx=2, sy=2, agent_steps=2))
     report = profile_module(None, module, None, batch_size=2, steps=1, warmup=0, threads=1, verbose=False)
-    g = report["generation"]
-    assert report["task"] == "generation" and "skipped" in report["train"]
-    assert g["unet_calls_per_run"] >= 2 and 0 < g["time_per_denoising_step_s"] < g["time_per_image_s"] * 2
-    assert 0 < g["unet_share_of_time"] <= 1
+    assert report["task"] == "generation" and "training-free" in report["train"]["skipped"]
+    assert report["input"]["img_size"] == [32, 32] and report["agentsd"]["agent_ratio"] == 0.95
+    _check_measured(report["inference"], 2)
+    step = report["inference"]["steps"]["denoising step"]  # the UNet, from timed_modules()
+    assert step["calls_per_inference"] >= 2 and 0 < step["time_per_call_s"] < report["inference"]["step_time_s"]["median"]
+    assert 0 < step["share_of_time"] <= 1
     m = report["macs"]
-    assert m["per_item"] > g["unet_calls_per_run"] * m["per_denoising_step_per_item"] > 0  # + text encoder, VAE
-    assert report["agentsd"]["agent_ratio"] == 0.95 and module.hparams.height == 32
+    per_step = m["per_call_per_item"]["denoising step"]
+    assert m["per_item"] > step["calls_per_inference"] * per_step > 0  # + text encoder, VAE
+    assert any(r["module"].startswith("unet.") for r in report["macs_breakdown"])
     assert "denoising step" in format_report(report)
 
+    small = profile_module(None, module, None, batch_size=1, img_size=16, mode="inference", steps=1, warmup=0,
+                           verbose=False)
+    assert small["input"]["img_size"] == [16, 16] and small["macs"]["per_item"] < m["per_item"]
+    assert module.hparams.height == module.hparams.width == 32  # the size is a call setting, hparams untouched
 
-class _Regressor(L.LightningModule):
-    """A module outside agentlit's tasks, profiled through the ``example_input`` protocol."""
 
-    def __init__(self) -> None:
+# ----------------------------------------------------------------------------- tasks outside agentlit
+class _Regressor(TaskModule):
+    """A task outside agentlit, profiled through the task protocol alone (default inference step)."""
+
+    task_name = "regression"
+
+    def __init__(self, width: int = 8) -> None:
         super().__init__()
-        self.net = nn.Linear(8, 1)
+        self.save_hyperparameters()
+        self.net = nn.Linear(width, 1)
 
     def forward(self, x):
         return self.net(x)
 
-    def example_input(self, batch_size, img_size):
-        x = torch.randn(batch_size, 8)
-        return (x,), (x, torch.randn(batch_size, 1))
+    def example_batch(self, batch_size, img_size=None):
+        return torch.randn(batch_size, self.hparams.width), torch.randn(batch_size, 1)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -161,13 +175,65 @@ class _Regressor(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_example_input_protocol_uses_the_modules_optimizer_and_really_steps():
+class _Refiner(TaskModule):
+    """A multi-step, inference-only task: ``x <- x + step(x)``, ``num_steps`` times, then a readout."""
+
+    task_name = "refinement"
+
+    def __init__(self, num_steps: int = 3, dim: int = 4) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.step, self.readout = nn.Linear(dim, dim), nn.Linear(dim, 2)
+
+    def example_batch(self, batch_size, img_size=None):
+        return torch.randn(batch_size, self.hparams.dim)
+
+    def inference_step(self, batch):
+        x = batch
+        for _ in range(self.hparams.num_steps):
+            x = x + self.step(x)
+        return self.readout(x)
+
+    def training_loss(self, batch):
+        raise NotImplementedError("the refiner is inference-only")
+
+    def timed_modules(self):
+        return {"refinement step": self.step}
+
+
+def test_custom_task_uses_its_batch_and_optimizer_and_really_steps():
     module = _Regressor()
     before = module.net.weight.detach().clone()
     report = profile_module(None, module, None, batch_size=4, steps=2, warmup=1, verbose=False)
-    assert report["task"] == "custom" and report["macs"]["per_item"] == 8
-    assert report["train"]["optimizer"].startswith("SGD")
+    assert report["task"] == "regression" and report["model"] == "_Regressor"
+    assert report["macs"]["per_item"] == 8 and report["input"]["shape"] == [[4, 8]]
+    assert report["input"]["img_size"] is None  # a task without an image size
+    assert report["train"]["optimizer"].startswith("SGD") and "_Regressor.training_loss" in report["train"]["what"]
+    _check_measured(report["train"], 4)
     assert not torch.equal(before, module.net.weight)  # forward + loss + backward + optimiser step ran
+
+
+def test_custom_multi_step_task_gets_per_step_times_and_macs_and_skipped_training():
+    module = _Refiner(num_steps=3, dim=4)
+    report = profile_module(None, module, None, batch_size=5, verbose=False)  # defaults: 3 timed runs, 1 warm-up
+    assert report["macs"]["per_item"] == 3 * 4 * 4 + 4 * 2  # naive count: three 4x4 linears, one 4x2
+    assert report["macs"]["per_call_per_item"] == {"refinement step": 4 * 4}
+    assert {r["module"]: (r["macs"], r["instances"]) for r in report["macs_breakdown"]} == {
+        "step": (48, 1), "readout": (8, 1)}
+    steps = report["inference"]["steps"]["refinement step"]
+    assert steps["calls_per_inference"] == 3 and steps["time_per_call_s"] > 0 and 0 < steps["share_of_time"] <= 1
+    assert len(report["inference"]["step_time_s"]["runs"]) == 3
+    assert report["train"] == {"skipped": "the refiner is inference-only"}
+    table = format_report(report)
+    assert "refinement step" in table and "skipped: the refiner is inference-only" in table
+
+
+def test_profiler_talks_only_to_the_task_protocol():
+    tree = ast.parse((ROOT / "agentlit" / "profiling.py").read_text())
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert imported and not [m for m in imported if "tasks" in m]
+    assert "_run_info" not in (ROOT / "agentlit" / "profiling.py").read_text()
 
 
 def test_bad_arguments_give_clear_errors():
@@ -175,13 +241,21 @@ def test_bad_arguments_give_clear_errors():
         profile_module(None, _Regressor(), mode="fast")
     with pytest.raises(ValueError, match="steps=0 must be >= 1"):
         profile_module(None, _Regressor(), steps=0)
+    with pytest.raises(ValueError, match="img_size=0 must be >= 1"):
+        profile_module(None, _Regressor(), img_size=0)
 
     class Plain(L.LightningModule):
         def forward(self, x):
             return x
 
-    with pytest.raises(ValueError, match="define `example_input"):
+    with pytest.raises(ValueError, match=r"needs the task protocol.*subclass agentlit.tasks.TaskModule"):
         profile_module(None, Plain(), verbose=False)
+
+    class NoExample(TaskModule):
+        pass
+
+    with pytest.raises(ValueError, match=r"NoExample does not define example_batch"):
+        profile_module(None, NoExample(), verbose=False)
 
 
 def test_cli_profile_help_lists_the_options(capsys):
@@ -238,6 +312,31 @@ def test_cli_profile_quickstart_writes_json(tmp_path):
     assert report["train"]["what"].endswith("grad clip (norm 5.0)")  # the config's trainer.gradient_clip_val
     assert report["machine"]["torch_threads"] == 1
     assert not (tmp_path / "runs").exists()  # a measurement writes no run folder
+
+
+@pytest.mark.parametrize("config, task", [("segmentation/quickstart.yaml", "segmentation"),
+                                          ("generation/quickstart.yaml", "generation")])
+def test_cli_profile_segmentation_and_generation_quickstarts(tmp_path, monkeypatch, config, task):
+    from agentlit.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "profile.json"
+    cli(["profile", "--config", str(ROOT / "configs" / config), "--batch_size", "2", "--steps", "1", "--warmup", "0",
+         "--threads", "1", "--output", str(out)])
+    report = json.loads(out.read_text())
+    import yaml
+
+    init = yaml.safe_load(open(ROOT / "configs" / config))["model"]["init_args"]
+    size = init["backbone_kwargs"]["img_size"] if task == "segmentation" else init["height"]
+    assert report["task"] == task and report["input"]["batch_size"] == 2 and report["input"]["img_size"] == [size, size]
+    _check_measured(report["inference"], 2)
+    assert report["macs"]["per_item"] > 0
+    if task == "generation":
+        assert "skipped" in report["train"]
+        assert report["inference"]["steps"]["denoising step"]["calls_per_inference"] >= init["num_inference_steps"]
+    else:
+        _check_measured(report["train"], 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["profile.json"]  # no run folder, no images
 
 
 # ----------------------------------------------------------------------------- benchmarks/run_all.py

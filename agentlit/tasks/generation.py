@@ -17,7 +17,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -26,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ..diffusion import AgentSDConfig, build_tiny_pipeline, remove_patch
 from ..utils.paths import ensure_writable_dir, fresh_dir
+from .base import TaskModule
 
 __all__ = ["GenerationModule", "RandomConvFeatures"]
 
@@ -59,7 +59,7 @@ class RandomConvFeatures(nn.Module):
         return F.relu(self.conv2(x)).mean((2, 3))  # (B, num_features)
 
 
-class GenerationModule(L.LightningModule):
+class GenerationModule(TaskModule):
     """Stable Diffusion text-to-image, with AgentSD (``agentsd``) or plain (``agentsd: null``).
 
     Args:
@@ -135,9 +135,18 @@ class GenerationModule(L.LightningModule):
         self._records: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompts: list[str], seeds: list[int], output_type: str = "pil") -> tuple[Any, float]:
-        """Generate one image per (prompt, seed); returns (images, wall seconds for the batch)."""
+    def generate(self, prompts: list[str], seeds: list[int], output_type: str = "pil",
+                 size: tuple[int, int] | None = None) -> tuple[Any, float]:
+        """Generate one image per (prompt, seed); returns (images, wall seconds for the batch).
+
+        Args:
+            prompts: one prompt per image.
+            seeds: one noise seed per image.
+            output_type: the pipeline's ``output_type`` ("pil", "pt", "np", "latent").
+            size: (H, W) of the images (None: ``height`` / ``width``, else the pipeline's default).
+        """
         hp = self.hparams
+        height, width = size if size is not None else (hp.height, hp.width)
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]  # CPU: same noise on any device
         neg = [hp.negative_prompt] * len(prompts) if hp.negative_prompt else None
         dev = self.unet.device
@@ -150,7 +159,7 @@ class GenerationModule(L.LightningModule):
             out = self.pipe(
                 prompt=list(prompts), negative_prompt=neg, generator=generators,
                 num_inference_steps=hp.num_inference_steps, guidance_scale=hp.guidance_scale,
-                height=hp.height, width=hp.width, output_type=output_type,
+                height=height, width=width, output_type=output_type,
             )
         self._sync(dev)
         return out.images, time.perf_counter() - start
@@ -168,11 +177,71 @@ class GenerationModule(L.LightningModule):
                           guidance_scale=hp.guidance_scale, height=hp.height, width=hp.width, output_type="latent",
                           generator=torch.Generator().manual_seed(0))
 
+    # ------------------------------------------------------------------ task protocol (agentlit profile)
+    task_name = "generation"
+    _EXAMPLE_PROMPTS = ("a photo of a golden retriever", "a watercolor painting of a lighthouse at dusk")
+
+    def example_batch(self, batch_size: int, img_size: tuple[int, int] | None = None) -> dict[str, Any]:
+        """A batch like :class:`agentlit.data.PromptDataModule`'s (``prompt``, ``seed``, ``index``), plus
+        the image ``size`` the pipeline call makes.
+
+        Args:
+            batch_size: images in the batch.
+            img_size: (H, W) of the images (None: :meth:`input_size`).
+        """
+        prompts = [self._EXAMPLE_PROMPTS[i % len(self._EXAMPLE_PROMPTS)] for i in range(batch_size)]
+        return {"prompt": prompts, "seed": list(range(batch_size)), "index": list(range(batch_size)),
+                "size": tuple(img_size or self.input_size())}
+
+    def example_input(self, batch: dict[str, Any]) -> tuple[list[str], list[int]]:
+        """(prompts, seeds) of one :meth:`generate` call.
+
+        Args:
+            batch: a batch from :meth:`example_batch`.
+        """
+        return batch["prompt"], batch["seed"]
+
+    def inference_step(self, batch: dict[str, Any]) -> Tensor:
+        """One full pipeline call (text encoding, denoising loop, VAE decoding) → images (B, 3, H, W).
+
+        Args:
+            batch: a batch from :meth:`example_batch` (or the prompt datamodule's).
+        """
+        return self.generate(batch["prompt"], batch["seed"], output_type="pt", size=batch.get("size"))[0]
+
+    def training_loss(self, batch: Any) -> Tensor:
+        """Not defined: AgentSD is training-free (``agentlit profile`` reports training as skipped).
+
+        Args:
+            batch: unused.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no training step (AgentSD is training-free)")
+
+    def timed_modules(self) -> dict[str, nn.Module]:
+        """The UNet, called once per denoising step (classifier-free guidance batched into the call)."""
+        return {"denoising step": self.unet}
+
+    def input_size(self) -> tuple[int, int]:
+        """(``height``, ``width``), each defaulting to the pipeline's own (UNet sample size × VAE scale)."""
+        default = self.unet.config.sample_size * self.pipe.vae_scale_factor
+        return self.hparams.height or default, self.hparams.width or default
+
+    def describe(self) -> dict[str, Any]:
+        """Report fields: the pipeline, its call settings and the AgentSD settings."""
+        hp = self.hparams
+        return {
+            "task": self.task_name,
+            "module": f"{type(self).__module__}.{type(self).__qualname__}",
+            "model": hp.pretrained_model_name_or_path or "tiny-random (agentlit.diffusion.build_tiny_pipeline)",
+            "model_kwargs": {"torch_dtype": hp.torch_dtype, "scheduler": type(self.pipe.scheduler).__name__,
+                             "num_inference_steps": hp.num_inference_steps, "guidance_scale": hp.guidance_scale},
+            "agentsd": None if self.agentsd is None else dict(vars(self.agentsd)),
+        }
+
     @property
     def _run_info(self) -> dict[str, Any]:
         hp = self.hparams
-        h = hp.height or self.unet.config.sample_size * self.pipe.vae_scale_factor
-        w = hp.width or self.unet.config.sample_size * self.pipe.vae_scale_factor
+        h, w = self.input_size()
         return {
             "model": hp.pretrained_model_name_or_path or "tiny-random (agentlit.diffusion.build_tiny_pipeline)",
             "torch_dtype": hp.torch_dtype,
