@@ -87,3 +87,31 @@ def test_readme_model_table_is_the_generated_one():
     assert block == generated
     for name in model_table.PAPER:
         assert f"`{name}`" in block
+
+
+def test_repository_stands_on_its_own():
+    """No file points outside the repository: no sibling reference folder, no reference file that is not
+    shipped (facts live in docs/reference.md and tests/data/)."""
+    import subprocess
+
+    # Built from pieces so that this file does not match itself.
+    forbidden = ["../" + "shared", "shared" + "/paper", "REFERENCE" + ".md", "REFERENCE" + " §"]
+    if (ROOT / ".git").exists():
+        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                                capture_output=True, text=True, check=True).stdout.splitlines()
+        files = [ROOT / f for f in listed if (ROOT / f).is_file()]
+    else:
+        files = [p for p in ROOT.rglob("*") if p.is_file() and ".git" not in p.parts and "egg-info" not in str(p)]
+    assert len(files) > 50, "file listing failed"
+    hits = []
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue  # binary files (images, checkpoints)
+        for needle in forbidden:
+            for lineno, line in enumerate(text.splitlines(), 1):
+                if needle in line:
+                    hits.append(f"{path.relative_to(ROOT)}:{lineno}: {needle}")
+    assert not hits, "files that point outside the repository (put the facts in docs/reference.md or tests/data/):\n" \
+                     + "\n".join(hits[:20])
