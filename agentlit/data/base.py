@@ -48,10 +48,19 @@ class ResumableDataModule(L.LightningDataModule):
             self._resume = None
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True, **self._loader_kwargs(kwargs))
 
-    def eval_loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
+    def eval_loader(self, dataset: Dataset, batch_size: int | None = None, **kwargs: Any) -> DataLoader:
+        """The loader of every evaluation stage (validate, test, predict) of every DataModule: in order,
+        each sample exactly once across ranks (no padding duplicates, so metrics are exact).
+
+        Args:
+            dataset: the evaluation dataset.
+            batch_size: samples per batch (None: ``self.batch_size``).
+            **kwargs: further ``DataLoader`` arguments (e.g. ``collate_fn``).
+        """
         replicas, rank = self._world()
         sampler = EvalDistributedSampler(dataset, replicas, rank) if replicas > 1 else None
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False, **self._loader_kwargs(kwargs))
+        return DataLoader(dataset, batch_size=batch_size or self.batch_size, sampler=sampler, shuffle=False,
+                          **self._loader_kwargs(kwargs))
 
     def _loader_kwargs(self, extra: dict[str, Any]) -> dict[str, Any]:
         return {"num_workers": self.num_workers, "pin_memory": self.pin_memory,

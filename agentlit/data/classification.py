@@ -9,11 +9,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .base import ResumableDataModule
+from .io import IMG_EXTENSIONS
 from .sampling import EpochSeededDataset
 
 __all__ = ["DigitsDataModule", "ImageFolderDataModule", "IMG_EXTENSIONS"]
-
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 class DigitsDataModule(ResumableDataModule):

@@ -6,7 +6,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["BadImageError", "load_rgb", "to_rgb"]
+__all__ = ["IMG_EXTENSIONS", "BadImageError", "is_image_file", "load_rgb", "to_rgb"]
+
+#: File endings read as images everywhere in agentlit (lower case; matching ignores case).
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def is_image_file(path: str | Path) -> bool:
+    """Whether ``path`` ends with one of :data:`IMG_EXTENSIONS` (any case).
+
+    Args:
+        path: a file name or path.
+    """
+    return str(path).lower().endswith(IMG_EXTENSIONS)
 
 
 class BadImageError(ValueError):

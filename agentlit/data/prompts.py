@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import yaml
 from torch.utils.data import DataLoader, Dataset
+
+from .base import ResumableDataModule
 
 __all__ = ["PromptDataModule", "imagenet_class_names", "load_prompts"]
 
@@ -65,7 +66,7 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, list]:
     return {key: [item[key] for item in items] for key in items[0]}
 
 
-class PromptDataModule(pl.LightningDataModule):
+class PromptDataModule(ResumableDataModule):
     """Prompt batches for ``predict`` (and ``test``, where the module scores the images).
 
     Exactly one source: ``prompts`` (a list), ``prompt_file`` (.yaml/.yml list or a text file, one
@@ -98,6 +99,7 @@ class PromptDataModule(pl.LightningDataModule):
         if "{}" not in template:
             raise ValueError(f"template must contain '{{}}' for the class name, got {template!r}")
         self.save_hyperparameters()
+        self.batch_size, self.num_workers = batch_size, num_workers
         self._prompts: list[str] | None = None
 
     @property
@@ -121,8 +123,7 @@ class PromptDataModule(pl.LightningDataModule):
 
     def _loader(self) -> DataLoader:
         ds = _PromptSet(self.prompts, self.hparams.images_per_prompt, self.hparams.seed)
-        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=False,
-                          num_workers=self.hparams.num_workers, collate_fn=_collate)
+        return self.eval_loader(ds, collate_fn=_collate)  # under DDP: each prompt on exactly one rank
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader()

@@ -19,8 +19,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .base import ResumableDataModule
-from .io import load_rgb
-from .sampling import EpochSeededDataset, EvalDistributedSampler
+from .io import IMG_EXTENSIONS, load_rgb
+from .sampling import EpochSeededDataset
 from .seg_transforms import build_eval_transform, build_train_transform
 from .shapes import SHAPE_CLASSES, render_shapes
 
@@ -35,8 +35,6 @@ __all__ = [
     "check_mask_labels",
     "seg_collate",
 ]
-
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 ADE20K_CLASSES = (
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
@@ -271,10 +269,7 @@ class SegmentationDataModule(ResumableDataModule):
         return self.train_loader(self.train_set, collate_fn=seg_collate)
 
     def _eval(self, dataset: Dataset) -> DataLoader:
-        replicas, rank = self._world()  # every sample evaluated exactly once, no padding duplicates
-        sampler = EvalDistributedSampler(dataset, replicas, rank) if replicas > 1 else None
-        return DataLoader(dataset, batch_size=self.val_batch_size, sampler=sampler, shuffle=False,
-                          collate_fn=seg_collate, **self._loader_kwargs({}))
+        return self.eval_loader(dataset, batch_size=self.val_batch_size, collate_fn=seg_collate)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval(self.val_set)

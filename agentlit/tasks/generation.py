@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from lightning.pytorch.utilities import rank_zero_info
 
+from ..data.io import IMG_EXTENSIONS
 from ..diffusion import AgentSDConfig, build_tiny_pipeline, remove_patch
 from ..utils.paths import ensure_writable_dir, fresh_dir
 from .base import TaskModule
@@ -30,7 +31,6 @@ from .base import TaskModule
 __all__ = ["GenerationModule", "RandomConvFeatures"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
 class RandomConvFeatures(nn.Module):
@@ -378,10 +378,10 @@ def _iter_reference_images(folder: str, size: tuple[int, int], batch: int = 16):
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"fid_reference_dir is not a folder: {root}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
     if len(files) < 2:
         raise ValueError(
-            f"fid_reference_dir {root} holds {len(files)} images ({sorted(_IMAGE_SUFFIXES)}); FID needs >= 2"
+            f"fid_reference_dir {root} holds {len(files)} images ({', '.join(IMG_EXTENSIONS)}); FID needs >= 2"
         )
     chunk: list[Tensor] = []
     for f in files:
