@@ -181,3 +181,36 @@ def test_segmentation_config_matches_release(name):
         assert list(model["betas"]) == r["betas"]
     if r["warmup_ratio"] is not None:
         assert model["warmup_ratio"] == r["warmup_ratio"]
+
+
+def test_lightning_trainer_builds_the_release_schedule(tmp_path):
+    """A real Trainer.fit (tiny model, 4 steps per epoch, 3 cosine + 2 cool-down epochs): the lr of every
+    optimizer step equals the release's formula with lr, warm-up lr and min lr scaled by batch / 512."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Data(L.LightningDataModule):
+        batch_size = 8
+
+        def train_dataloader(self):
+            g = torch.Generator().manual_seed(0)
+            ds = TensorDataset(torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g))
+            return DataLoader(ds, batch_size=self.batch_size)
+
+    lrs: list[float] = []
+
+    class Record(L.Callback):  # the lr each optimizer step uses (before that step's scheduler update)
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    module = ClassificationModule(**TINY_MODEL, num_classes=10, lr=5e-4, lr_reference_batch=512, warmup_epochs=1,
+                                  warmup_lr=1e-6, min_lr=1e-5, cooldown_epochs=2, mixup_alpha=0.0, cutmix_alpha=0.0)
+    trainer = L.Trainer(max_epochs=5, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Record()],
+                        default_root_dir=tmp_path, limit_val_batches=0)
+    trainer.fit(module, datamodule=Data())
+    g = 8 / 512
+    spec = dict(base=5e-4 * g, warmup_lr=1e-6 * g, min_lr=1e-5 * g, warmup_t=4, t_initial=3 * 4)
+    assert len(lrs) == 20
+    assert lrs == pytest.approx([release_lr(t, **spec) for t in range(20)], rel=1e-9)
+    assert lrs[-8:] == pytest.approx([spec["min_lr"]] * 8, rel=1e-9)  # the two cool-down epochs
