@@ -415,7 +415,7 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"  {label:<11} skipped: {r['skipped']}")
             continue
         st = r["step_time_s"]
-        lines.append(f"  {label:<11} {r['items_per_s']:.3g} items/s  ({st['median'] * 1e3:.1f} ms/step, median of "
+        lines.append(f"  {label:<11} {r['items_per_s']:.3g} items/s  ({st['median'] * 1e3:.1f} ms per batch, median of "
                      f"{len(st['runs'])}; {_fmt_mem(r['memory'])})")
         lines.append(f"  {'':<11} {r['what']}")
         for step, s in (r.get("steps") or {}).items():

@@ -309,8 +309,8 @@ def section_profiles(files: list[tuple[str, dict[str, Any]]]) -> tuple[str, list
             if r.get(sec, {}).get("items_per_s"):
                 row[label] = r[sec]["items_per_s"]
                 row[label.split()[0] + " peak MiB"] = r[sec]["memory"]["peak_mib"]
-        if r.get("generation"):
-            row["s / image"] = r["generation"]["time_per_image_s"]
+        if r.get("inference", {}).get("steps"):  # multi-step inference (generation): seconds per image
+            row["s / image"] = 1 / r["inference"]["items_per_s"]
         rows.append(row)
         kw = f" {json.dumps(r['model_kwargs'])}" if r.get("model_kwargs") else ""
         key.append(f"{r.get('model')}{kw} at {row['size']}: {_fmt(r['params']['total'] / 1e6)}M parameters, "
