@@ -7,139 +7,237 @@
 Model and data are chosen by class path in the YAML (``model: {class_path: agentlit.tasks.…}``),
 so any LightningModule / LightningDataModule works. Defaults added when the config leaves them out:
 CSV + TensorBoard loggers sharing one run folder ``<default_root_dir>/version_N``, a checkpoint
-callback that monitors the task's own metric and keeps ``last.ckpt``, and a rich progress bar.
+callback that monitors the task's own metric and keeps ``last.ckpt``, a rich progress bar, and
+safe interrupts (Ctrl-C / SIGTERM save ``last.ckpt``; ``--ckpt_path last`` resumes in the same folder).
+
+This module stays cheap to import: Lightning, torch and timm load only when a sub-command runs
+(:mod:`agentlit._lightning_cli`), so ``agentlit --help`` answers at once. Every configuration,
+data, checkpoint or environment mistake ends with one line on stderr and exit status 2
+(``AGENTLIT_TRACEBACK=1`` shows the traceback instead).
 """
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+if TYPE_CHECKING:  # pragma: no cover
+    from ._lightning_cli import AgentLitCLI, default_checkpoints, latest_last_checkpoint
 
-from .callbacks import StepSeed
-from .utils.paths import ensure_writable_dir
+__all__ = ["AgentLitCLI", "SUBCOMMANDS", "cli", "default_checkpoints", "describe_error", "latest_last_checkpoint", "main"]
 
-__all__ = ["AgentLitCLI", "main"]
+#: the sub-commands and what they do (``agentlit --help`` prints these without loading Lightning;
+#: a test checks they match :meth:`AgentLitCLI.subcommands`)
+SUBCOMMANDS = {
+    "fit": "train, validating every epoch; Ctrl-C saves last.ckpt, --ckpt_path last resumes",
+    "validate": "evaluate a checkpoint on the validation set",
+    "test": "evaluate a checkpoint on the test set",
+    "predict": "run a checkpoint on the predict set and write the predictions",
+    "profile": "parameters, MACs, throughput and peak memory of the configured model",
+    "export": "write a trained classifier's weights as safetensors that plain timm loads",
+}
 
-_VERSION_ENV = "AGENTLIT_RUN_VERSION"
+HELP = """usage: agentlit [-h] {subs} ...
 
+Agent Attention (Han et al., ECCV 2024) as a PyTorch Lightning pipeline.
 
-def _run_version(root: Path) -> int:
-    """Next free ``version_N`` under ``root``; fixed once per job so every logger and every
-    spawned DDP worker agrees on the same folder."""
-    if _VERSION_ENV in os.environ:
-        return int(os.environ[_VERSION_ENV])
-    taken = [int(p.name.split("_", 1)[1]) for p in root.glob("version_*") if p.name.split("_", 1)[1].isdigit()]
-    version = max(taken, default=-1) + 1
-    os.environ[_VERSION_ENV] = str(version)
-    return version
+sub-commands (each takes --config FILE.yaml and --section.key value overrides):
+{table}
 
+examples:
+  agentlit fit  --config configs/quickstart.yaml
+  agentlit fit  --config configs/quickstart.yaml --ckpt_path last      # resume the newest run
+  agentlit test --config configs/quickstart.yaml --ckpt_path last
+  agentlit fit  --config configs/quickstart.yaml --print_config        # what will run
+  agentlit fit  --help                                                 # every option of a sub-command
 
-class AgentLitCLI(LightningCLI):
-    """LightningCLI with agentlit's run-folder, checkpoint and progress-bar defaults and the
-    extra sub-commands of :class:`~agentlit.trainer.AgentTrainer`."""
+AGENTLIT_TRACEBACK=1 shows the traceback of an error.
+"""
 
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "profile": {"model", "datamodule"}, "export": {"model", "datamodule"}}
-
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
-        configured = list(config.get("callbacks") or []) + list(callbacks)
-        if self.subcommand in ("profile", "export"):  # not a run: no run folder, no checkpoints
-            config.update(logger=False, enable_checkpointing=False, enable_progress_bar=False)
-        if config.get("logger") in (None, True):
-            root = ensure_writable_dir(config.get("default_root_dir") or "runs", "--trainer.default_root_dir")
-            version = _run_version(root)
-            config["logger"] = [
-                CSVLogger(root, name="", version=version),
-                TensorBoardLogger(root, name="", version=version, default_hp_metric=False),
-            ]
-        if config.get("enable_checkpointing") is not False and not any(isinstance(c, ModelCheckpoint) for c in configured):
-            callbacks.extend(default_checkpoints(getattr(self.model, "monitor", None), getattr(self.model, "monitor_mode", "min")))
-        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
-            callbacks.append(RichProgressBar(leave=True))
-        if self.subcommand == "fit" and not any(isinstance(c, StepSeed) for c in configured):
-            callbacks.append(StepSeed())
-        if config.get("logger") and self.subcommand == "fit" and not any(isinstance(c, LearningRateMonitor) for c in configured):
-            callbacks.append(LearningRateMonitor(logging_interval="step"))
-        return super()._instantiate_trainer(config, callbacks)
-
-    def before_fit(self) -> None:
-        # `--ckpt_path last` resumes the newest run under default_root_dir. Every invocation logs
-        # into a new version folder (nothing earlier is overwritten), so Lightning's own lookup,
-        # which searches only the new run's folder, would never find it.
-        config = self.config_init[self.subcommand]
-        if config.get("ckpt_path") == "last":
-            found = latest_last_checkpoint(Path(self.trainer.default_root_dir))
-            if found is None:
-                from lightning.pytorch.utilities import rank_zero_warn
-
-                rank_zero_warn(f"--ckpt_path last: no last.ckpt under {self.trainer.default_root_dir}; starting fresh")
-            config["ckpt_path"] = str(found) if found else None
+_TRACEBACK_ENV = "AGENTLIT_TRACEBACK"
+_GPU_HINT = ("this config asks for a GPU but none is available; to run it on the CPU add "
+             "--trainer.accelerator cpu --trainer.devices 1 --trainer.strategy auto --trainer.precision 32-true "
+             "(or bf16-mixed)")
 
 
-def default_checkpoints(monitor: str | None, mode: str) -> list[ModelCheckpoint]:
-    """The best checkpoint by the task's metric, and ``last.ckpt`` rewritten at every save.
+def __getattr__(name: str) -> Any:
+    if name in ("AgentLitCLI", "default_checkpoints", "latest_last_checkpoint"):
+        from . import _lightning_cli
 
-    Two callbacks because a monitored ModelCheckpoint only refreshes its ``last.ckpt`` when the
-    metric improved; resuming needs the latest state whatever the metric did.
-    """
-    best = ModelCheckpoint(
-        monitor=monitor, mode=mode, save_top_k=1,
-        filename="epoch{epoch:03d}-step{step}" + (f"-{monitor.replace('/', '_')}{{{monitor}:.4f}}" if monitor else ""),
-        auto_insert_metric_name=False,
-    )
-    last = ModelCheckpoint(monitor=None, save_top_k=1, filename=ModelCheckpoint.CHECKPOINT_NAME_LAST)
-    return [best, last] if monitor else [last]
+        return getattr(_lightning_cli, name)
+    raise AttributeError(f"module 'agentlit.cli' has no attribute {name!r}")
 
 
-def latest_last_checkpoint(root: Path) -> Path | None:
-    """The newest ``last*.ckpt`` of any run folder under ``root`` (``<root>/version_N/checkpoints``)."""
-    found = [p for p in root.glob("version_*/checkpoints/last*.ckpt") if p.is_file()]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+def help_text() -> str:
+    """The top-level ``agentlit --help`` (no Lightning import)."""
+    width = max(map(len, SUBCOMMANDS))
+    table = "\n".join(f"  {name:<{width}}  {text}" for name, text in SUBCOMMANDS.items())
+    return HELP.format(subs="{" + ",".join(SUBCOMMANDS) + "}", table=table)
 
 
 def cli(args: list[str] | None = None, run: bool = True) -> AgentLitCLI:
-    """Build (and by default run) the CLI; ``args`` defaults to ``sys.argv[1:]``."""
-    import agentlit  # noqa: F401  (registers the agent backbones in timm)
+    """Build (and by default run) the CLI.
 
-    from .trainer import AgentTrainer
+    Args:
+        args: command-line arguments (default ``sys.argv[1:]``).
+        run: run the sub-command in ``args``; False only builds model, data and trainer.
+    """
+    from ._lightning_cli import build_cli
 
-    return AgentLitCLI(
-        trainer_class=AgentTrainer,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},  # multi-process runs write config.yaml once per rank
-        parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else None,
-        args=args,
-        run=run,
-    )
+    return build_cli(args, run)
 
 
-def _has_omegaconf() -> bool:
-    try:
-        import omegaconf  # noqa: F401
-    except ImportError:
-        return False
-    return True
+# ------------------------------------------------------------------------------------------ errors
+_USER_ERRORS = (ValueError, OSError, KeyError, FloatingPointError, ImportError, TypeError)
+_USER_ERROR_NAMES = {"ArgumentError", "MisconfigurationException", "UnpicklingError", "BadZipFile", "ConfigError"}
+_NOISE = (
+    "Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value type:",
+    "Given value:", "- Expected a <class 'NoneType'>", "Expected a <class 'NoneType'>",
+    "Expected a <class 'lightning", "- Expected a <class 'lightning", "Expected a path but",
+    "- Expected a path but",
+)
+
+
+def unwrap_error_text(text: str) -> str:
+    """jsonargparse's Union/NestedArg dumps (and multi-line messages) → the sentence that matters,
+    on one line.
+
+    Args:
+        text: the error message.
+    """
+    if "Original Traceback (most recent call last):" in text:  # re-raised from a DataLoader worker
+        text = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
+        text = re.sub(r"^[\w.]+(Error|Exception): ", "", text)
+    lines = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        line = line[2:] if line.startswith("- ") else line
+        if line.startswith("Given value:"):  # keep a short offending value, drop object dumps
+            value = line.split(":", 1)[1].strip()
+            if len(value) < 60 and not re.match(r"(Namespace|NestedArg|\{|\[)", value):
+                lines.append(f"(got {value})")
+            continue
+        if not line or any(line.startswith(n) for n in _NOISE):
+            continue
+        lines.append(line)
+    out = " ".join(lines).replace("Parser key ", "key ")
+    out = re.sub(r"Expected a <class '(\w+)'>\.?", r"expected \1", out)
+    return re.sub(r"\.? Got value: (.+)$", r" (got \1)", out)
+
+
+def _arg_value(argv: list[str], name: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _state_dict_mismatch(text: str, ckpt: str) -> str:
+    """torch's "Error(s) in loading state_dict" → one sentence with counts and the first keys."""
+    def keys(label: str) -> list[str]:
+        m = re.search(label + r' key\(s\) in state_dict: (.*?)(?:\.\s*$|\.\s*\n|\. [A-Z])', text, re.S)
+        return re.findall(r'"([^"]+)"', m.group(1)) if m else []
+
+    missing, unexpected = keys("Missing"), keys("Unexpected")
+    shapes = re.findall(r"size mismatch for ([\w.]+)", text)
+    model = re.search(r"loading state_dict for (\w+)", text)
+    parts = []
+    for label, names in (("missing from the checkpoint", missing), ("not in the model", unexpected),
+                         ("shape mismatches", shapes)):
+        if names:
+            parts.append(f"{label} ({len(names)}): {', '.join(names[:3])}{', …' if len(names) > 3 else ''}")
+    what = f"checkpoint {ckpt}" if ckpt else "the checkpoint"
+    return (f"{what} does not fit the configured {model.group(1) if model else 'model'}: " + "; ".join(parts)
+            + "; it was written for another architecture or task — use the config it was trained with")
+
+
+def describe_error(err: BaseException, argv: list[str] | None = None) -> str | None:
+    """The one line a user sees for ``err``, or None when it is not a user mistake (a bug: the
+    traceback is shown).
+
+    Args:
+        err: the exception that ended the command.
+        argv: the command-line arguments (to name the checkpoint in checkpoint errors).
+    """
+    names = {k.__name__ for k in type(err).__mro__}
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    ckpt = _arg_value(argv or [], "--ckpt_path") or ""
+    if "No supported gpu backend found" in text or re.search(r"CUDA.*(not available|can not run)", text):
+        return _GPU_HINT
+    if "Weights only load failed" in text or "weights_only" in text:
+        found = sorted(set(re.findall(r"GLOBAL ([\w.]+)", text)))
+        return (f"checkpoint {ckpt or '(file)'} holds Python objects, not only tensors and plain data"
+                + (f" ({', '.join(found)})" if found else "")
+                + "; agentlit does not run code from weight files: re-save just the state dict "
+                "(torch.save(model.state_dict(), path)) or convert it to .safetensors")
+    if "Error(s) in loading state_dict" in text:
+        return _state_dict_mismatch(text, ckpt)
+    if "PytorchStreamReader failed" in text or "invalid load key" in text or isinstance(err, EOFError):
+        return (f"checkpoint {ckpt or '(file)'} is truncated or corrupt ({unwrap_error_text(text)[:120]}); "
+                "use another checkpoint, e.g. the run's last.ckpt or the best one")
+    if isinstance(err, ModuleNotFoundError) and err.name:
+        return f"this command needs the package '{err.name}', which is not installed: pip install {err.name}"
+    if isinstance(err, _USER_ERRORS) or names & _USER_ERROR_NAMES:
+        if isinstance(err, TypeError) and "Traceback" not in text and not re.search(r"argument|parameter", text):
+            return None
+        return unwrap_error_text(text) or type(err).__name__
+    return None
+
+
+def _discard_empty_runs() -> None:
+    """Remove the run folders this process created when the failed command left nothing in them
+    worth keeping (no checkpoint, no logged metrics)."""
+    mod = sys.modules.get("agentlit._lightning_cli")
+    for run in list(getattr(mod, "CREATED_RUN_DIRS", [])):
+        if not run.is_dir() or any(run.rglob("*.ckpt")):
+            continue
+        metrics = run / "metrics.csv"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) > 1:
+            continue
+        shutil.rmtree(run, ignore_errors=True)
 
 
 def main(args: list[str] | None = None) -> None:
-    """Console entry point. Configuration mistakes end with one clear line, not a traceback
-    (set ``AGENTLIT_TRACEBACK=1`` to see the full one)."""
+    """Console entry point (``agentlit``, ``python -m agentlit``).
+
+    Args:
+        args: command-line arguments (default ``sys.argv[1:]``).
+    """
+    argv = sys.argv[1:] if args is None else [str(a) for a in args]
+    if argv[:1] in (["-h"], ["--help"]):
+        print(help_text(), end="")
+        return
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-c", "--config") and not argv[0].startswith("--config="):
+        print(f"usage: agentlit [-h] {{{','.join(SUBCOMMANDS)}}} ...", file=sys.stderr)
+        print(f"agentlit: error: choose a sub-command: {', '.join(SUBCOMMANDS)} (agentlit --help lists them)",
+              file=sys.stderr)
+        sys.exit(2)
     try:
-        cli(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FileExistsError, KeyError,
-            FloatingPointError) as err:
-        if os.environ.get("AGENTLIT_TRACEBACK"):
+        cli(argv)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        _discard_empty_runs()
+        print("\nagentlit: interrupted before training started; nothing saved", file=sys.stderr)
+        sys.exit(130)
+    except BaseException as err:  # noqa: BLE001  (anything not a user mistake is re-raised below)
+        if type(err).__name__ == "TrainingInterrupted":
+            from .callbacks import resume_command
+
+            print(f"agentlit: interrupted by {err.signame} at step {err.step} (epoch {err.epoch}); "
+                  f"checkpoint: {err.checkpoint}", file=sys.stderr)
+            print(f"agentlit: resume with: {resume_command(argv)}", file=sys.stderr)
+            sys.exit(err.exit_code)
+        message = None if os.environ.get(_TRACEBACK_ENV) else describe_error(err, argv)
+        if message is None:
             raise
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"agentlit: error: {type(err).__name__}: {msg}", file=sys.stderr)
+        _discard_empty_runs()
+        print(f"agentlit: error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -1,0 +1,502 @@
+"""The LightningCLI behind ``agentlit`` (imported only when a sub-command runs; ``agentlit --help``
+never loads Lightning). See :mod:`agentlit.cli` for the entry point and error handling."""
+from __future__ import annotations
+
+import argparse
+import csv
+import difflib
+import inspect
+import logging
+import os
+import shlex
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ModelSummary as _LightningModelSummary
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from .callbacks import ModelSummary, SafeInterrupt, StepSeed
+from .cli import unwrap_error_text
+from .utils.paths import ensure_writable_dir
+
+__all__ = ["AgentLitCLI", "ConfigError", "build_cli", "default_checkpoints", "latest_last_checkpoint"]
+
+_VERSION_ENV = "AGENTLIT_RUN_VERSION"
+#: run folders this process created; the error handler removes them again when they stay empty
+CREATED_RUN_DIRS: list[Path] = []
+#: ``--ckpt_path none``: run validate/test/predict with the weights the config builds
+UNTRAINED = "none"
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, already phrased as the one line the user sees."""
+
+
+# ---------------------------------------------------------------------------------------- output
+def quiet_library_noise() -> None:
+    """Drop what our own use of Lightning/torch prints but a user cannot act on, and send
+    Lightning's info lines to stdout so stderr carries only warnings and errors."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
+    # parse_arguments always hands LightningCLI an explicit list (it strips --print_config)
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
+    warnings.filterwarnings("ignore", message=r"The '\w+_dataloader' does not have many workers")
+    warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
+
+    class _DropAdverts(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "litlogger" not in str(record.msg)
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is sys.__stderr__:
+                handler.setStream(sys.stdout)
+
+
+# ------------------------------------------------------------------------------------ run folders
+def _run_version(root: Path) -> int:
+    """Next free ``version_N`` under ``root``; fixed once per job so every logger and every
+    spawned DDP worker agrees on the same folder."""
+    if _VERSION_ENV in os.environ:
+        return int(os.environ[_VERSION_ENV])
+    taken = [int(p.name.split("_", 1)[1]) for p in root.glob("version_*") if p.name.split("_", 1)[1].isdigit()]
+    version = max(taken, default=-1) + 1
+    os.environ[_VERSION_ENV] = str(version)
+    return version
+
+
+def latest_last_checkpoint(root: Path) -> Path | None:
+    """The newest ``last*.ckpt`` of any run folder under ``root`` (``<root>/version_N/checkpoints``)."""
+    found = [p for p in Path(root).glob("version_*/checkpoints/last*.ckpt") if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def _run_of_checkpoint(ckpt: Path, root: Path) -> int | None:
+    """``N`` when ``ckpt`` lies in ``<root>/version_N/checkpoints/``, else None."""
+    try:
+        run = ckpt.resolve().parent.parent
+        if ckpt.resolve().parent.name == "checkpoints" and run.parent == root.resolve() and run.name.startswith("version_"):
+            return int(run.name.split("_", 1)[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _drop_rows_from(metrics_csv: Path, step: int) -> None:
+    """Remove the rows an interrupted run logged after its checkpoint (``step >= step``) so the
+    resumed run's rows follow on without duplicates."""
+    if not metrics_csv.is_file():
+        return
+    with open(metrics_csv, newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, list(reader)
+    kept = [r for r in rows if not (r.get("step") or "").isdigit() or int(r["step"]) < step]
+    if len(kept) != len(rows) and fields:
+        with open(metrics_csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(kept)
+
+
+# -------------------------------------------------------------------------------------- defaults
+def default_checkpoints(monitor: str | None, mode: str) -> list[ModelCheckpoint]:
+    """The best checkpoint by the task's metric, and ``last.ckpt`` rewritten at every save.
+
+    Two callbacks because a monitored ModelCheckpoint only refreshes its ``last.ckpt`` when the
+    metric improved; resuming needs the latest state whatever the metric did.
+
+    Args:
+        monitor: the metric to rank checkpoints by (None: only ``last.ckpt``).
+        mode: "max" or "min", the direction in which ``monitor`` improves.
+    """
+    return [cls(**kwargs) for cls, kwargs in _checkpoint_specs(monitor, mode)]
+
+
+def _checkpoint_specs(monitor: str | None, mode: str) -> list[tuple[type, dict[str, Any]]]:
+    last = (ModelCheckpoint, dict(monitor=None, save_top_k=1, filename=ModelCheckpoint.CHECKPOINT_NAME_LAST))
+    if not monitor:
+        return [last]
+    best = (ModelCheckpoint, dict(
+        monitor=monitor, mode=mode, save_top_k=1, auto_insert_metric_name=False,
+        filename="epoch{epoch:03d}-step{step}" + f"-{monitor.replace('/', '_')}{{{monitor}:.4f}}",
+    ))
+    return [best, last]
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+# ------------------------------------------------------------------------------------------- CLI
+class AgentLitCLI(LightningCLI):
+    """LightningCLI with agentlit's run-folder, checkpoint and progress-bar defaults, safe
+    interrupts, one-line configuration errors and the extra sub-commands of
+    :class:`~agentlit.trainer.AgentTrainer`."""
+
+    argv: list[str] = []
+    resume_version: int | None = None  # the run folder a resumed fit continues in
+    untrained_ok = False  # --ckpt_path none
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "profile": {"model", "datamodule"}, "export": {"model", "datamodule"}}
+
+    # -------------------------------------------------------------------------------- parsing
+    def parse_arguments(self, parser, args) -> None:  # noqa: ANN001
+        args = list(sys.argv[1:] if args is None else args)
+        self.argv = list(args)
+        print_config = next((a for a in args if a == "--print_config" or a.startswith("--print_config=")), None)
+        if print_config:
+            args.remove(print_config)
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as err:
+            raise ConfigError(explain_parse_error(str(err), parser, args)) from err
+        sub = self.config.get("subcommand")
+        if sub:
+            self._resolve_ckpt_path(sub)
+        if print_config:
+            self._print_effective_config(sub, print_config)
+            sys.exit(0)
+
+    def _resolve_ckpt_path(self, sub: str) -> None:
+        """``last`` → the newest run's ``last.ckpt``; ``none`` → no checkpoint (opt-in to
+        evaluate configured weights); a named file must exist and be a file."""
+        cfg = self.config[sub]
+        ckpt = cfg.get("ckpt_path")
+        if ckpt is None:
+            return
+        root = Path(cfg.trainer.get("default_root_dir") or "runs")
+        if ckpt == UNTRAINED and sub in ("validate", "test", "predict"):
+            cfg.ckpt_path, self.untrained_ok = None, True
+            return
+        if ckpt == "last":
+            found = latest_last_checkpoint(root)
+            if found is None:
+                if sub == "fit":
+                    warnings.warn(f"--ckpt_path last: no last.ckpt under {root}; starting fresh", stacklevel=1)
+                    cfg.ckpt_path = None
+                    return
+                raise ConfigError(f"--ckpt_path last: no run under {root} has a checkpoints/last.ckpt; "
+                                  f"train one with `agentlit fit` or pass a .ckpt file")
+            cfg.ckpt_path = ckpt = str(found)
+        elif ckpt in ("best", "hpc", "registry") or ckpt.startswith("registry:"):
+            return  # Lightning's own meanings
+        path = Path(ckpt)
+        if not path.exists():
+            near = latest_last_checkpoint(root)
+            raise ConfigError(f"--ckpt_path {ckpt} does not exist; pass a .ckpt file"
+                              + (f" (e.g. {near})" if near else "") + " or 'last' for the newest run's last.ckpt")
+        if path.is_dir():
+            inside = sorted(path.glob("**/last*.ckpt"))
+            raise ConfigError(f"--ckpt_path {ckpt} is a folder; pass a checkpoint file"
+                              + (f" such as {inside[0]}" if inside else " (runs/…/version_N/checkpoints/last.ckpt)"))
+        if sub == "fit":  # a resumed run continues in the folder of the checkpoint it resumes
+            self.resume_version = _run_of_checkpoint(path, root)
+
+    def _parse_ckpt_path(self) -> None:
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and Path(ckpt).is_file():
+            check_checkpoint_file(ckpt)
+            try:
+                super()._parse_ckpt_path()
+            except (argparse.ArgumentError, SystemExit) as err:
+                model = self.config[sub].get("model")
+                wanted = getattr(model, "class_path", None) or "the configured model"
+                raise ConfigError(
+                    f"checkpoint {ckpt} does not fit {wanted}: {explain_parse_error(str(err), self.parser, [])}"
+                    "; use a checkpoint written by `agentlit fit` with this config") from err
+
+    def _print_effective_config(self, sub: str | None, flag: str) -> None:
+        """``--print_config``: the resolved config with the loggers and callbacks agentlit adds
+        written out, i.e. what will actually run."""
+        parser = self._parser(sub)
+        cfg = self.config[sub].clone() if sub else self.config.clone()
+        if sub:
+            model_cls = _import_class(getattr(cfg.get("model"), "class_path", None))
+            extra_loggers, extra_callbacks = self.default_specs(sub, cfg.trainer, model_cls, configured=_as_list(cfg.trainer.get("callbacks")))
+            if extra_loggers:
+                cfg.trainer.logger = [_spec_dict(c, k) for c, k in extra_loggers]
+            cfg.trainer.callbacks = _as_list(cfg.trainer.get("callbacks")) + [_spec_dict(c, k) for c, k in extra_callbacks]
+        skip_none = "skip_null" in flag
+        print(parser.dump(cfg, skip_none=skip_none, skip_check=True), end="")
+
+    # ------------------------------------------------------------------------------- defaults
+    def default_specs(self, sub: str, trainer_cfg: Any, model_cls: type | None,
+                      configured: list[Any]) -> tuple[list[tuple[type, dict]], list[tuple[type, dict]]]:
+        """The loggers and callbacks agentlit adds for ``sub`` when the config leaves them out, as
+        (class, init kwargs) pairs: one source for the trainer and for ``--print_config``."""
+        sub = sub or "fit"  # cli(run=False): the caller decides, give it what fit gets
+        get = trainer_cfg.get if hasattr(trainer_cfg, "get") else lambda k, d=None: getattr(trainer_cfg, k, d)
+        loggers: list[tuple[type, dict]] = []
+        callbacks: list[tuple[type, dict]] = []
+        run = sub not in ("profile", "export")  # profile/export are not runs: no folder, no checkpoints
+
+        def has(kind: type, name: str) -> bool:
+            return any(isinstance(c, kind) or (_class_name(c) or "").endswith(name) for c in configured)
+
+        if run and get("logger") in (None, True):
+            root = Path(get("default_root_dir") or "runs")
+            version = self.resume_version if getattr(self, "resume_version", None) is not None else _peek_version(root)
+            loggers = [
+                (CSVLogger, dict(save_dir=str(root), name="", version=version)),
+                (TensorBoardLogger, dict(save_dir=str(root), name="", version=version, default_hp_metric=False)),
+            ]
+        if sub == "fit" and get("enable_checkpointing") is not False and not has(ModelCheckpoint, "ModelCheckpoint"):
+            callbacks += _checkpoint_specs(getattr(model_cls, "monitor", None), getattr(model_cls, "monitor_mode", "min"))
+        if run and get("enable_progress_bar") is not False and not has(ProgressBar, "ProgressBar"):
+            callbacks.append((RichProgressBar, dict(leave=True)))
+        if sub == "fit" and get("enable_model_summary") is not False and not has(_LightningModelSummary, "ModelSummary"):
+            callbacks.append((ModelSummary, {}))
+        if sub == "fit" and not has(StepSeed, "StepSeed"):
+            callbacks.append((StepSeed, {}))
+        if sub == "fit" and not has(SafeInterrupt, "SafeInterrupt"):
+            callbacks.append((SafeInterrupt, {}))
+        if sub == "fit" and (loggers or get("logger")) and not has(LearningRateMonitor, "LearningRateMonitor"):
+            callbacks.append((LearningRateMonitor, dict(logging_interval="step")))
+        return loggers, callbacks
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        sub = self.subcommand or "fit"
+        configured = list(config.get("callbacks") or []) + list(callbacks)
+        if sub in ("profile", "export"):
+            config.update(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        if sub != "fit" and not any(isinstance(c, ModelCheckpoint) for c in configured):
+            config["enable_checkpointing"] = False  # nothing to save; no "dirpath has changed" warnings
+        loggers, extra = self.default_specs(sub, config, type(self.model), configured)
+        if loggers:
+            root = ensure_writable_dir(config.get("default_root_dir") or "runs", "--trainer.default_root_dir")
+            version = self.resume_version if self.resume_version is not None else _run_version(root)
+            os.environ[_VERSION_ENV] = str(version)
+            run_dir = root / f"version_{version}"
+            if not run_dir.exists():
+                CREATED_RUN_DIRS.append(run_dir)
+            resumed_step = None
+            if self.resume_version is not None:
+                resumed_step = int(torch.load(self.config[sub].ckpt_path, map_location="cpu", weights_only=True,
+                                              mmap=True).get("global_step", 0))
+                _drop_rows_from(run_dir / "metrics.csv", resumed_step)
+                warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            config["logger"] = [
+                CSVLogger(root, name="", version=version),
+                TensorBoardLogger(root, name="", version=version, default_hp_metric=False,
+                                  **({"purge_step": resumed_step} if resumed_step else {})),
+            ]
+        if any(cls is ModelSummary for cls, _ in extra):
+            config["enable_model_summary"] = False  # ours replaces Lightning's default (no "already configured" note)
+        callbacks.extend(cls(**kwargs) for cls, kwargs in extra)
+        return super()._instantiate_trainer(config, callbacks)
+
+    # ---------------------------------------------------------------------------- sub-commands
+    def _require_weights(self) -> None:
+        """validate/test/predict evaluate trained weights: a checkpoint, or a config that loads
+        pretrained/checkpoint weights; anything else needs the explicit ``--ckpt_path none``."""
+        if getattr(self, "untrained_ok", False) or self.config[self.subcommand].get("ckpt_path"):
+            return
+        if has_configured_weights(self.model):
+            return
+        raise ConfigError(
+            f"`agentlit {self.subcommand}` needs trained weights: pass --ckpt_path <file.ckpt> (or 'last' for the "
+            f"newest run under {self.trainer.default_root_dir}), or --ckpt_path none to run the untrained model")
+
+    before_validate = before_test = before_predict = _require_weights
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            print_fit_summary(self.trainer)
+
+
+def _peek_version(root: Path) -> int:
+    if _VERSION_ENV in os.environ:
+        return int(os.environ[_VERSION_ENV])
+    taken = [int(p.name.split("_", 1)[1]) for p in root.glob("version_*") if p.name.split("_", 1)[1].isdigit()]
+    return max(taken, default=-1) + 1
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _class_name(obj: Any) -> str | None:
+    if isinstance(obj, dict) or hasattr(obj, "class_path"):
+        return obj.get("class_path") if isinstance(obj, dict) else obj.class_path
+    return type(obj).__name__
+
+
+def _spec_dict(cls: type, kwargs: dict) -> dict:
+    return {"class_path": _class_path(cls), "init_args": dict(kwargs)}
+
+
+def _import_class(path: str | None) -> type | None:
+    if not path or "." not in path:
+        return None
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+def has_configured_weights(model: Any) -> bool:
+    """True when ``model``'s config loads weights (a truthy ``*pretrained*`` / ``*checkpoint*``
+    hyper-parameter) or the module cannot be trained at all (no ``training_step``: its weights
+    come with its config, e.g. a pretrained pipeline)."""
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    if isinstance(model, LightningModule) and not is_overridden("training_step", model):
+        return True
+    hparams = dict(getattr(model, "hparams", {}) or {})
+    return any(v for k, v in hparams.items() if "pretrained" in k or "checkpoint" in k)
+
+
+# -------------------------------------------------------------------------------- checkpoint files
+def check_checkpoint_file(path: str | Path) -> None:
+    """Raise :class:`ConfigError` (one sentence) when ``path`` cannot be a readable checkpoint:
+    empty, truncated, or not a torch/safetensors file."""
+    import zipfile
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as err:
+        raise ConfigError(f"--ckpt_path {path} cannot be read ({err.strerror or err})") from err
+    if size == 0:
+        raise ConfigError(f"--ckpt_path {path} is empty (0 bytes); pass a checkpoint written by `agentlit fit`")
+    if head.startswith(b"PK"):
+        if not zipfile.is_zipfile(path):
+            raise ConfigError(f"--ckpt_path {path} is truncated or corrupt (its zip directory is missing); "
+                              "use another checkpoint, e.g. the run's last.ckpt or the best one")
+        return
+    if not head.startswith(b"\x80"):  # not a (legacy) pickle either
+        raise ConfigError(f"--ckpt_path {path} is not a PyTorch checkpoint; pass a .ckpt file written by `agentlit fit`")
+
+
+# ------------------------------------------------------------------------------------ parse errors
+def _valid_options(parser: Any, args: list[str]) -> list[str]:
+    """Every ``--a.b`` option of the sub-command being parsed."""
+    subs = getattr(parser, "_subcommands_action", None)
+    target = parser
+    if subs is not None:
+        for a in args:
+            if a in subs.choices:
+                target = subs.choices[a]
+                break
+    return [s for action in target._actions for s in action.option_strings if s.startswith("--")]
+
+
+def _init_params(class_path: str) -> list[str]:
+    cls = _import_class(class_path)
+    if cls is None:
+        return []
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in klass.__dict__:
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        names += [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return list(dict.fromkeys(names))
+
+
+def explain_parse_error(text: str, parser: Any, args: list[str]) -> str:
+    """One line for a jsonargparse error, with the closest valid key for an unknown one."""
+    import re
+
+    # --model.learning_rate / a YAML key under init_args
+    m = re.search(r"key \"?(\w+)\"?:.*?class_path '([\w.]+)':\s*(?:Option|Key) '([\w.]+)' is not (?:accepted|expected)",
+                  unwrap_error_text(text))
+    if m:
+        group, class_path, key = m.groups()
+        valid = _init_params(class_path)
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+        hint = f"did you mean --{group}.{close[0]}? " if close else ""
+        return (f"--{group}.{key}: {class_path} has no argument '{key}'; {hint}"
+                f"valid: {', '.join(valid)}")
+    m = re.search(r"key \"?(\w+)\"?:.*?class_path '([\w.]+)':\s*module '([\w.]+)' has no attribute '(\w+)'", text, re.S)
+    if m:
+        group, class_path, module, name = m.groups()
+        import importlib
+
+        try:
+            mod = importlib.import_module(module)
+            names = [n for n in getattr(mod, "__all__", dir(mod)) if n[:1].isupper()]
+        except ImportError:
+            names = []
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+        return (f"--{group} {class_path}: {module} has no class '{name}'; "
+                + (f"did you mean {module}.{close[0]}? " if close else "") + (f"available: {', '.join(names)}" if names else ""))
+    m = re.search(r"[Uu]nrecognized arguments: (.+)", text)
+    if m:
+        bad = [a for a in shlex.split(m.group(1)) if a.startswith("--")] or [m.group(1).split()[0]]
+        key = bad[0].split("=", 1)[0]
+        close = difflib.get_close_matches(key, _valid_options(parser, args), n=1, cutoff=0.6)
+        return f"unknown option {key}" + (f"; did you mean {close[0]}?" if close else "; see `agentlit <sub-command> --help`")
+    m = re.search(r"Key \"?([\w.]+)\"? is not expected", text) or re.search(r"No action for key \"?([\w.]+)\"?", text)
+    if m:
+        key = m.group(1)
+        options = [o[2:] for o in _valid_options(parser, args)]
+        close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
+        return f"unknown key '{key}' in the config" + (f"; did you mean '{close[0]}'?" if close else "")
+    return unwrap_error_text(text)
+
+
+# ---------------------------------------------------------------------------------------- summary
+def print_fit_summary(trainer: Trainer) -> None:
+    """End of ``fit``: best metric, best/last checkpoints, the run folder, ``metrics.png``."""
+    from .utils.plots import plot_metrics
+
+    lines = []
+    best = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), None)
+    last = next((c for c in trainer.checkpoint_callbacks if getattr(c, "last_model_path", "") or
+                 (getattr(c, "monitor", 1) is None and getattr(c, "best_model_path", ""))), None)
+    if best is not None and best.best_model_score is not None:
+        lines.append(f"best {best.monitor}: {float(best.best_model_score):.4f}  ({best.best_model_path})")
+    if last is not None:
+        lines.append(f"last checkpoint: {last.last_model_path or last.best_model_path}")
+    run_dir = Path(trainer.log_dir) if trainer.log_dir else None
+    if run_dir is not None and run_dir.is_dir():
+        lines.append(f"run folder: {run_dir}")
+        png = plot_metrics(run_dir / "metrics.csv", run_dir / "metrics.png")
+        if png is not None:
+            lines.append(f"training curves: {png}   (live: tensorboard --logdir {run_dir.parent})")
+    for line in lines:
+        print(f"agentlit: {line}")
+
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> AgentLitCLI:
+    """Build (and by default run) the CLI; ``args`` defaults to ``sys.argv[1:]``."""
+    from .trainer import AgentTrainer
+
+    quiet_library_noise()
+    parser_kwargs: dict[str, Any] = {"exit_on_error": False}
+    try:
+        import omegaconf  # noqa: F401
+
+        parser_kwargs["parser_mode"] = "omegaconf"
+    except ImportError:
+        pass
+    return AgentLitCLI(
+        trainer_class=AgentTrainer,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},  # multi-process runs write config.yaml once per rank
+        parser_kwargs=parser_kwargs,
+        args=args,
+        run=run,
+    )
