@@ -38,7 +38,7 @@ class ClassificationModule(TaskModule):
         warmup_epochs: linear warm-up length (fractions allowed), from ``warmup_lr`` to the peak.
         warmup_lr: lr at the first warm-up step, at ``lr_reference_batch`` (scaled like ``lr``).
         min_lr: floor of the cosine decay and the lr of the cool-down, at ``lr_reference_batch`` (scaled like ``lr``).
-        cooldown_epochs: epochs at ``min_lr`` after the cosine, included in ``trainer.max_epochs`` (the cosine spans ``max_epochs - cooldown_epochs``).
+        cooldown_epochs: epochs at ``min_lr`` after the cosine, counted in ``trainer.max_epochs`` (300 + 10 = 310).
         label_smoothing: for the plain cross-entropy and inside mixup targets.
         mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob: timm's Mixup (off when both alphas are 0).
         ema_decay: keep an exponential moving average of the weights (None: off); validated as ``val_ema/*``.
