@@ -275,7 +275,7 @@ def test_cswin_agent_branch_matches_reference():
 @pytest.mark.parametrize("name", ["agent_pvt_tiny", "pvt_v1_tiny", "agent_swin_base", "agent_cswin_tiny", "cswin_tiny"])
 def test_official_naming_round_trip_without_files(name, tmp_path):
     """A state dict renamed to the official layout loads strictly through the timm pretrained path and
-    reproduces the model's outputs (runs without the official_checkpoints folder)."""
+    reproduces the model's outputs (our own weights, so outputs can be compared)."""
     src = small(name).eval()
     official = to_official(src, name)
     if family(name) == "pvt" and name.startswith("agent"):
