@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_macs"]
+__all__ = ["count_macs", "mac_breakdown"]
 
 
 @torch.no_grad()
@@ -42,3 +42,50 @@ def count_macs(model: nn.Module, *inputs: Any, **kwargs: Any) -> tuple[int, dict
         path = "" if name == root else name[len(root) + 1:] if name.startswith(root + ".") else name
         per_module[path] = sum(ops.values()) // 2
     return counter.get_total_flops() // 2, per_module
+
+
+def _pattern(name: str) -> str:
+    """``model.blocks.3.attn`` → ``model.blocks.*.attn`` (repeated blocks are summed)."""
+    return ".".join("*" if part.isdigit() else part for part in name.split("."))
+
+
+def mac_breakdown(per_module: dict[str, int], total: int, top: int = 12) -> list[dict[str, Any]]:
+    """Every MAC attributed once: to the deepest module whose own ``forward`` performed it.
+
+    A module's own share is its inclusive count minus its counted children's; a module that also
+    has children is listed as ``name [direct]`` (e.g. the attention products inside an attention
+    layer besides its linears). Rows of repeated blocks are merged (``blocks.*``).
+
+    Args:
+        per_module: inclusive MACs per module name (``count_macs``' second output).
+        total: MACs of the whole call.
+        top: rows to keep; the rest are summed into an ``(other)`` row.
+    Returns:
+        rows ``{"module", "instances", "macs", "share"}`` that sum to ``total``.
+    """
+    own = dict(per_module)
+    own.setdefault("", total)  # the root's own share: everything not below a counted child
+    parents: set[str] = set()
+    for n, macs in per_module.items():
+        if n == "":
+            continue
+        parts = n.split(".")
+        parent = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in own), "")
+        own[parent] -= macs
+        parents.add(parent)
+    groups: dict[str, dict[str, int]] = {}
+    for n, macs in own.items():
+        if macs <= 0:
+            continue
+        label = "(root)" if n == "" else _pattern(n) + (" [direct]" if n in parents else "")
+        g = groups.setdefault(label, {"macs": 0, "instances": 0})
+        g["macs"] += macs
+        g["instances"] += 1
+    rows = sorted(({"module": k, **v} for k, v in groups.items()), key=lambda r: -r["macs"])
+    shown = rows[:top]
+    rest = total - sum(r["macs"] for r in shown)
+    if rest > 0:
+        shown.append({"module": "(other)", "macs": rest, "instances": sum(r["instances"] for r in rows[top:])})
+    for r in shown:
+        r["share"] = r["macs"] / total if total else 0.0
+    return shown
