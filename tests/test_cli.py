@@ -19,6 +19,7 @@ def last_val_acc(run: Path) -> float:
     return float(rows[-1]["val/acc1"])
 
 
+@pytest.mark.slow
 def test_fit_writes_run_folder_and_test_reproduces_accuracy(tmp_path):
     agentlit("fit", "--config", QUICKSTART, *TINY, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4",
              "--trainer.default_root_dir", str(tmp_path / "runs"), cwd=tmp_path)
@@ -52,6 +53,7 @@ def test_fit_writes_run_folder_and_test_reproduces_accuracy(tmp_path):
         torch.testing.assert_close(net(x), module(x))
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_on_cpu_and_checkpoint_loads(tmp_path):
     from agentlit.tasks import ClassificationModule
 

@@ -291,6 +291,7 @@ def test_fit_keeps_lightnings_profiler(tmp_path, monkeypatch):
     assert "FIT Profiler Report" in stream.getvalue() and "run_training_batch" in stream.getvalue()
 
 
+@pytest.mark.slow
 def test_cli_profile_quickstart_writes_json(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     out = tmp_path / "tmp.json"

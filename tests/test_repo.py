@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,10 +69,22 @@ def test_fsdp_wrap_policy_wraps_each_block():
 
     from agentlit.utils.fsdp import wrap_transformer_blocks
 
+    from torch.distributed.fsdp.wrap import _recursive_wrap
+
     model = timm.create_model("agent_pvt_tiny", embed_dims=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2])
     wrapped = [name for name, m in model.named_modules() if wrap_transformer_blocks(m, recurse=False, nonwrapped_numel=0)]
-    assert len(wrapped) == 4 and all("block" in n for n in wrapped)
-    assert wrap_transformer_blocks(model, recurse=True, nonwrapped_numel=0)
+    assert wrapped == ["block1.0", "block2.0", "block3.0", "block4.0"]
+
+    class Unit(torch.nn.Module):  # stands in for FullyShardedDataParallel: marks what FSDP would wrap
+        def __init__(self, module: torch.nn.Module, **kwargs) -> None:
+            super().__init__()
+            self.inner = module
+
+    # FSDP's own traversal with our policy: it must descend through the stage containers to the blocks.
+    _recursive_wrap(model, wrap_transformer_blocks, Unit, ignored_modules=set(), ignored_params=set(),
+                    only_wrap_children=True)
+    units = [name for name, m in model.named_modules() if isinstance(m, Unit)]
+    assert units == ["block1.0", "block2.0", "block3.0", "block4.0"]
 
 
 def test_readme_model_table_is_the_generated_one():
