@@ -219,7 +219,13 @@ def _measure(trainer: Any, task: nn.Module, batch_size: int, img_size: tuple[int
                       "convention": "multiply-accumulates of matmuls and convolutions (= FLOPs / 2)"}
     if timed:  # inclusive MACs of each timed module, split over its calls
         report["macs"]["per_call_per_item"] = {
-            label: per_module.get(paths.get(id(m), ""), 0) // max(1, calls[label]) for label, m in timed.items()}
+            label: per_module.get(paths[id(m)], 0) // calls[label] for label, m in timed.items()
+            if calls[label] and id(m) in paths}
+    uncalled = [f"timed_modules()[{label!r}] ({type(m).__name__}) is not called by {type(task).__name__}."
+                "inference_step: name the module the inference runs (e.g. the EMA copy when sampling uses it)"
+                for label, m in timed.items() if not calls[label]]
+    if uncalled:
+        report["warnings"] = uncalled
     report["macs_breakdown"] = mac_breakdown(per_module, total, top)
 
     if mode in ("inference", "both"):
@@ -376,6 +382,7 @@ def format_report(report: dict[str, Any]) -> str:
                 lines.append(f"  {'':<11} {step}: {s['time_per_call_s'] * 1e3:.1f} ms per call on the batch of "
                              f"{inp['batch_size']}, {s['calls_per_inference']:g} calls per inference "
                              f"({100 * s['share_of_time']:.0f}% of the time)")
+    lines += [f"  warning     {w}" for w in report.get("warnings") or []]
     rows = report.get("macs_breakdown") or []
     if rows:
         width = max(len("module"), *(len(r["module"]) for r in rows))

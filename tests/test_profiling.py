@@ -227,6 +227,12 @@ def test_custom_multi_step_task_gets_per_step_times_and_macs_and_skipped_trainin
     table = format_report(report)
     assert "refinement step" in table and "skipped: the refiner is inference-only" in table
 
+    module.timed_modules = lambda: {"refinement step": nn.Linear(4, 4)}  # a module the inference never calls
+    report = profile_module(None, module, None, batch_size=1, mode="inference", steps=1, warmup=0, verbose=False)
+    assert report["macs"]["per_call_per_item"] == {}
+    assert report["inference"]["steps"]["refinement step"]["time_per_call_s"] is None
+    assert "'refinement step'] (Linear) is not called by _Refiner.inference_step" in format_report(report)
+
 
 def test_profiler_talks_only_to_the_task_protocol():
     tree = ast.parse((ROOT / "agentlit" / "profiling.py").read_text())
