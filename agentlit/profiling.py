@@ -96,10 +96,11 @@ class _Call(nn.Module):
         return self._fn()
 
 
-def _count(task: nn.Module, batch: Any, ctx: Callable[[], Any]) -> tuple[int, dict[str, int], dict[str, int]]:
-    """(MACs of one ``inference_step(batch)``, inclusive MACs per module path of the task, calls per
-    timed module)."""
-    with ctx(), _StepTimer(task.timed_modules(), torch.device("cpu")) as timer:
+def _count(task: nn.Module, batch: Any, timed: dict[str, nn.Module],
+           ctx: Callable[[], Any]) -> tuple[int, dict[str, int], dict[str, int]]:
+    """(MACs of one ``inference_step(batch)``, inclusive MACs per module path of the task, calls of
+    each timed module)."""
+    with ctx(), _StepTimer(timed, torch.device("cpu")) as timer:
         total, per = count_macs(_Call(task, lambda: task.inference_step(batch)))
     # the wrapper's names are "task.<path>": strip them back to the task's own module paths
     per_module = {k[len("task."):]: v for k, v in per.items() if k.startswith("task.")}
@@ -214,7 +215,7 @@ def _measure(trainer: Any, task: nn.Module, batch_size: int, img_size: tuple[int
     paths = {id(m): n for n, m in task.named_modules()}
 
     # MACs of one item (linear in the batch), attention on the math backend so it is counted
-    total, per_module, calls = _count(task, move_data_to_device(task.example_batch(1, size), device), ctx)
+    total, per_module, calls = _count(task, move_data_to_device(task.example_batch(1, size), device), timed, ctx)
     report["macs"] = {"per_item": total, "per_batch": total * batch_size,
                       "convention": "multiply-accumulates of matmuls and convolutions (= FLOPs / 2)"}
     if timed:  # inclusive MACs of each timed module, split over its calls
