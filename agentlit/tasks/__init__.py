@@ -1,5 +1,6 @@
 """LightningModules: one per task, all built on the shared agent-attention core."""
 from .classification import ClassificationModule
+from .detection import DetectionModule  # noqa: F401  (object detection / instance segmentation)
 from .generation import GenerationModule, RandomConvFeatures
 from .segmentation import SegmentationModule
 
