@@ -73,6 +73,16 @@ class PromptDataModule(ResumableDataModule):
     prompt per line) or ``imagenet_prompts`` (that many "a photo of a {class}" prompts).
 
     Batches are dicts of lists: ``prompt``, ``seed``, ``index`` (length ``batch_size``).
+
+    Args:
+        prompts: the prompts themselves.
+        prompt_file: a .yaml/.yml list of prompts or a text file with one prompt per line.
+        imagenet_prompts: that many ImageNet-class prompts, cycling through the 1000 classes.
+        template: the ImageNet prompt, ``{}`` standing for the class name.
+        images_per_prompt: images generated from each prompt (consecutive seeds).
+        batch_size: prompts per batch and device.
+        seed: seed of the first image; image i uses ``seed + i``.
+        num_workers: DataLoader worker processes.
     """
 
     def __init__(

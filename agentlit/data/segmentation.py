@@ -216,9 +216,14 @@ class SegmentationDataModule(ResumableDataModule):
     Args:
         batch_size: training images per device (the paper's recipes: 2 per GPU × 8 GPUs).
         val_batch_size: evaluation batch (1 when images differ in size).
-        crop_size: training crop; ``scale``: keep-ratio (long, short) resize target, ``None`` =
-            relative to the image; ``ratio_range``: random scale range; ``cat_max_ratio``: crop
-            retry threshold; ``flip_prob``; ``photometric``: photometric distortion on/off.
+        num_workers: DataLoader worker processes per device.
+        crop_size: side of the square training crop.
+        scale: keep-ratio (long, short) resize target before the random scale (None: relative to the image).
+        ratio_range: random scale range applied to ``scale`` (or to the image size).
+        cat_max_ratio: crop retry threshold: re-draw crops where one class covers more than this share.
+        flip_prob: probability of a horizontal flip.
+        photometric: photometric distortion (brightness, contrast, saturation, hue) on/off.
+        ignore_index: label of unlabeled pixels (padding included).
         predict_dir: folder of images for ``predict`` (default: the validation images).
         seed: augmentation seed (None: the run's ``seed_everything`` value).
     """
@@ -288,7 +293,12 @@ class ADE20KDataModule(SegmentationDataModule):
     """ADE20K (SceneParsing / ADEChallengeData2016): ``root/images/{training,validation}/*.jpg``,
     ``root/annotations/{training,validation}/*.png``; 150 classes, raw label 0 ("other") → ignore and
     k → k−1 (reduce-zero-label). Defaults are the paper's pipeline: resize into (2048, 512) × U(0.5, 2),
-    512² crops with cat_max_ratio 0.75, flip, photometric distortion; evaluation at short side 512."""
+    512² crops with cat_max_ratio 0.75, flip, photometric distortion; evaluation at short side 512.
+
+    Args:
+        root: the ADE20K folder (``ADEChallengeData2016`` or its parent).
+        **kwargs: the loader and pipeline settings of :class:`SegmentationDataModule`.
+    """
 
     class_names = ADE20K_CLASSES
 
@@ -319,7 +329,18 @@ class ADE20KDataModule(SegmentationDataModule):
 
 class FolderSegmentationDataModule(SegmentationDataModule):
     """Any dataset as image folders + label-PNG folders (paired by file stem) + a class-names file
-    (one name per line; line k = label k). ``reduce_zero_label`` as in ADE20K when 0 means unlabeled."""
+    (one name per line; line k = label k).
+
+    Args:
+        train_images: folder of training images.
+        train_masks: folder of training label PNGs (same stems as the images).
+        val_images: folder of validation images.
+        val_masks: folder of validation label PNGs.
+        class_names: a file with one class name per line (line k = label k), or the list of names.
+        reduce_zero_label: label 0 means unlabeled (→ ignore) and k → k−1, as in ADE20K.
+        mask_suffix: file ending of the masks (``<image stem><mask_suffix>``).
+        **kwargs: the loader and pipeline settings of :class:`SegmentationDataModule`.
+    """
 
     def __init__(
         self,
@@ -361,8 +382,27 @@ class ShapesDataModule(SegmentationDataModule):
     Training samples are indices 0..num_train−1 of the stream, validation samples start at
     1,000,000 (so changing ``num_train`` never changes the validation set). Training uses the
     joint pipeline with scale relative to the image (× U(ratio_range)), cropped back to ``img_size``.
-    ``num_shapes``, ``radius``, ``noise``, ``shape_contrast``, ``background_contrast``, ``hue_jitter``: see
-    :func:`agentlit.data.shapes.render_shapes` (they set the difficulty).
+    The rendering arguments set the difficulty (see :func:`agentlit.data.shapes.render_shapes`).
+
+    Args:
+        num_train: training samples.
+        num_val: validation samples.
+        img_size: side of the square images (and of the training crop).
+        seed: the stream of generated samples (same seed, same images).
+        num_shapes: inclusive (min, max) shapes per image (later ones occlude earlier ones).
+        radius: (min, max) shape radius as a fraction of the image side.
+        noise: standard deviation of the additive Gaussian pixel noise.
+        shape_contrast: texture contrast inside the shapes.
+        background_contrast: texture contrast of the background.
+        hue_jitter: class k's hue is (k−1)/5 ± hue_jitter (0.5: colour carries no class information).
+        batch_size: training images per batch and device.
+        val_batch_size: evaluation images per batch.
+        num_workers: DataLoader worker processes per device.
+        ratio_range: random scale range of the training pipeline (relative to the image).
+        cat_max_ratio: crop retry threshold (1.0: off).
+        flip_prob: probability of a horizontal flip.
+        photometric: photometric distortion on/off.
+        predict_dir: folder of images for ``predict`` (default: the validation images).
     """
 
     class_names = SHAPE_CLASSES

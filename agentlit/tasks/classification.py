@@ -35,12 +35,16 @@ class ClassificationModule(TaskModule):
         lr: peak learning rate at ``lr_reference_batch`` (None: use ``lr`` as is).
         lr_reference_batch: batch size ``lr`` was tuned for; the effective lr scales linearly with the global batch.
         weight_decay: AdamW decay (never on norms, biases, position embeddings or agent biases).
+        betas: AdamW's moment coefficients (beta1, beta2).
         warmup_epochs: linear warm-up length (fractions allowed), from ``warmup_lr`` to the peak.
         warmup_lr: lr at the first warm-up step, at ``lr_reference_batch`` (scaled like ``lr``).
         min_lr: floor of the cosine decay and the lr of the cool-down, at ``lr_reference_batch`` (scaled like ``lr``).
         cooldown_epochs: epochs at ``min_lr`` after the cosine, counted in ``trainer.max_epochs`` (300 + 10 = 310).
         label_smoothing: for the plain cross-entropy and inside mixup targets.
-        mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob: timm's Mixup (off when both alphas are 0).
+        mixup_alpha: timm's Mixup: Beta(alpha, alpha) of the mixup blend (0: no mixup; off when both alphas are 0).
+        cutmix_alpha: timm's Mixup: Beta(alpha, alpha) of the cutmix box area (0: no cutmix).
+        mixup_prob: probability of applying mixup or cutmix to a batch.
+        mixup_switch_prob: probability of cutmix instead of mixup when both alphas are set.
         ema_decay: keep an exponential moving average of the weights (None: off); validated as ``val_ema/*``.
     """
 

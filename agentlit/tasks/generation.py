@@ -70,7 +70,11 @@ class GenerationModule(TaskModule):
             "pndm", "euler" built from its config.
         safety_checker: keep the pipeline's safety checker when it ships one.
         agentsd: AgentSD settings (:class:`agentlit.diffusion.AgentSDConfig`); None = baseline.
-        num_inference_steps, guidance_scale, height, width, negative_prompt: the pipeline call.
+        num_inference_steps: denoising steps per image.
+        guidance_scale: classifier-free guidance weight (1: no guidance).
+        height: image height in pixels (None: the pipeline's default, 512 for SD 1.5).
+        width: image width in pixels (None: the pipeline's default).
+        negative_prompt: what the guidance steers away from (None: the empty prompt).
         output_dir: where PNGs and the JSON reports go.
         save_images: write PNGs in ``predict`` (``test`` only scores them).
         warmup: one short untimed generation before the first timed batch.

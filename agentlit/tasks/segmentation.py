@@ -60,19 +60,30 @@ class SegmentationModule(TaskModule):
         backbone_checkpoint: a classification checkpoint to initialise the backbone from — one of
             ours (Lightning ``.ckpt``) or an official release file; classifier weights are dropped,
             agent biases / position embeddings resized by the family's filter.
-        head_channels: decode width (None: 128 for fpn, 512 for upernet); neck_channels: FPN width.
-        pool_scales: UperNet's PPM bins. dropout: before the classifier.
+        head_channels: decode width (None: 128 for fpn, 512 for upernet).
+        neck_channels: FPN width (the lateral/output channels of every level).
+        pool_scales: UperNet's pyramid-pooling bins.
+        dropout: dropout before the classifier.
         simple_pyramid: build a 4-level pyramid from single-stride (ViT) features; None = when the
             backbone reports a single stride.
         aux_weight: loss weight of an auxiliary FCN head on level ``aux_index`` (0 = no aux head;
             the UperNet recipe uses 0.4 on the third level).
+        aux_index: feature level the auxiliary head reads (negative: from the last).
+        aux_channels: width of the auxiliary FCN head.
         ignore_index: label excluded from loss and metrics.
-        lr, weight_decay, betas: AdamW (no decay on norms, position embeddings/tables, agent biases).
-        warmup_iters, warmup_ratio: linear warm-up from ``warmup_ratio·lr``.
-        power, min_lr: poly decay ``(1 − t/T)^power`` to ``min_lr`` over ``max_iters`` (None: the
-            trainer's total steps).
-        inference: ``whole`` image or ``slide`` window (``crop_size``, ``stride``); ``flip`` adds
-            the horizontally flipped prediction; ``size_divisor`` pads whole images for the backbone.
+        lr: AdamW peak learning rate.
+        weight_decay: AdamW decay (never on norms, biases, position embeddings / tables or agent biases).
+        betas: AdamW's moment coefficients (beta1, beta2).
+        warmup_iters: linear warm-up length in steps (0: none).
+        warmup_ratio: the warm-up starts at ``warmup_ratio · lr``.
+        power: exponent of the poly decay ``(1 − t/T)^power``.
+        min_lr: floor the poly decay ends at.
+        max_iters: schedule length T in steps (None: the trainer's total steps).
+        inference: ``whole`` image or ``slide`` window (``crop_size``, ``stride``).
+        crop_size: sliding-window size (int or (h, w)).
+        stride: sliding-window step (int or (h, w)); windows overlap where it is below ``crop_size``.
+        flip: also predict the horizontally flipped image and average the two.
+        size_divisor: pad whole images to a multiple of this for the backbone (logits are cropped back).
         class_names: names for the per-class table (None: the datamodule's, else indices).
         output_dir: where ``predict`` writes masks (None: ``<log dir>/predictions``).
     """
