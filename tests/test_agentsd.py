@@ -217,7 +217,7 @@ def test_ratio_zero_without_agents_is_unpatched(pipe):
 def test_patched_runs_and_uses_agents(pipe, monkeypatch, prompts, size, guidance):
     calls = []
 
-    def spy(q, k, v, agents, **kw):
+    def spy(q, k, v, agents, upcast=None, **kw):
         calls.append((q.shape, agents.shape, kw["broadcast_scale"] / kw["scale"]))
         return agent_attention_reference(q, k, v, agents, **kw)
 
@@ -242,7 +242,7 @@ def test_schedule_switches_at_agent_steps(pipe, monkeypatch):
     state_steps, merged_calls = [], []
     real = patch_mod.AgentSDAttnProcessor.__call__
 
-    def spy(q, k, v, agents, **kw):
+    def spy(q, k, v, agents, upcast=None, **kw):
         state_steps.append(get_state(pipe).step)
         return agent_attention_reference(q, k, v, agents, **kw)
 
@@ -279,7 +279,7 @@ def test_fp32_precision_under_low_precision(monkeypatch):
 
     dtypes = []
 
-    def spy(q, k, v, agents, **kw):
+    def spy(q, k, v, agents, upcast=None, **kw):
         dtypes.append((q.dtype, k.dtype, agents.dtype))
         return agent_attention_reference(q, k, v, agents, **kw)
 

@@ -6,6 +6,9 @@
 * :func:`sd15_unet_config` / :func:`build_sd15_pipeline`: the SD 1.5 architecture (860M-parameter
   UNet, 83M VAE, 123M CLIP ViT-L/14 text encoder) with random weights, for timing: speed does not
   depend on weight values.
+* :func:`sdxl_unet_config` / ``build_tiny_pipeline(kind="sdxl")``: the SDXL layout (no attention at
+  full latent resolution, two text encoders, size/crop conditioning), full-size for timing, tiny
+  for tests.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ __all__ = [
     "build_sd15_pipeline",
     "build_tiny_pipeline",
     "sd15_unet_config",
+    "sdxl_unet_config",
+    "tiny_sdxl_unet_config",
     "tiny_unet_config",
     "write_clip_tokenizer_files",
 ]
@@ -91,6 +96,54 @@ def sd15_unet_config() -> dict[str, Any]:
     )
 
 
+def sdxl_unet_config() -> dict[str, Any]:
+    """The UNet config of SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json):
+    2.6B parameters, transformer blocks only at the 2x and 4x downsampled levels."""
+    return dict(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),  # heads per level (head dim 64)
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,  # 6 x 256 size/crop embeddings + 1280 pooled text
+        norm_num_groups=32,
+    )
+
+
+def tiny_sdxl_unet_config(text_dim: int = 32) -> dict[str, Any]:
+    """An SDXL-shaped UNet2DConditionModel config: no attention at full resolution, transformer
+    blocks (two per layer) at the 2x downsampled level, SDXL's size/crop and pooled-text conditioning.
+
+    Args:
+        text_dim: hidden size of each of the two text encoders (cross-attention width is twice it).
+    """
+    return dict(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        cross_attention_dim=2 * text_dim,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + text_dim,
+        norm_num_groups=8,
+    )
+
+
 def _sd15_vae_config() -> dict[str, Any]:
     return dict(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2,
@@ -99,12 +152,12 @@ def _sd15_vae_config() -> dict[str, Any]:
     )
 
 
-def _build(unet_cfg, vae_cfg, text_cfg, seed: int, scheduler: str, torch_dtype: torch.dtype):
+def _build(unet_cfg, vae_cfg, text_cfg, seed: int, scheduler: str, torch_dtype: torch.dtype, xl: bool = False):
     from diffusers import (
         AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
-        UNet2DConditionModel,
+        StableDiffusionXLPipeline, UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     schedulers = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
     if scheduler not in schedulers:
@@ -124,25 +177,43 @@ def _build(unet_cfg, vae_cfg, text_cfg, seed: int, scheduler: str, torch_dtype: 
         vae = AutoencoderKL(**vae_cfg)
         text_config = CLIPTextConfig(vocab_size=vocab_size, bos_token_id=0, eos_token_id=1, pad_token_id=1, **text_cfg)
         text_encoder = CLIPTextModel(text_config)
+        text_encoder_2 = CLIPTextModelWithProjection(text_config) if xl else None
     finally:
         torch.random.set_rng_state(gen_state)
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sched,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    if xl:
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+            tokenizer_2=tokenizer, unet=unet, scheduler=sched, force_zeros_for_empty_prompt=True,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sched,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
     if torch_dtype != torch.float32:
-        for module in (unet, vae, text_encoder):
+        for module in (unet, vae, text_encoder, text_encoder_2):
+            if module is None:
+                continue
             module.to(dtype=torch_dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def build_tiny_pipeline(seed: int = 0, scheduler: str = "pndm", torch_dtype: torch.dtype = torch.float32):
-    """A tiny StableDiffusionPipeline with random weights (a few MB).
+def build_tiny_pipeline(seed: int = 0, scheduler: str = "pndm", torch_dtype: torch.dtype = torch.float32,
+                        kind: str = "sd"):
+    """A tiny StableDiffusionPipeline (or StableDiffusionXLPipeline) with random weights (a few MB).
 
     Its VAE downsamples by 2 (SD's by 8): 32×32 px images give 16×16 latents, so the full-resolution
-    transformer blocks see 256 tokens.
+    transformer blocks see 256 tokens (SDXL-shaped: the 8×8 level, 64 tokens).
+
+    Args:
+        seed: weight seed.
+        scheduler: "pndm", "ddim" or "euler".
+        torch_dtype: weight dtype.
+        kind: "sd" (SD 1.x layout) or "sdxl" (SDXL layout: two text encoders, no full-resolution attention).
     """
+    if kind not in ("sd", "sdxl"):
+        raise ValueError(f"kind must be 'sd' or 'sdxl', got {kind!r}")
     vae_cfg = dict(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=32, layers_per_block=1,
         block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -150,6 +221,9 @@ def build_tiny_pipeline(seed: int = 0, scheduler: str = "pndm", torch_dtype: tor
     )
     text_cfg = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
                     max_position_embeddings=77)
+    if kind == "sdxl":
+        return _build(tiny_sdxl_unet_config(32), vae_cfg, dict(text_cfg, projection_dim=32), seed, scheduler,
+                      torch_dtype, xl=True)
     return _build(tiny_unet_config(32), vae_cfg, text_cfg, seed, scheduler, torch_dtype)
 
 
