@@ -234,6 +234,19 @@ def test_custom_multi_step_task_gets_per_step_times_and_macs_and_skipped_trainin
     assert "'refinement step'] (Linear) is not called by _Refiner.inference_step" in format_report(report)
 
 
+def test_every_exported_task_implements_the_protocol():
+    import inspect
+
+    import agentlit.tasks
+
+    tasks = [obj for name in agentlit.tasks.__all__
+             if inspect.isclass(obj := getattr(agentlit.tasks, name)) and issubclass(obj, L.LightningModule)]
+    assert {"ClassificationModule", "SegmentationModule", "GenerationModule"} <= {c.__name__ for c in tasks}
+    for cls in tasks:
+        assert issubclass(cls, TaskModule), cls
+        assert cls.example_batch is not TaskModule.example_batch and cls.task_name != TaskModule.task_name, cls
+
+
 def test_profiler_talks_only_to_the_task_protocol():
     tree = ast.parse((ROOT / "agentlit" / "profiling.py").read_text())
     imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
