@@ -1,30 +1,98 @@
-"""``agentlit export``: a trained classifier as a plain timm weights file.
+"""``agentlit export``: a trained classifier as a plain timm weights file that reloads in one line.
 
-The file holds the timm model's own state dict (no ``model.`` prefix, no optimizer), plus the
-model name and arguments as safetensors metadata, so that
+The file holds the timm model's own state dict (no ``model.`` prefix, no optimizer) and, as
+safetensors metadata (strings; JSON where structured):
 
-    timm.create_model(name, pretrained=True, num_classes=C, img_size=S, …,
-                      pretrained_cfg_overlay=dict(file="model.safetensors", num_classes=C))
+- ``architecture``: the timm model name;
+- ``model_kwargs``: the constructor arguments (``num_classes``, ``img_size``, ``model_kwargs`` …);
+- ``pretrained_cfg``: the data config (``input_size``, ``mean``, ``std``, ``interpolation``,
+  ``crop_pct``, ``num_classes``, ``label_names`` when the class names are known).
 
-loads it with nothing from agentlit but ``import agentlit`` (which registers the agent models).
+So either of these rebuilds the trained network (``import agentlit`` registers the agent models)::
+
+    model = agentlit.load_exported("model.safetensors")
+
+    meta = safetensors.safe_open("model.safetensors", "pt").metadata()
+    model = timm.create_model(meta["architecture"], pretrained=True, **json.loads(meta["model_kwargs"]),
+                              pretrained_cfg_overlay=dict(file="model.safetensors", **json.loads(meta["pretrained_cfg"])))
+
+The ``pretrained_cfg`` overlay matters: without its ``num_classes`` timm drops a classifier whose
+class count differs from the family's default (1000), and ``timm.data.resolve_data_config(model=model)``
+reads mean/std/input size from it.
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from torch import nn
 
+from .checkpoint import load_checkpoint
 from .models import state_dict_mismatch
 from .utils.paths import ensure_writable_dir
 
-__all__ = ["export_weights"]
+__all__ = ["export_weights", "load_exported", "read_export_metadata"]
+
+_DATA_KEYS = ("mean", "std", "interpolation", "crop_pct")
 
 
-def export_weights(module: L.LightningModule, ckpt_path: str, output: str | Path, use_ema: bool = True) -> Path:
-    """Load ``ckpt_path`` into ``module`` and write its network (EMA copy if kept) to ``output``."""
+def _constructor_kwargs(hp: dict[str, Any]) -> dict[str, Any]:
+    """The ``timm.create_model`` arguments the classification task built its network with (minus
+    training-only ones: ``drop_path_rate`` is inert at inference)."""
+    kwargs = dict(hp.get("model_kwargs") or {})
+    kwargs["num_classes"] = int(hp["num_classes"])
+    if hp.get("img_size") is not None:
+        kwargs["img_size"] = hp["img_size"]
+    return kwargs
+
+
+def _data_config(net: nn.Module, kwargs: dict[str, Any], datamodule: Any, class_names: list[str] | None) -> dict[str, Any]:
+    """timm ``pretrained_cfg`` fields describing the inputs the network was trained on."""
+    base = dict(getattr(net, "pretrained_cfg", None) or {})
+    cfg: dict[str, Any] = {k: base[k] for k in ("input_size", *_DATA_KEYS) if base.get(k) is not None}
+    for key in _DATA_KEYS:  # the data the run actually used wins over the family's ImageNet defaults
+        value = getattr(datamodule, key, None)
+        if value is not None:
+            cfg[key] = list(value) if isinstance(value, (tuple, list)) else value
+    size = kwargs.get("img_size") or getattr(datamodule, "img_size", None)
+    if size is not None:
+        h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+        cfg["input_size"] = [int(kwargs.get("in_chans", 3)), int(h), int(w)]
+    cfg["num_classes"] = kwargs["num_classes"]
+    if class_names:
+        cfg["label_names"] = [str(n) for n in class_names]
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def export_weights(
+    module: L.LightningModule,
+    ckpt_path: str,
+    output: str | Path,
+    use_ema: bool = True,
+    datamodule: L.LightningDataModule | None = None,
+) -> Path:
+    """Load ``ckpt_path`` into ``module`` and write its network (EMA copy if kept) to ``output``.
+
+    Args:
+        module: the classification task built from the run's config.
+        ckpt_path: the Lightning checkpoint to export (loaded as data only).
+        output: the ``.safetensors`` file to write (atomically; mode follows the umask).
+        use_ema: export the EMA weights when the run kept them.
+        datamodule: the run's data, for mean/std/interpolation (None: the model family's defaults).
+
+    Returns:
+        The written path.
+    """
     from safetensors.torch import save_file
 
     net = getattr(module, "model", None)
@@ -33,10 +101,12 @@ def export_weights(module: L.LightningModule, ckpt_path: str, output: str | Path
             f"export writes a timm classifier; {type(module).__name__} has no timm `model` to export "
             "(use agentlit.tasks.ClassificationModule checkpoints)"
         )
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(ckpt_path, what="--ckpt_path")
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"--ckpt_path {ckpt_path} holds a {type(ckpt).__name__}, not a Lightning checkpoint")
     state = ckpt.get("state_dict", ckpt)
     expected = module.state_dict()
-    if state.keys() != expected.keys() or any(state[k].shape != expected[k].shape for k in expected):
+    if state.keys() != expected.keys() or any(getattr(state[k], "shape", None) != expected[k].shape for k in expected):
         raise ValueError(f"checkpoint {ckpt_path} does not fit the configured model: {state_dict_mismatch(expected, state)}")
     module.load_state_dict(state)
     ema = getattr(module, "ema", None)
@@ -46,12 +116,64 @@ def export_weights(module: L.LightningModule, ckpt_path: str, output: str | Path
     ensure_writable_dir(output.parent if str(output.parent) else Path("."), "--output folder")
     weights = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
     hp = dict(getattr(module, "hparams", {}))
-    metadata = {"format": "pt", "architecture": str(hp.get("model_name", type(net).__name__)),
-                "num_classes": str(hp.get("num_classes", "")), "img_size": json.dumps(hp.get("img_size")),
-                "model_kwargs": json.dumps(hp.get("model_kwargs") or {}), "source_checkpoint": os.path.basename(ckpt_path),
-                "ema": str(bool(use_ema and ema is not None))}
+    kwargs = _constructor_kwargs(hp)
+    names = ckpt.get("class_names") or getattr(module, "class_names", None) or getattr(datamodule, "class_names", None)
+    names = list(names) if names and len(names) == kwargs["num_classes"] else None
+    data_cfg = _data_config(net, kwargs, datamodule, names)
+    metadata = {
+        "format": "pt", "architecture": str(hp.get("model_name", type(net).__name__)),
+        "model_kwargs": json.dumps(kwargs), "pretrained_cfg": json.dumps(data_cfg),
+        "source_checkpoint": os.path.basename(str(ckpt_path)), "ema": str(bool(use_ema and ema is not None)),
+    }
     partial = output.with_name(output.name + ".partial")
     save_file(weights, str(partial), metadata=metadata)
+    os.chmod(partial, _umask_mode())  # like any file the user writes (the writer may create it owner-only)
     partial.replace(output)  # atomic: an interrupted export never leaves a half-written file behind
     print(f"wrote {output} ({len(weights)} tensors, {metadata['architecture']}, ema={metadata['ema']})")
     return output
+
+
+def read_export_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The metadata of an exported file: ``architecture``, ``model_kwargs`` and ``pretrained_cfg`` (decoded).
+
+    Args:
+        path: a file written by ``agentlit export``.
+    """
+    from safetensors import safe_open
+
+    from .checkpoint import check_checkpoint_file
+
+    check_checkpoint_file(path, what="exported file")
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    if "architecture" not in meta or "model_kwargs" not in meta:
+        raise ValueError(
+            f"{path} has no agentlit export metadata (architecture, model_kwargs); load it with "
+            "timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...)) and the model's arguments"
+        )
+    out: dict[str, Any] = dict(meta)
+    out["model_kwargs"] = json.loads(meta["model_kwargs"])
+    out["pretrained_cfg"] = json.loads(meta.get("pretrained_cfg") or "{}")
+    return out
+
+
+def load_exported(path: str | os.PathLike[str], **kwargs: Any) -> nn.Module:
+    """Rebuild an exported network with timm and load its weights, in eval mode.
+
+    Args:
+        path: a ``.safetensors`` file written by ``agentlit export``.
+        **kwargs: extra ``timm.create_model`` arguments, overriding the stored ones (e.g. ``img_size`` for another resolution).
+
+    Returns:
+        The timm model; ``model.pretrained_cfg`` carries mean/std/input size/class names.
+    """
+    import timm
+
+    import agentlit.models  # noqa: F401  (registers the agent models)
+
+    meta = read_export_metadata(path)
+    overlay = dict(meta["pretrained_cfg"], file=str(path))
+    model = timm.create_model(
+        meta["architecture"], pretrained=True, pretrained_cfg_overlay=overlay, **{**meta["model_kwargs"], **kwargs}
+    )
+    return model.eval()

@@ -1,4 +1,4 @@
-"""Shared pieces of the model zoo: checkpoint unwrapping, agent-bias adaptation, name lookup."""
+"""Shared pieces of the model zoo: weight loading (through :mod:`agentlit.checkpoint`), agent-bias adaptation, name lookup."""
 from __future__ import annotations
 
 import difflib
@@ -7,24 +7,11 @@ from typing import Any
 import timm
 from torch import Tensor, nn
 
+from ..checkpoint import load_state_dict_file, unwrap_checkpoint
 from ..core import AgentPositionBias, adapt_agent_bias
 from ..core.bias import AGENT_BIAS_AXES
 
 __all__ = ["adapt_agent_biases", "create_model", "pretrained_cfg", "load_checkpoint_file", "load_weights", "state_dict_mismatch", "unwrap_checkpoint"]
-
-
-def unwrap_checkpoint(checkpoint: dict[str, Any], use_ema: bool = False) -> dict[str, Tensor]:
-    """The weights inside a training checkpoint: official ``{'model': …, 'state_dict_ema': …}``,
-    Lightning ``{'state_dict': {'model.…': …}}`` or a bare state dict."""
-    if use_ema and "state_dict_ema" in checkpoint:
-        return checkpoint["state_dict_ema"]
-    for key in ("model", "state_dict", "module"):
-        if key in checkpoint and isinstance(checkpoint[key], dict):
-            checkpoint = checkpoint[key]
-            break
-    if any(k.startswith("model.") for k in checkpoint):  # a LightningModule's "model." prefix
-        checkpoint = {k[len("model."):]: v for k, v in checkpoint.items() if k.startswith("model.")}
-    return checkpoint
 
 
 def adapt_agent_biases(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
@@ -77,21 +64,26 @@ def state_dict_mismatch(expected: dict[str, Tensor], found: dict[str, Tensor], l
 
 
 def load_checkpoint_file(path: str, use_ema: bool = False) -> dict[str, Tensor]:
-    """The state dict inside a .pth/.ckpt/.safetensors file (see :func:`unwrap_checkpoint`)."""
-    import torch
+    """The state dict inside a .pth/.ckpt/.safetensors file, loaded as data only.
 
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    return unwrap_checkpoint(torch.load(path, map_location="cpu", weights_only=False), use_ema=use_ema)
+    Args:
+        path: the weights file (official ``{'model': …}`` layout, a Lightning checkpoint or a bare state dict).
+        use_ema: prefer the EMA weights when the file has them.
+    """
+    return load_state_dict_file(path, use_ema=use_ema)
 
 
 def load_weights(model: nn.Module, path: str, use_ema: bool = False) -> nn.Module:
     """Load a weights file into a timm ``model`` through its family's ``checkpoint_filter_fn``
     (official layouts, other resolutions), keeping the model's own classifier when the class
     count differs. Anything else that does not fit is an error naming the keys — never a silent
-    partial load."""
+    partial load.
+
+    Args:
+        model: a timm model of one of our families (or any timm model).
+        path: the weights file (see :func:`agentlit.checkpoint.load_state_dict_file`).
+        use_ema: load the EMA weights when the file has them.
+    """
     import sys
 
     state = load_checkpoint_file(path, use_ema=use_ema)

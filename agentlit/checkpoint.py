@@ -1,0 +1,270 @@
+"""The one loader for every weights file agentlit reads: data only, never code.
+
+``.safetensors`` files are read with safetensors; everything else goes through
+``torch.load(..., weights_only=True)``, whose unpickler builds only tensors, containers, numbers and
+strings plus an explicit allowlist. Checkpoints in the wild carry a few inert objects besides their
+tensors, so :func:`register_safe_globals` (run at ``import agentlit``, which makes timm's own
+``pretrained_cfg_overlay=dict(file=...)`` loader benefit too) allowlists plain-data stand-ins for them:
+
+- ``yacs.config.CfgNode``: the training config the reference release pickles next to its weights;
+  rebuilt as :class:`ConfigNode` (a ``dict``), so yacs need not be installed;
+- ``argparse.Namespace``: command-line arguments saved by many training scripts (an attribute bag);
+- numpy scalars, arrays and dtypes (``max_accuracy`` and friends), as PyTorch documents for ``weights_only``.
+
+None of these run code when rebuilt. A file that needs any other global is refused with one line
+naming the file and the globals, and how to turn it into a plain weights file.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CheckpointError", "ConfigNode", "check_checkpoint_file", "load_checkpoint", "load_state_dict_file",
+    "register_safe_globals", "unwrap_checkpoint",
+]
+
+
+class CheckpointError(ValueError):
+    """A weights file that cannot be read, or that needs Python objects a weights file must not hold."""
+
+
+class ConfigNode(dict):
+    """Plain-data stand-in for ``yacs.config.CfgNode``: a ``dict`` with read-only attribute access.
+
+    :func:`load_checkpoint` returns the release's pickled ``config`` as a tree of these.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __repr__(self) -> str:
+        return f"ConfigNode({dict.__repr__(self)})"
+
+
+_YACS_FLAG = "__immutable__"  # one of the two flags yacs keeps in a CfgNode's __dict__
+
+
+class _CfgNodeRebuild:
+    """What the name ``yacs.config.CfgNode`` builds inside a weights-only load: an empty
+    ``OrderedDict`` (the unpickler fills only exact dict types with items; yacs' two boolean flags
+    land in its ``__dict__``, by which :func:`_config_nodes` turns it into a :class:`ConfigNode`)."""
+
+    def __new__(cls, *args: Any) -> Any:
+        return OrderedDict()
+
+
+def _config_nodes(obj: Any, depth: int = 0) -> Any:
+    """Rebuilt yacs nodes (ordered dicts carrying yacs' flags) → :class:`ConfigNode`, recursively."""
+    if type(obj) not in (dict, OrderedDict) or depth > 32:
+        return obj
+    is_node = type(obj) is OrderedDict and _YACS_FLAG in getattr(obj, "__dict__", {})
+    if not is_node and depth > 0 and not any(type(v) in (dict, OrderedDict) for v in obj.values()):
+        return obj  # a plain state dict or leaf mapping: nothing to convert below
+    items = {k: _config_nodes(v, depth + 1) if type(v) in (dict, OrderedDict) else v for k, v in obj.items()}
+    if is_node:
+        return ConfigNode(items)
+    if any(items[k] is not obj[k] for k in items):
+        out = type(obj)(items)
+        return out
+    return obj
+
+
+def _numpy_globals() -> list[Any]:
+    try:
+        import numpy as np
+    except ImportError:
+        return []
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray
+    out: list[Any] = [np.ndarray, np.dtype]
+    # pickles from numpy 1.x name numpy.core.*, from numpy 2.x numpy._core.*
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        out += [(multiarray._reconstruct, f"{mod}._reconstruct"), (multiarray.scalar, f"{mod}.scalar")]
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25: one class per dtype (np.dtypes.Float64DType …)
+    if dtypes is not None:
+        out += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType") and isinstance(getattr(dtypes, n), type)]
+    return out
+
+
+_REGISTERED = False
+
+
+def register_safe_globals() -> None:
+    """Allowlist the plain-data stand-ins for ``torch.load(weights_only=True)`` (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    torch.serialization.add_safe_globals(
+        [(_CfgNodeRebuild, "yacs.config.CfgNode"), argparse.Namespace, *_numpy_globals()]
+    )
+    _REGISTERED = True
+
+
+_CONVERT_HINT = (
+    "it was not loaded; where it was made, re-save its weights alone (torch.save(ckpt['model'], 'weights.pth')) "
+    "or convert them to .safetensors (safetensors.torch.save_file(state_dict, 'weights.safetensors'))"
+)
+
+
+def _unsafe_globals(path: Path, err: Exception) -> list[str]:
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:
+        found = []
+    # legacy (non-zip) files: fall back to the name in the unpickler's message
+    return sorted(found) or re.findall(r"GLOBAL ([\w.]+)", str(err))[:1]
+
+
+def _check_path(path: Path, what: str) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} does not exist; pass the path of a .pth/.ckpt/.safetensors file")
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} is not a file; pass the path of a .pth/.ckpt/.safetensors file")
+
+
+def _refusal(path: Path, names: list[str], what: str) -> CheckpointError:
+    return CheckpointError(
+        f"{what} {path} needs Python objects a weights file should not contain ({', '.join(names)}); "
+        + _CONVERT_HINT
+    )
+
+
+def check_checkpoint_file(path: str | os.PathLike[str], what: str = "checkpoint") -> None:
+    """Refuse ``path`` in one line if it is missing, unreadable, or needs a non-allowlisted global.
+
+    Reads only the file's pickle, not its tensors: cheap enough to run before Lightning loads it.
+
+    Args:
+        path: a ``torch.save`` file.
+        what: how the error names the file (``checkpoint``, ``--ckpt_path`` …).
+    """
+    register_safe_globals()
+    path = Path(path)
+    _check_path(path, what)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt"):  # reads the header only
+                pass
+        except Exception as e:
+            raise CheckpointError(f"{what} {path} is not a readable safetensors file (truncated or corrupt{_short(e)})") from None
+        return
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as e:
+        if not _is_zip(path):  # a legacy (pre-zip) torch file, or not a checkpoint at all: a full load decides
+            load_checkpoint(path, what)
+            return
+        raise CheckpointError(f"{what} {path} is not a readable PyTorch checkpoint (truncated, corrupt or another format{_short(e)})") from None
+    if names:
+        raise _refusal(path, sorted(names), what)
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def _short(err: Exception) -> str:
+    """The first sentence of a library's error, or nothing when it says nothing useful."""
+    text = str(err).strip().splitlines()
+    first = text[0].split(". ")[0][:120] if text else ""
+    return f": {first}" if len(first) >= 12 else ""
+
+
+def load_checkpoint(path: str | os.PathLike[str], what: str = "checkpoint") -> Any:
+    """The raw object stored in a weights file, loaded as data only.
+
+    Args:
+        path: a ``.safetensors`` file (a flat dict of tensors) or any ``torch.save`` file (``.pth``, ``.ckpt`` …).
+        what: how errors name the file (``checkpoint``, ``backbone checkpoint`` …).
+
+    Returns:
+        What the file holds: a state dict, or a training checkpoint such as ``{'model': …, 'config': …}``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        CheckpointError: the file is unreadable (truncated, corrupt, not a checkpoint) or needs Python
+            objects outside the allowlist; the message is one line.
+    """
+    register_safe_globals()
+    path = Path(path)
+    _check_path(path, what)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise CheckpointError(f"{what} {path} is not a readable safetensors file (truncated or corrupt{_short(e)})") from None
+    try:
+        return _config_nodes(torch.load(path, map_location="cpu", weights_only=True))
+    except pickle.UnpicklingError as e:
+        names = _unsafe_globals(path, e)
+        if names and ("GLOBAL" in str(e) or "global" in str(e)):
+            raise _refusal(path, names, what) from None
+        raise CheckpointError(f"{what} {path} is not a readable PyTorch checkpoint (truncated, corrupt or another format{_short(e)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"{what} {path} is not a readable PyTorch checkpoint (truncated, corrupt or another format{_short(e)})") from None
+
+
+def unwrap_checkpoint(checkpoint: dict[str, Any], use_ema: bool = False) -> dict[str, Tensor]:
+    """The weights inside a training checkpoint.
+
+    Args:
+        checkpoint: official ``{'model': …, 'state_dict_ema': …}``, Lightning ``{'state_dict': {'model.…': …}}`` or a bare state dict.
+        use_ema: prefer the EMA copy (``state_dict_ema``) when the checkpoint has one.
+
+    Returns:
+        The state dict, without a LightningModule's ``model.`` prefix.
+    """
+    if use_ema and isinstance(checkpoint.get("state_dict_ema"), dict):
+        return checkpoint["state_dict_ema"]
+    for key in ("model", "state_dict", "module"):
+        if key in checkpoint and isinstance(checkpoint[key], dict):
+            checkpoint = checkpoint[key]
+            break
+    if any(k.startswith("model.") for k in checkpoint):  # a LightningModule's "model." prefix
+        checkpoint = {k[len("model."):]: v for k, v in checkpoint.items() if k.startswith("model.")}
+    return checkpoint
+
+
+def load_state_dict_file(path: str | os.PathLike[str], use_ema: bool = False, what: str = "checkpoint") -> dict[str, Tensor]:
+    """The state dict inside a weights file (see :func:`load_checkpoint` and :func:`unwrap_checkpoint`).
+
+    Args:
+        path: a ``.safetensors``, ``.pth`` or ``.ckpt`` file.
+        use_ema: prefer the EMA weights when the file has them.
+        what: how errors name the file.
+
+    Returns:
+        ``{name: tensor}`` ready for the model family's ``checkpoint_filter_fn``.
+    """
+    ckpt = load_checkpoint(path, what)
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{what} {path} holds a {type(ckpt).__name__}, not a state dict; save model.state_dict() instead")
+    state = unwrap_checkpoint(ckpt, use_ema=use_ema)
+    if not state or not any(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(
+            f"{what} {path} holds no weights (keys: {sorted(map(str, ckpt))[:6]}); expected a state dict, "
+            "{'model': state_dict} or a Lightning checkpoint"
+        )
+    return state
+
+
+register_safe_globals()  # at import: timm's own loader (pretrained_cfg_overlay=dict(file=...)) benefits too
