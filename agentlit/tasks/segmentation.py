@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from ..models import unwrap_checkpoint
+from ..checkpoint import load_state_dict_file
 from ..models.segmentation import SegmentationModel, build_backbone, palette, slide_inference
 from ._schedule import warmup_poly
 from .base import TaskModule, pair
@@ -26,20 +26,14 @@ __all__ = ["SegmentationModule", "SegmentationModel", "build_backbone", "load_ch
 
 
 def load_checkpoint_file(path: str | Path) -> dict[str, Tensor]:
-    """Weights of a checkpoint file: official ``{'model': …}``, a Lightning checkpoint of ours
-    (``state_dict`` with the ``model.`` prefix) or a bare state dict (``.safetensors`` too)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """Weights of a backbone checkpoint file: official ``{'model': …}``, a Lightning checkpoint of
+    ours (``state_dict`` with the ``model.`` prefix) or a bare state dict (``.safetensors`` too),
+    loaded as data only (:mod:`agentlit.checkpoint`).
 
-        return load_file(str(path))
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # Lightning checkpoints may pickle hyper-parameter objects; the file is the user's own
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    return unwrap_checkpoint(ckpt)
+    Args:
+        path: the weights file.
+    """
+    return load_state_dict_file(path, what="backbone checkpoint")
 
 
 def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
