@@ -70,5 +70,18 @@ class AgentTrainer(Trainer):
         """
         from .export import export_weights
 
-        return str(export_weights(model, ckpt_path, output, use_ema=use_ema))
+        return str(export_weights(model, ckpt_path, output, use_ema=use_ema, datamodule=datamodule))
+
+    def _run(self, model: L.LightningModule, ckpt_path: Any = None, weights_only: bool | None = None) -> Any:
+        # Every --ckpt_path (fit/validate/test/predict, resume) is loaded as data only: a checkpoint
+        # holding code is refused in one line before Lightning opens it (agentlit.checkpoint).
+        if weights_only is False:
+            raise ValueError("agentlit loads checkpoints as data only (weights_only must stay True); "
+                             "convert other files to plain state dicts or .safetensors")
+        if ckpt_path is not None and "://" not in str(ckpt_path):
+            from .checkpoint import check_checkpoint_file
+
+            check_checkpoint_file(ckpt_path, what="--ckpt_path")
+        return super()._run(model, ckpt_path=ckpt_path, weights_only=True)
+
 

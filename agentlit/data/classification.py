@@ -25,6 +25,8 @@ class DigitsDataModule(ResumableDataModule):
     """
 
     num_classes = 10
+    # the data config `agentlit export` records: (x - 0.5) / 0.5 per channel, bilinear resize
+    mean, std, interpolation, crop_pct = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear", 1.0
 
     def __init__(
         self,
