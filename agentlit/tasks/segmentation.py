@@ -36,10 +36,6 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Tensor]:
     return load_state_dict_file(path, what="backbone checkpoint")
 
 
-def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
 class SegmentationModule(TaskModule):
     """Semantic segmentation with any ``features_only`` timm backbone (agent backbones included).
 
@@ -149,7 +145,7 @@ class SegmentationModule(TaskModule):
             batch_size: items in the batch.
             img_size: (H, W) of the images (None: :meth:`input_size`, else ``crop_size``).
         """
-        h, w = img_size or self.input_size() or _pair(self.hparams.crop_size)
+        h, w = img_size or self.input_size() or pair(self.hparams.crop_size)
         in_chans = int((self.hparams.backbone_kwargs or {}).get("in_chans", 3))
         x = torch.randn(batch_size, in_chans, h, w, device=self.device)
         return {"image": x, "mask": torch.randint(0, self.hparams.num_classes, (batch_size, h, w), device=self.device)}
@@ -184,7 +180,7 @@ class SegmentationModule(TaskModule):
     def _infer_once(self, x: Tensor) -> Tensor:
         if self.hparams.inference == "slide":
             return slide_inference(
-                self._whole, x, self.hparams.num_classes, _pair(self.hparams.crop_size), _pair(self.hparams.stride)
+                self._whole, x, self.hparams.num_classes, pair(self.hparams.crop_size), pair(self.hparams.stride)
             )
         return self._whole(x)
 
