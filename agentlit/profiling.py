@@ -301,7 +301,7 @@ def profile_module(
     if missing:
         raise ValueError(
             f"agentlit profile needs the task protocol, and {type(model).__qualname__} lacks {missing}: subclass "
-            "agentlit.tasks.TaskModule and define example_batch(batch_size, img_size)"
+            "agentlit.tasks.base.TaskModule and define example_batch(batch_size, img_size)"
         )
     t0 = time.perf_counter()
     device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")

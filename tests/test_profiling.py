@@ -267,7 +267,7 @@ def test_bad_arguments_give_clear_errors():
         def forward(self, x):
             return x
 
-    with pytest.raises(ValueError, match=r"needs the task protocol.*subclass agentlit.tasks.TaskModule"):
+    with pytest.raises(ValueError, match=r"needs the task protocol.*subclass agentlit.tasks.base.TaskModule"):
         profile_module(None, Plain(), verbose=False)
 
     class NoExample(TaskModule):
