@@ -289,3 +289,36 @@ def test_export_reloads_in_one_line_with_its_data_config(tmp_path):
 def test_export_file_mode_follows_umask(tmp_path, umask):
     _, path = _exported(tmp_path, umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+# -------------------------------------------------------------- our own checkpoints are plain data
+def test_fit_checkpoint_is_plain_data_and_resumes_with_weights_only(tmp_path):
+    from agentlit.data import DigitsDataModule
+    from agentlit.trainer import AgentTrainer
+
+    def trainer(steps: int) -> AgentTrainer:
+        return AgentTrainer(max_steps=steps, limit_val_batches=1, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=False)
+
+    dm = DigitsDataModule(img_size=16, batch_size=8)
+    first = trainer(1)
+    first.fit(ClassificationModule(**{**TINY, "num_classes": 10}), datamodule=dm)
+    ckpt = tmp_path / "step1.ckpt"
+    first.save_checkpoint(ckpt)
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(str(ckpt)) == []
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert raw["hyper_parameters"]["model_kwargs"]["embed_dim"] == 32
+    resumed = trainer(2)
+    resumed.fit(ClassificationModule(**{**TINY, "num_classes": 10}), datamodule=dm, ckpt_path=str(ckpt))
+    assert resumed.global_step == 2
+
+
+def test_segmentation_hparams_are_plain_data(tmp_path):
+    from agentlit.tasks.segmentation import SegmentationModule
+
+    kw = dict(img_size=32, embed_dims=[8, 8, 8, 8], num_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1],
+              mlp_ratios=[1, 1, 1, 1], agent_num=[4, 4, 4, 1])
+    m = SegmentationModule("agent_pvt_tiny", num_classes=2, backbone_kwargs=kw, out_indices=(0, 1, 2, 3),
+                           crop_size=(32, 32), head_channels=8, neck_channels=8)
+    torch.save({"hyper_parameters": dict(m.hparams), "state_dict": m.state_dict()}, tmp_path / "seg.ckpt")
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(str(tmp_path / "seg.ckpt")) == []
