@@ -112,3 +112,19 @@ def test_extra_pattern_that_matches_nothing_is_an_error():
         param_groups(nn.Linear(2, 2), 0.1, no_decay_extra=["*.gamma"])
     with pytest.raises(TypeError, match="nn.Module or a mapping"):
         param_groups([nn.Linear(2, 2)], 0.1)
+
+
+def test_ema_update_warms_up_then_uses_the_decay():
+    from agentlit.tasks._ema import ema_update
+
+    torch.manual_seed(0)
+    model, ema = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    model.weight.data.normal_()
+    model.running_mean.normal_()
+    e0, p = ema.weight.detach().clone(), model.weight.detach().clone()
+    ema_update(ema, model, step=0, max_decay=0.999)  # warm-up decay (1 + 0) / (10 + 0) = 0.1
+    torch.testing.assert_close(ema.weight, 0.1 * e0 + 0.9 * p)
+    assert torch.equal(ema.running_mean, model.running_mean)  # buffers copied, not averaged
+    e1 = ema.weight.detach().clone()
+    ema_update(ema, model, step=10**6, max_decay=0.999)  # warmed up: the configured decay
+    torch.testing.assert_close(ema.weight, 0.999 * e1 + 0.001 * p)

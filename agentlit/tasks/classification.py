@@ -11,6 +11,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..models import create_model, load_weights
+from ._ema import ema_update
 from ._schedule import warmup_cosine
 from .optim import create_optimizer, param_groups
 from ._util import latest_checkpoint
@@ -156,14 +157,8 @@ class ClassificationModule(TaskModule):
     @torch.no_grad()
     def update_ema(self) -> None:
         """One EMA step after an optimizer step; the decay warms up as in timm's ModelEmaV3."""
-        if self.ema is None:
-            return
-        step = self.global_step  # optimizer steps completed before this one
-        decay = min(self.hparams.ema_decay, (1 + step) / (10 + step))
-        for e, p in zip(self.ema.parameters(), self.model.parameters()):
-            e.lerp_(p.detach(), 1.0 - decay)
-        for e, b in zip(self.ema.buffers(), self.model.buffers()):
-            e.copy_(b)
+        if self.ema is not None:
+            ema_update(self.ema, self.model, self.global_step, self.hparams.ema_decay)
 
     def param_groups(self) -> list[dict[str, Any]]:
         """AdamW groups ``[decayed, not decayed]`` by the package's one rule (:mod:`agentlit.tasks.optim`):
