@@ -89,20 +89,27 @@ def _run_of_checkpoint(ckpt: Path, root: Path) -> int | None:
     return None
 
 
-def _drop_rows_from(metrics_csv: Path, step: int) -> None:
-    """Remove the rows an interrupted run logged after its checkpoint (``step >= step``) so the
-    resumed run's rows follow on without duplicates."""
+def _rows_before(metrics_csv: Path, step: int) -> tuple[list[str], list[dict[str, str]]]:
+    """The header and rows of ``metrics_csv`` logged before ``step``: what a resumed run carries
+    over (the interrupted run's rows after its checkpoint are logged again)."""
     if not metrics_csv.is_file():
-        return
+        return [], []
     with open(metrics_csv, newline="") as f:
         reader = csv.DictReader(f)
-        fields, rows = reader.fieldnames, list(reader)
-    kept = [r for r in rows if not (r.get("step") or "").isdigit() or int(r["step"]) < step]
-    if len(kept) != len(rows) and fields:
-        with open(metrics_csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(kept)
+        rows = [r for r in reader if not (r.get("step") or "").isdigit() or int(r["step"]) < step]
+        return list(reader.fieldnames or []), rows
+
+
+def _carry_over(logger: CSVLogger, fields: list[str], rows: list[dict[str, str]]) -> None:
+    """Put the earlier rows back in front of a resumed run's metrics.csv (Lightning's CSV writer
+    deletes an existing file when it opens the folder)."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    if rows and rank_zero_only.rank == 0:
+        experiment = logger.experiment
+        experiment.metrics_keys = list(fields)
+        experiment.metrics = list(rows)
+        experiment.save()
 
 
 # -------------------------------------------------------------------------------------- defaults
@@ -247,7 +254,7 @@ class AgentLitCLI(LightningCLI):
             root = Path(get("default_root_dir") or "runs")
             version = self.resume_version if getattr(self, "resume_version", None) is not None else _peek_version(root)
             loggers = [
-                (CSVLogger, dict(save_dir=str(root), name="", version=version)),
+                (CSVLogger, dict(save_dir=str(root), name="", version=version, flush_logs_every_n_steps=1)),
                 (TensorBoardLogger, dict(save_dir=str(root), name="", version=version, default_hp_metric=False)),
             ]
         if sub == "fit" and get("enable_checkpointing") is not False and not has(ModelCheckpoint, "ModelCheckpoint"):
@@ -283,14 +290,17 @@ class AgentLitCLI(LightningCLI):
             if self.resume_version is not None:
                 resumed_step = int(torch.load(self.config[sub].ckpt_path, map_location="cpu", weights_only=True,
                                               mmap=True).get("global_step", 0))
-                _drop_rows_from(run_dir / "metrics.csv", resumed_step)
+                carried = _rows_before(run_dir / "metrics.csv", resumed_step)
                 warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
             config["logger"] = [
-                CSVLogger(root, name="", version=version),
+                # written at every logging step: a killed run keeps its curves up to its last step
+                CSVLogger(root, name="", version=version, flush_logs_every_n_steps=1),
                 TensorBoardLogger(root, name="", version=version, default_hp_metric=False,
                                   **({"purge_step": resumed_step} if resumed_step else {})),
             ]
+            if resumed_step is not None:
+                _carry_over(config["logger"][0], *carried)
         if any(cls is ModelSummary for cls, _ in extra):
             config["enable_model_summary"] = False  # ours replaces Lightning's default (no "already configured" note)
         callbacks.extend(cls(**kwargs) for cls, kwargs in extra)

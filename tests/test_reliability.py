@@ -19,12 +19,14 @@ KILLER = textwrap.dedent(
     from lightning.pytorch.callbacks import Callback
 
     class KillAtStep(Callback):
-        '''SIGKILLs its own process when training reaches `step` (after that step's checkpoint).'''
-        def __init__(self, step: int):
-            self.step = step
+        '''Sends `signame` to its own process when training reaches `step` (SIGKILL: after that
+        step's checkpoint; SIGINT/SIGTERM: agentlit finishes the step and saves last.ckpt).'''
+        def __init__(self, step: int, signame: str = "SIGKILL"):
+            self.step, self.signame, self.sent = step, signame, False
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == self.step:
-                os.kill(os.getpid(), signal.SIGKILL)
+            if trainer.global_step == self.step and not self.sent:
+                self.sent = True
+                os.kill(os.getpid(), getattr(signal, self.signame))
     """
 )
 
@@ -38,33 +40,21 @@ def weights(ckpt: Path) -> dict:
     return torch.load(ckpt, map_location="cpu", weights_only=False)
 
 
-def assert_resume_is_exact(tmp_path: Path, common: list[str], kill_at: int, every: int, total: int) -> None:
-    """Run ``common`` straight; run it again, SIGKILL it mid-epoch at step ``kill_at`` (a checkpoint
-    exists), resume with ``--ckpt_path last``; the final checkpoints must be identical."""
+def _configs(tmp_path: Path, every: int, kill_at: int, signame: str) -> tuple[str, str]:
     (tmp_path / "killer.py").write_text(KILLER)
     checkpoints = f"""
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {{every_n_train_steps: {every}, save_last: true, save_top_k: -1}}
     """
     ckpt_cfg = overlay(tmp_path / "ckpt.yaml", checkpoints)
-    kill_cfg = overlay(tmp_path / "kill.yaml", checkpoints + f"""
+    kill_cfg = overlay(tmp_path / f"kill_{signame}.yaml", checkpoints + f"""
     - class_path: killer.KillAtStep
-      init_args: {{step: {kill_at}}}
+      init_args: {{step: {kill_at}, signame: {signame}}}
     """)
-    run_agentlit(*common, "--config", ckpt_cfg, "--trainer.default_root_dir", "straight", cwd=tmp_path)
+    return ckpt_cfg, kill_cfg
 
-    killed = run_agentlit(*common, "--config", kill_cfg, "--trainer.default_root_dir", "resumed", cwd=tmp_path, check=False)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    first = tmp_path / "resumed" / "version_0" / "checkpoints"
-    assert weights(first / "last.ckpt")["global_step"] == kill_at
-    resume = run_agentlit(*common, "--config", ckpt_cfg, "--trainer.default_root_dir", "resumed", "--ckpt_path", "last", cwd=tmp_path)
-    # it really resumed (a fresh start with the same seed would end with the same weights too)
-    assert f"Restoring states from the checkpoint path at {first / 'last.ckpt'}".replace(str(tmp_path) + "/", "") in resume.stderr + resume.stdout
-    logged = [r for r in csv.DictReader(open(tmp_path / "resumed" / "version_1" / "metrics.csv")) if r.get("step")]
-    assert logged and min(int(r["step"]) for r in logged) >= kill_at
 
-    straight = weights(tmp_path / "straight" / "version_0" / "checkpoints" / "last.ckpt")
-    resumed = weights(tmp_path / "resumed" / "version_1" / "checkpoints" / "last.ckpt")
+def assert_same_state(straight: dict, resumed: dict, total: int) -> None:
     assert straight["global_step"] == resumed["global_step"] == total
     assert straight["state_dict"].keys() == resumed["state_dict"].keys()
     for k, v in straight["state_dict"].items():
@@ -72,20 +62,79 @@ def assert_resume_is_exact(tmp_path: Path, common: list[str], kill_at: int, ever
     for a, b in zip(straight["optimizer_states"][0]["state"].values(), resumed["optimizer_states"][0]["state"].values()):
         assert all(torch.equal(a[s], b[s]) for s in a)
     assert straight["lr_schedulers"] == resumed["lr_schedulers"]
-    # the interrupted run's files are untouched; the resumed run wrote a new run folder
-    assert weights(first / "last.ckpt")["global_step"] == kill_at
 
 
+def interrupt_and_resume(tmp_path: Path, common: list[str], root: str, kill_at: int, every: int,
+                         signame: str = "SIGKILL") -> dict:
+    """Run ``common`` under ``root``, interrupt it with ``signame`` at step ``kill_at``, resume with
+    ``--ckpt_path last``; checks the run continued in the same folder; returns the final checkpoint."""
+    ckpt_cfg, kill_cfg = _configs(tmp_path, every, kill_at, signame)
+    killed = run_agentlit(*common, "--config", kill_cfg, "--trainer.default_root_dir", root, cwd=tmp_path, check=False)
+    run = tmp_path / root / "version_0"
+    first = run / "checkpoints"
+    if signame == "SIGKILL":
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+        saved_at = kill_at  # the last periodic checkpoint
+    else:
+        # the step under way finishes, last.ckpt is written at the signal, its path and the resume command are printed
+        assert killed.returncode == 128 + getattr(signal, signame), killed.stderr[-3000:]
+        saved_at = kill_at + 1
+        assert saved_at % every, "choose kill_at so that no periodic checkpoint falls on the interrupted step"
+        assert f"checkpoint: {Path(root) / 'version_0' / 'checkpoints' / 'last.ckpt'}" in killed.stderr, killed.stderr
+        assert "resume with: agentlit fit" in killed.stderr and "--ckpt_path last" in killed.stderr
+        assert "Traceback" not in killed.stderr
+    assert weights(first / "last.ckpt")["global_step"] == saved_at
+    resume = run_agentlit(*common, "--config", ckpt_cfg, "--trainer.default_root_dir", root, "--ckpt_path", "last", cwd=tmp_path)
+    out = resume.stderr + resume.stdout
+    # it really resumed (a fresh start with the same seed would end with the same weights too) ...
+    assert f"Restoring states from the checkpoint path at {first / 'last.ckpt'}".replace(str(tmp_path) + "/", "") in out
+    # ... in the same run folder: same logs, same checkpoint folder, no warning about it
+    assert sorted(p.name for p in (tmp_path / root).iterdir()) == ["version_0"]
+    assert "dirpath has changed" not in out and "exists and is not empty" not in out
+    # one metrics.csv, the rows logged after the checkpoint by the interrupted run not repeated
+    assert logged_steps(run) == logged_steps(tmp_path / "straight" / "version_0")
+    return weights(first / "last.ckpt")
+
+
+def logged_steps(run: Path) -> list[tuple[int, str]]:
+    """(step, metric) of every value in ``run``'s metrics.csv, in file order."""
+    return [(int(r["step"]), k) for r in csv.DictReader(open(run / "metrics.csv")) for k, v in r.items()
+            if v and k not in ("step", "epoch")]
+
+
+def assert_resume_is_exact(tmp_path: Path, common: list[str], kill_at: int, every: int, total: int) -> None:
+    """Run ``common`` straight; run it again, SIGKILL it mid-epoch at step ``kill_at`` (a checkpoint
+    exists), resume with ``--ckpt_path last``; the final checkpoints must be identical."""
+    ckpt_cfg, _ = _configs(tmp_path, every, kill_at, "SIGKILL")
+    run_agentlit(*common, "--config", ckpt_cfg, "--trainer.default_root_dir", "straight", cwd=tmp_path)
+    resumed = interrupt_and_resume(tmp_path, common, "resumed", kill_at, every)
+    assert_same_state(weights(tmp_path / "straight" / "version_0" / "checkpoints" / "last.ckpt"), resumed, total)
+
+
+# Everything random that shapes training is on: augmentation, mixup/cutmix, drop path, EMA.
+CLASSIFICATION = ["fit", "--config", QUICKSTART, *TINY, "--data.batch_size", "32", "--trainer.limit_train_batches", "10",
+                  "--trainer.max_epochs", "3", "--model.mixup_alpha", "0.8", "--model.cutmix_alpha", "1.0",
+                  "--model.drop_path_rate", "0.1", "--model.ema_decay", "0.9", "--model.warmup_epochs", "1"]
+
+
+@pytest.mark.slow
 def test_resume_after_sigkill_is_exact(tmp_path):
-    # Everything random that shapes training is on: augmentation, mixup/cutmix, drop path, EMA.
-    common = ["fit", "--config", QUICKSTART, *TINY, "--data.batch_size", "32", "--trainer.limit_train_batches", "10",
-              "--trainer.max_epochs", "3", "--model.mixup_alpha", "0.8", "--model.cutmix_alpha", "1.0",
-              "--model.drop_path_rate", "0.1", "--model.ema_decay", "0.9", "--model.warmup_epochs", "1"]
-    assert_resume_is_exact(tmp_path, common, kill_at=15, every=5, total=30)  # killed mid-epoch 1 of 10 batches
+    assert_resume_is_exact(tmp_path, CLASSIFICATION, kill_at=15, every=5, total=30)  # killed mid-epoch 1 of 10 batches
     straight = weights(tmp_path / "straight" / "version_0" / "checkpoints" / "last.ckpt")
     assert any(k.startswith("ema.") for k in straight["state_dict"])
 
 
+@pytest.mark.slow
+def test_ctrl_c_and_sigterm_save_a_checkpoint_and_resume_exactly(tmp_path):
+    common = [a if a != "3" else "2" for a in CLASSIFICATION]  # 2 epochs of 10 steps
+    ckpt_cfg, _ = _configs(tmp_path, 5, 0, "SIGKILL")
+    run_agentlit(*common, "--config", ckpt_cfg, "--trainer.default_root_dir", "straight", cwd=tmp_path)
+    straight = weights(tmp_path / "straight" / "version_0" / "checkpoints" / "last.ckpt")
+    for signame, at in (("SIGINT", 6), ("SIGTERM", 12)):  # mid-epoch 0 and mid-epoch 1
+        assert_same_state(straight, interrupt_and_resume(tmp_path, common, signame.lower(), at, 5, signame), 20)
+
+
+@pytest.mark.slow
 def test_segmentation_resume_after_sigkill_is_exact(tmp_path):
     # joint image/mask augmentation (random resize-crop, flip, photometric) + drop path
     common = ["fit", "--config", str(ROOT / "configs" / "segmentation" / "quickstart.yaml"),
@@ -96,6 +145,7 @@ def test_segmentation_resume_after_sigkill_is_exact(tmp_path):
     assert_resume_is_exact(tmp_path, common, kill_at=9, every=3, total=12)  # 6 batches per epoch
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path):
     common = ["fit", "--config", QUICKSTART, *TINY, "--trainer.max_steps", "4", "--trainer.accelerator", "cpu",
               "--model.drop_path_rate", "0.0", "--trainer.limit_val_batches", "0", "--model.warmup_epochs", "0"]
@@ -137,6 +187,7 @@ def test_train_sampler_split_matches_single_process_and_resumes():
     assert [i for _, i in resumed] == order  # the skip applies to the interrupted epoch only once
 
 
+@pytest.mark.slow
 def test_quickstart_trains_in_bf16_mixed_on_cpu(tmp_path):
     from agentlit.cli import cli
 
