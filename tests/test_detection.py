@@ -395,3 +395,40 @@ def test_two_config_coco_path_trains_and_tests(coco_root, tmp_path):
     assert "COCODetectionDataModule" in cfg and "num_classes: 3" in cfg
     out = run_agentlit("test", "--config", quick, "--config", str(mine), *tiny, "--ckpt_path", str(ckpt), cwd=tmp_path)
     assert "test/bbox_mAP" in out.stdout and "test/segm_mAP" in out.stdout
+
+
+# ----------------------------------------------------------------------------- recipes
+# The paper's mmdet COCO recipes: (lr, weight decay, decay on every parameter, drop path, milestones).
+RECIPES = {
+    **{f"coco_mask_rcnn_agent_pvt_{k}_1x": (2e-4, 1e-4, True, dp, [8, 11]) for k, dp in zip("tsml", (0.1, 0.2, 0.1, 0.2))},
+    **{f"coco_retinanet_agent_pvt_{k}_1x": (1e-4, 1e-4, True, dp, [8, 11]) for k, dp in zip("tsml", (0.1, 0.1, 0.2, 0.3))},
+    **{f"coco_mask_rcnn_agent_swin_{k}_1x": (1e-4, 0.05, False, 0.1, [8, 11]) for k in "ts"},
+    **{f"coco_mask_rcnn_agent_swin_{k}_3x": (1e-4, 0.05, False, 0.1, [27, 33]) for k in "ts"},
+}
+
+
+def test_every_coco_recipe_is_listed():
+    files = {p.stem for p in (ROOT / "configs" / "detection").glob("coco_*.yaml")}
+    assert files == set(RECIPES)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_coco_recipe_matches_paper_and_builds(name, monkeypatch):
+    import yaml
+
+    monkeypatch.setattr(DetectionModule, "_metric", lambda self: torch.nn.Identity())  # metrics hold no meta state
+
+    cfg = yaml.safe_load((ROOT / "configs" / "detection" / f"{name}.yaml").read_text())
+    lr, wd, decay_all, dp, milestones = RECIPES[name]
+    m, d, t = cfg["model"]["init_args"], cfg["data"]["init_args"], cfg["trainer"]
+    assert (m["lr"], m["weight_decay"], m["decay_all"], m["backbone_kwargs"]["drop_path_rate"]) == (lr, wd, decay_all, dp)
+    assert m["milestones"] == milestones and t["max_epochs"] == (36 if "3x" in name else 12)
+    assert (m["warmup_iters"], m["warmup_ratio"], m["num_classes"], m["max_size"]) == (500, 1e-3, 80, 1333)
+    assert t["devices"] * d["batch_size"] == 16 and "gradient_clip_val" not in t
+    swin = "swin" in name
+    assert m["backbone_kwargs"]["agent_num"] == ([[9, 9], [12, 12], [14, 14], [7, 7]] if swin else [[12, 12], [16, 16], [28, 28], [28, 28]])
+    assert m["min_size"] == (list(range(480, 801, 32)) if swin else 800)
+    assert d["augment"] == ("multiscale_crop" if swin else "flip") and m.get("out_norm", False) == swin
+    with torch.device("meta"):
+        module = DetectionModule(**m)
+    assert module.model.backbone.fpn.inner_blocks[0][0].out_channels == 256
