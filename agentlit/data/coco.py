@@ -36,7 +36,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from .base import ResumableDataModule
 from .instances import INSTANCE_CLASSES, InstanceShapesDataset
-from .io import load_rgb
+from .io import IMG_EXTENSIONS, load_rgb
 from .sampling import EpochSeededDataset
 
 __all__ = [
@@ -51,7 +51,6 @@ __all__ = [
     "detection_collate",
 ]
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _BOX_TOLERANCE = 1.0  # pixels a box may stick out of its image (rounding in real annotation files)
 
 
@@ -338,12 +337,7 @@ class DetectionDataModule(ResumableDataModule):
         return self.train_loader(self.train_set, collate_fn=detection_collate)
 
     def _eval(self, dataset: Dataset) -> DataLoader:
-        from .sampling import EvalDistributedSampler
-
-        replicas, rank = self._world()  # every image evaluated exactly once
-        sampler = EvalDistributedSampler(dataset, replicas, rank) if replicas > 1 else None
-        return DataLoader(dataset, batch_size=self.val_batch_size, sampler=sampler, shuffle=False,
-                          collate_fn=detection_collate, **self._loader_kwargs({}))
+        return self.eval_loader(dataset, batch_size=self.val_batch_size, collate_fn=detection_collate)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval(self.val_set)
