@@ -172,7 +172,9 @@ def load_exported(path: str | os.PathLike[str], **kwargs: Any) -> nn.Module:
     import agentlit.models  # noqa: F401  (registers the agent models)
 
     meta = read_export_metadata(path)
-    overlay = dict(meta["pretrained_cfg"], file=str(path))
+    # JSON gives lists; timm's configs hold tuples (input_size, mean, std, label_names)
+    overlay = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["pretrained_cfg"].items()}
+    overlay["file"] = str(path)
     model = timm.create_model(
         meta["architecture"], pretrained=True, pretrained_cfg_overlay=overlay, **{**meta["model_kwargs"], **kwargs}
     )
