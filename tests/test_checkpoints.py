@@ -103,7 +103,13 @@ def test_no_weights_only_false_in_the_package():
 
 
 def test_safe_globals_are_registered_at_import():
-    names = set(torch.serialization._weights_only_unpickler._get_user_allowed_globals())
+    import subprocess
+
+    # a fresh interpreter: `import agentlit` (registering when timm is imported) is all it takes
+    code = ("import agentlit, timm, torch, json; "
+            "print(json.dumps(sorted(torch.serialization._weights_only_unpickler._get_user_allowed_globals())))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    names = set(json.loads(out.stdout.strip().splitlines()[-1]))
     assert {"yacs.config.CfgNode", "argparse.Namespace", "numpy.dtype", "numpy._core.multiarray.scalar",
             "numpy.core.multiarray.scalar", "numpy._core.multiarray._reconstruct"} <= names
     runs_code = {"builtins.eval", "builtins.exec", "builtins.compile", "builtins.getattr", "builtins.__import__",
