@@ -44,6 +44,7 @@ def quiet_library_noise() -> None:
     Lightning's info lines to stdout so stderr carries only warnings and errors."""
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
+    warnings.filterwarnings("ignore", message=r"Precision .* is not supported by the model summary")
     # parse_arguments always hands LightningCLI an explicit list (it strips --print_config)
     warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
     warnings.filterwarnings("ignore", message=r"The '\w+_dataloader' does not have many workers")
@@ -212,7 +213,7 @@ class AgentLitCLI(LightningCLI):
         sub = self.config.get("subcommand")
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if ckpt and Path(ckpt).is_file():
-            check_checkpoint_file(ckpt)
+            self._check_checkpoint_content(sub, ckpt)
             try:
                 super()._parse_ckpt_path()
             except (argparse.ArgumentError, SystemExit) as err:
@@ -221,6 +222,24 @@ class AgentLitCLI(LightningCLI):
                 raise ConfigError(
                     f"checkpoint {ckpt} does not fit {wanted}: {explain_parse_error(str(err), self.parser, [])}"
                     "; use a checkpoint written by `agentlit fit` with this config") from err
+
+    def _check_checkpoint_content(self, sub: str, ckpt: str) -> None:
+        """A Lightning checkpoint of the configured task, or one sentence saying what it is instead."""
+        from .checkpoint import load_checkpoint  # data only; unreadable or unsafe files → one-line CheckpointError
+
+        data = load_checkpoint(ckpt, "--ckpt_path")
+        if not isinstance(data, dict) or "state_dict" not in data:
+            kind = "a plain state dict" if isinstance(data, dict) and data and all(
+                isinstance(v, torch.Tensor) for v in data.values()) else "not a Lightning checkpoint"
+            raise ConfigError(
+                f"--ckpt_path {ckpt} is {kind}; --ckpt_path takes a checkpoint written by `agentlit fit` "
+                "(to start from these weights, set the model's checkpoint_path, e.g. --model.checkpoint_path)")
+        saved = (data.get("hyper_parameters") or {}).get("_class_path")
+        model = self.config[sub].get("model")
+        wanted = getattr(model, "class_path", None)
+        if saved and wanted and saved != wanted:
+            raise ConfigError(f"checkpoint {ckpt} was written by {saved}, but the config builds {wanted}; "
+                              "use the config the checkpoint was trained with")
 
     def _print_effective_config(self, sub: str | None, flag: str) -> None:
         """``--print_config``: the resolved config with the loggers and callbacks agentlit adds
@@ -372,30 +391,6 @@ def has_configured_weights(model: Any) -> bool:
     return any(v for k, v in hparams.items() if "pretrained" in k or "checkpoint" in k)
 
 
-# -------------------------------------------------------------------------------- checkpoint files
-def check_checkpoint_file(path: str | Path) -> None:
-    """Raise :class:`ConfigError` (one sentence) when ``path`` cannot be a readable checkpoint:
-    empty, truncated, or not a torch/safetensors file."""
-    import zipfile
-
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except OSError as err:
-        raise ConfigError(f"--ckpt_path {path} cannot be read ({err.strerror or err})") from err
-    if size == 0:
-        raise ConfigError(f"--ckpt_path {path} is empty (0 bytes); pass a checkpoint written by `agentlit fit`")
-    if head.startswith(b"PK"):
-        if not zipfile.is_zipfile(path):
-            raise ConfigError(f"--ckpt_path {path} is truncated or corrupt (its zip directory is missing); "
-                              "use another checkpoint, e.g. the run's last.ckpt or the best one")
-        return
-    if not head.startswith(b"\x80"):  # not a (legacy) pickle either
-        raise ConfigError(f"--ckpt_path {path} is not a PyTorch checkpoint; pass a .ckpt file written by `agentlit fit`")
-
-
 # ------------------------------------------------------------------------------------ parse errors
 def _valid_options(parser: Any, args: list[str]) -> list[str]:
     """Every ``--a.b`` option of the sub-command being parsed."""
@@ -457,6 +452,21 @@ def explain_parse_error(text: str, parser: Any, args: list[str]) -> str:
         key = bad[0].split("=", 1)[0]
         close = difflib.get_close_matches(key, _valid_options(parser, args), n=1, cutoff=0.6)
         return f"unknown option {key}" + (f"; did you mean {close[0]}?" if close else "; see `agentlit <sub-command> --help`")
+    m = re.search(r"does not accept option '([\w.]+)'", text)
+    if m:
+        key = m.group(1)
+        close = difflib.get_close_matches("--" + key, _valid_options(parser, args), n=1, cutoff=0.6)
+        return f"unknown key '{key}' in the config" + (f"; did you mean '{close[0][2:]}'?" if close else "")
+    m = re.search(r"Problems parsing config:\s*(.*)", text, re.S)
+    if m:
+        import yaml
+
+        bad = [c for c in _config_files(args) if _yaml_error(c)]
+        where = f"--config {bad[0]}" if bad else "a --config file"
+        return f"{where} is not valid YAML: " + " ".join(m.group(1).replace('in "<unicode string>", ', "").split())
+    m = re.search(r"File does not exist: '([^']+)'", text)
+    if m:
+        return f"--config {m.group(1)} does not exist"
     m = re.search(r"Key \"?([\w.]+)\"? is not expected", text) or re.search(r"No action for key \"?([\w.]+)\"?", text)
     if m:
         key = m.group(1)
@@ -464,6 +474,21 @@ def explain_parse_error(text: str, parser: Any, args: list[str]) -> str:
         close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
         return f"unknown key '{key}' in the config" + (f"; did you mean '{close[0]}'?" if close else "")
     return unwrap_error_text(text)
+
+
+def _config_files(args: list[str]) -> list[str]:
+    return [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--config", "-c")] + [
+        a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+
+
+def _yaml_error(path: str) -> bool:
+    import yaml
+
+    try:
+        yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return True
+    return False
 
 
 # ---------------------------------------------------------------------------------------- summary

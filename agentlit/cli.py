@@ -167,6 +167,8 @@ def describe_error(err: BaseException, argv: list[str] | None = None) -> str | N
     names = {k.__name__ for k in type(err).__mro__}
     text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
     ckpt = _arg_value(argv or [], "--ckpt_path") or ""
+    if "CheckpointError" in names or "ConfigError" in names:  # already phrased for the user
+        return unwrap_error_text(text)
     if "No supported gpu backend found" in text or re.search(r"CUDA.*(not available|can not run)", text):
         return _GPU_HINT
     if "Weights only load failed" in text or "weights_only" in text:
