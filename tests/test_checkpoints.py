@@ -144,6 +144,16 @@ def test_segmentation_backbone_checkpoint_refuses(evil):
         SegmentationModule("agent_pvt_tiny", num_classes=2, backbone_kwargs=kw, backbone_checkpoint=str(evil[0]))
 
 
+def test_detection_backbone_checkpoint_refuses(evil):
+    from agentlit.tasks.detection import DetectionModule
+
+    kw = dict(img_size=32, embed_dims=[8, 8, 8, 8], num_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1],
+              mlp_ratios=[1, 1, 1, 1], agent_num=[4, 4, 4, 1])
+    with pytest.raises(CheckpointError, match=REFUSAL):
+        DetectionModule("agent_pvt_tiny", num_classes=2, backbone_kwargs=kw, fpn_channels=8,
+                        backbone_checkpoint=str(evil[0]))
+
+
 def test_export_refuses(evil, tmp_path):
     with pytest.raises(CheckpointError, match=REFUSAL):
         export_weights(ClassificationModule(**TINY), str(evil[0]), tmp_path / "out.safetensors")
