@@ -15,16 +15,18 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["AgentAttention", "agent_attention", "models", "__version__"]
+__all__ = ["AgentAttention", "agent_attention", "load_exported", "models", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import models
     from .core import AgentAttention, agent_attention
+    from .export import load_exported
 
 # public name -> (module, attribute or None for the module itself), imported on first access
 _LAZY = {
     "AgentAttention": (".core", "AgentAttention"),
     "agent_attention": (".core", "agent_attention"),
+    "load_exported": (".export", "load_exported"),
     "models": (".models", None),
 }
 
