@@ -3,7 +3,9 @@ that ``agentlit.tasks`` / ``agentlit.data`` export (new ones included) has a hel
 jsonargparse from the class's Google-style ``Args:`` section, one line per parameter."""
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 import re
 
 import lightning as L
@@ -13,12 +15,24 @@ import agentlit.data
 import agentlit.tasks
 
 
-def _exported(module, base: type) -> list[type]:
-    return [obj for name in module.__all__ if inspect.isclass(obj := getattr(module, name)) and issubclass(obj, base)]
+def _classes(package, base: type) -> list[type]:
+    """What ``package.__all__`` exports, and every public ``base`` subclass defined in one of its modules
+    (so a new task or DataModule is checked before it is exported). Bases without options are skipped."""
+    found = {obj for name in package.__all__ if inspect.isclass(obj := getattr(package, name)) and issubclass(obj, base)}
+    for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+        module = importlib.import_module(info.name)
+        found |= {obj for name, obj in vars(module).items() if inspect.isclass(obj) and issubclass(obj, base)
+                  and obj.__module__ == module.__name__ and not name.startswith("_")}
+    return sorted((c for c in found if _init_params(c)), key=lambda c: c.__name__)
 
 
-TASKS = _exported(agentlit.tasks, L.LightningModule)
-DATA = _exported(agentlit.data, L.LightningDataModule)
+def _init_params(cls: type) -> set[str]:
+    return {n for n, p in inspect.signature(cls.__init__).parameters.items()
+            if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+TASKS = _classes(agentlit.tasks, L.LightningModule)
+DATA = _classes(agentlit.data, L.LightningDataModule)
 CASES = [("model", c) for c in TASKS] + [("data", c) for c in DATA]
 
 
@@ -49,11 +63,6 @@ def _undocumented(text: str, prefix: str) -> tuple[list[str], list[str]]:
     return missing, names
 
 
-def _init_params(cls: type) -> set[str]:
-    return {n for n, p in inspect.signature(cls.__init__).parameters.items()
-            if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-
-
 def test_there_is_something_to_check():
     names = {c.__name__ for c in TASKS + DATA}
     assert {"ClassificationModule", "SegmentationModule", "GenerationModule"} <= names
@@ -62,7 +71,7 @@ def test_there_is_something_to_check():
 
 @pytest.mark.parametrize("group,cls", CASES, ids=[c.__name__ for _, c in CASES])
 def test_every_init_arg_has_a_help_line(group, cls, capsys):
-    path = f"{cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}"  # the exported path, e.g. agentlit.tasks.X
+    path = f"{cls.__module__}.{cls.__name__}"
     text = _help_text(["fit", f"--{group}.help", path], capsys)
     missing, names = _undocumented(text, group)
     listed = {n.split(".", 1)[1] for n in names if n.count(".") == 1}
