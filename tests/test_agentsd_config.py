@@ -31,6 +31,7 @@ def test_config_object_kwargs_and_mapping_give_the_same_state():
     on_top = get_state(apply_patch(unet, cfg, agent_steps=7)).config
     assert on_top == dataclasses.replace(cfg, agent_steps=7) and cfg.agent_steps == 5
     assert get_state(apply_patch(unet)).config == AgentSDConfig()
+    assert get_state(apply_patch(unet, 0.3, agent_steps=5)).config == cfg  # tomesd's positional ratio
     state = get_state(unet)
     state.step = 0
     assert state.phase() == (4, 4, 0.95)
@@ -54,7 +55,7 @@ def test_every_way_in_is_validated_by_the_config(bad, match):
     with pytest.raises(ValueError, match=match):
         apply_patch(_Wrap(), **bad)
     with pytest.raises(ValueError, match=match):
-        apply_patch(_Wrap(), AgentSDConfig(), **bad)
+        apply_patch(_Wrap(), config=AgentSDConfig(), **bad)
     with pytest.raises(ValueError, match=match):
         AgentSDConfig.build(bad)
 
@@ -65,4 +66,6 @@ def test_unknown_setting_names_the_valid_ones():
     with pytest.raises(ValueError, match=r"\['merge'\]"):
         apply_patch(_Wrap(), {"merge": 1})
     with pytest.raises(TypeError, match="AgentSDConfig or a mapping"):
-        apply_patch(_Wrap(), 0.5)
+        AgentSDConfig.build(0.5)
+    with pytest.raises(ValueError, match="pass the settings once"):
+        apply_patch(_Wrap(), AgentSDConfig(), config=AgentSDConfig())
