@@ -45,6 +45,8 @@ def quiet_library_noise() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
     warnings.filterwarnings("ignore", message=r"Precision .* is not supported by the model summary")
+    # pin_memory is the data modules' default for GPUs; on a CPU-only machine it is simply unused
+    warnings.filterwarnings("ignore", message=r"'pin_memory' argument is set as true but no accelerator is found")
     # parse_arguments always hands LightningCLI an explicit list (it strips --print_config)
     warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
     warnings.filterwarnings("ignore", message=r"The '\w+_dataloader' does not have many workers")

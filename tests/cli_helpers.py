@@ -25,3 +25,35 @@ def run_agentlit(*args: str, cwd: Path, check: bool = True) -> subprocess.Comple
     if check and proc.returncode != 0:
         raise AssertionError(f"agentlit {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def run_main(*args: str, cwd: Path | None = None) -> tuple[int, str, str]:
+    """``agentlit.cli.main(ARGS)`` in this process (no interpreter start-up: for the many error
+    cases): (exit status, stdout, stderr), with the warnings a user would see appended to stderr."""
+    import contextlib
+    import io
+    import warnings
+
+    from agentlit import _lightning_cli
+    from agentlit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old_cwd = Path.cwd()
+    os.environ.pop("AGENTLIT_RUN_VERSION", None)
+    _lightning_cli.CREATED_RUN_DIRS.clear()
+    code = 0
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("default")  # what a user's interpreter shows
+            warnings.filterwarnings("ignore", category=DeprecationWarning)  # shown only for __main__ outside tests
+            try:
+                main(list(args))
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        os.chdir(old_cwd)
+        os.environ.pop("AGENTLIT_RUN_VERSION", None)
+    shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, "") for w in seen)
+    return code, out.getvalue(), err.getvalue() + shown

@@ -150,3 +150,127 @@ def test_non_finite_loss_stops_with_step_and_last_checkpoint(tmp_path):
     with pytest.raises(FloatingPointError, match=r"non-finite training loss \(nan\) at global step 0, epoch 0; "
                                                  r"the last good checkpoint is none written yet"):
         trainer.fit(ClassificationModule(**TINY), datamodule=_NaNData())
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line: each case exits with status 2 and at most three lines on stderr, no traceback.
+# They fail before any training, so they run in this process (agentlit.cli.main) to stay fast.
+# ------------------------------------------------------------------------------------------------
+from cli_helpers import QUICKSTART, run_main  # noqa: E402
+from cli_helpers import TINY as TINY_ARGS  # noqa: E402
+
+
+def _fit(*extra: str) -> list[str]:
+    return ["fit", "--config", QUICKSTART, *TINY_ARGS, "--trainer.default_root_dir", "runs", "--trainer.max_steps", "1", *extra]
+
+
+def _test(*extra: str) -> list[str]:
+    return ["test", "--config", QUICKSTART, *TINY_ARGS, "--trainer.default_root_dir", "runs", *extra]
+
+
+def assert_one_line_error(code: int, stderr: str, expected: str) -> None:
+    import re
+
+    assert code == 2, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert len(stderr.strip().splitlines()) <= 3, stderr[-3000:]
+    assert re.search(expected, stderr), stderr[-3000:]
+    assert "weights_only" not in stderr  # never advice to load untrusted pickles
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    """A real checkpoint of the TINY quickstart model, and broken/foreign variants of it."""
+    import fractions
+
+    root = tmp_path_factory.mktemp("ckpts")
+    code, out, err = run_main(*_fit("--trainer.limit_val_batches", "0"), cwd=root)
+    assert code == 0, err[-3000:]
+    good = root / "runs" / "version_0" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(good, map_location="cpu", weights_only=True)
+    torch.save({**ckpt, "hyper_parameters": {"_class_path": "agentlit.tasks.SegmentationModule", "num_classes": 6}},
+               root / "other_task.ckpt")
+    wider = ClassificationModule(**{**TINY, "num_classes": 10, "model_kwargs": {**TINY["model_kwargs"], "embed_dim": 64}})
+    torch.save({k: v for k, v in ckpt.items() if k != "hyper_parameters"} | {"state_dict": wider.state_dict()},
+               root / "other_arch.ckpt")
+    torch.save(wider.state_dict(), root / "plain.pth")
+    torch.save({"state_dict": {}, "config": fractions.Fraction(1, 3)}, root / "object.ckpt")
+    (root / "truncated.ckpt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (root / "notes.ckpt").write_text("not a checkpoint")
+    (root / "badkey.yaml").write_text("trainer:\n  max_epoch: 3\n")
+    (root / "broken.yaml").write_text("trainer: [unclosed\n")
+    return root
+
+
+CLI_CASES = {
+    "unknown model name": (_fit("--model.model_name", "agent_deit_tiyn"),
+                           r"unknown model name 'agent_deit_tiyn'; closest registered names: \['agent_deit_tiny'"),
+    "unknown model argument": (_fit("--model.learning_rate", "1"),
+                               r"--model.learning_rate: agentlit.tasks.ClassificationModule has no argument 'learning_rate'; valid: .*\blr\b"),
+    "misspelt model argument": (_fit("--model.drop_path", "0.1"), r"did you mean --model.drop_path_rate\?"),
+    "misspelt data argument": (_fit("--data.batchsize", "8"), r"did you mean --data.batch_size\?"),
+    "misspelt trainer option": (_fit("--trainer.max_epocs", "1"), r"unknown option --trainer.max_epocs; did you mean --trainer.max_epochs\?"),
+    "unknown key in a YAML file": (_fit("--config", "{files}/badkey.yaml"),
+                                   r"unknown key 'trainer.max_epoch' in the config; did you mean 'trainer.max_epochs'\?"),
+    "YAML syntax error": (_fit("--config", "{files}/broken.yaml"), r"--config .*broken.yaml is not valid YAML: .*line 1"),
+    "missing config file": (["fit", "--config", "{files}/nope.yaml"], r"--config .*nope.yaml does not exist"),
+    "value of the wrong type": (_fit("--trainer.max_epochs", "many"), r"trainer.max_epochs.*expected int \(got many\)"),
+    "unknown class path": (_fit("--data", "agentlit.data.DigitModule"),
+                           r"agentlit.data has no class 'DigitModule'; did you mean agentlit.data.DigitsDataModule\?"),
+    "unknown sub-command": (["fitt", "--config", QUICKSTART], r"invalid choice: 'fitt'"),
+    "no sub-command": ([], r"choose a sub-command: fit, validate, test, predict"),
+    "zero batch size": (_fit("--data.batch_size", "0"), r"batch_size should be a positive integer"),
+    "test without trained weights": (_test(), r"`agentlit test` needs trained weights: pass --ckpt_path .*--ckpt_path none"),
+    "predict without trained weights": (["predict", *_test()[1:]], r"`agentlit predict` needs trained weights"),
+    "checkpoint file missing": (_test("--ckpt_path", "{files}/nope.ckpt"), r"--ckpt_path .*nope.ckpt does not exist"),
+    "checkpoint path is a folder": (_test("--ckpt_path", "{files}/runs"), r"is a folder; pass a checkpoint file such as .*last.ckpt"),
+    "checkpoint is not a checkpoint": (_test("--ckpt_path", "{files}/notes.ckpt"), r"notes.ckpt is not a readable PyTorch checkpoint"),
+    "truncated checkpoint": (_test("--ckpt_path", "{files}/truncated.ckpt"), r"truncated.ckpt is not a readable PyTorch checkpoint \(truncated"),
+    "checkpoint holding code objects": (_test("--ckpt_path", "{files}/object.ckpt"), r"object.ckpt needs Python objects .*fractions.Fraction"),
+    "checkpoint of another task": (_test("--ckpt_path", "{files}/other_task.ckpt"),
+                                   r"was written by agentlit.tasks.SegmentationModule, but the config builds agentlit.tasks.ClassificationModule"),
+    "checkpoint of another architecture": (_test("--ckpt_path", "{files}/other_arch.ckpt"),
+                                           r"other_arch.ckpt does not fit the configured ClassificationModule: shape mismatches \(\d+\): model.cls_token"),
+    "plain state dict as --ckpt_path": (_test("--ckpt_path", "{files}/plain.pth"), r"plain.pth is a plain state dict; .*--model.checkpoint_path"),
+    "--ckpt_path last without a run": (_test("--ckpt_path", "last"), r"--ckpt_path last: no run under runs has a checkpoints/last.ckpt"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_cli_mistake_is_one_line(case, files, tmp_path):
+    args, expected = CLI_CASES[case]
+    code, out, err = run_main(*[a.replace("{files}", str(files)) for a in args], cwd=tmp_path)
+    assert_one_line_error(code, err, expected)
+    assert not list(tmp_path.glob("runs/version_*")), "a failed command left a run folder behind"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the recipe runs on a machine with a GPU")
+def test_gpu_recipe_without_gpu_names_the_cpu_overrides(tmp_path):
+    code, out, err = run_main("fit", "--config", str(ROOT / "configs" / "classification" / "agent_deit_tiny_imagenet.yaml"),
+                              "--data.root", str(tmp_path), "--trainer.default_root_dir", "runs", cwd=tmp_path)
+    assert_one_line_error(code, err, r"asks for a GPU but none is available; to run it on the CPU add --trainer.accelerator cpu "
+                                     r"--trainer.devices 1 --trainer.strategy auto --trainer.precision 32-true")
+
+
+def test_missing_package_is_named(tmp_path):
+    pytest.importorskip("lightning")
+    if __import__("importlib").util.find_spec("deepspeed") is not None:
+        pytest.skip("deepspeed is installed")
+    code, out, err = run_main(*_fit("--trainer.strategy", "deepspeed"), cwd=tmp_path)
+    assert_one_line_error(code, err, r"DeepSpeed installed.*pip install")
+
+
+def test_failed_run_leaves_no_empty_run_folder(tmp_path):
+    _folder(tmp_path / "data", n=4)
+    (tmp_path / "data" / "train" / "cat" / "0.png").write_text("broken")
+    code, out, err = run_main("fit", "--config", QUICKSTART, *TINY_ARGS, "--data", "agentlit.data.ImageFolderDataModule",
+                              "--data.root", str(tmp_path / "data"), "--data.img_size", "16", "--data.batch_size", "8",
+                              "--data.num_workers", "0", "--model.num_classes", "2", "--trainer.default_root_dir", "runs", cwd=tmp_path)
+    assert_one_line_error(code, err, r"cannot read image .*0.png")
+    assert (tmp_path / "runs").is_dir() and not list((tmp_path / "runs").glob("version_*"))
+
+
+def test_untrained_evaluation_is_an_explicit_choice(tmp_path):
+    code, out, err = run_main(*_test("--ckpt_path", "none", "--trainer.limit_test_batches", "1"), cwd=tmp_path)
+    assert code == 0, err[-3000:]
+    assert "test/acc1" in out
