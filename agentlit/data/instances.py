@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from .shapes import SHAPE_CLASSES, _grey, _shape_mask, _texture, _vivid
+from .shapes import SHAPE_CLASSES, _grey, _paint_visible, _shape_mask, _texture, _vivid
 
 __all__ = ["INSTANCE_CLASSES", "InstanceShapesDataset", "export_coco", "render_instances"]
 
@@ -80,12 +80,7 @@ def render_instances(
         m = _shape_mask(shape_id, yy, xx, cy, cx, r, rng.uniform(0, 2 * math.pi))
         hue = (shape_id - 1) / len(INSTANCE_CLASSES)
         tex = _texture(rng, yy, xx, size, lambda g: _vivid(g, hue, hue_jitter), shape_contrast)
-        # Keep the shape visible against what it covers (as in the semantic set).
-        under = image[m].mean(0) if m.any() else image.mean((0, 1))
-        diff = tex[m].mean(0) - under if m.any() else np.zeros(3)
-        if np.abs(diff).max() < 0.25:
-            tex = np.clip(tex + np.where(under < 0.5, 0.35, -0.35), 0, 1)
-        image[m] = tex[m]
+        _paint_visible(image, m, tex)
         full.append(m)
         labels.append(label)
     image = np.clip(image + rng.normal(0, noise, image.shape), 0, 1)

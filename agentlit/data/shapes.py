@@ -79,6 +79,16 @@ def _shape_mask(cls: int, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, 
     raise ValueError(f"unknown shape class {cls}; valid: 1..{len(SHAPE_CLASSES) - 1}")
 
 
+def _paint_visible(image: np.ndarray, m: np.ndarray, tex: np.ndarray) -> None:
+    """Paint ``tex`` into ``image`` (H, W, 3 in [0, 1]) where ``m``, first pushing its colour away from
+    what it covers when the two means are close, so every shape stays visible."""
+    under = image[m].mean(0) if m.any() else image.mean((0, 1))
+    diff = tex[m].mean(0) - under if m.any() else np.zeros(3)
+    if np.abs(diff).max() < 0.25:
+        tex = np.clip(tex + np.where(under < 0.5, 0.35, -0.35), 0, 1)
+    image[m] = tex[m]
+
+
 def render_shapes(
     index: int,
     size: int = 64,
@@ -111,12 +121,7 @@ def render_shapes(
         m = _shape_mask(cls, yy, xx, cy, cx, r, rng.uniform(0, 2 * math.pi))
         hue = (cls - 1) / (len(SHAPE_CLASSES) - 1)
         tex = _texture(rng, yy, xx, size, lambda g: _vivid(g, hue, hue_jitter), shape_contrast)
-        # Keep the shape visible: push its texture away from what it covers if the means are close.
-        under = image[m].mean(0) if m.any() else image.mean((0, 1))
-        diff = tex[m].mean(0) - under if m.any() else np.zeros(3)
-        if np.abs(diff).max() < 0.25:
-            tex = np.clip(tex + np.where(under < 0.5, 0.35, -0.35), 0, 1)
-        image[m] = tex[m]
+        _paint_visible(image, m, tex)
         mask[m] = cls
     image = image + rng.normal(0, noise, image.shape)
     return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), mask
