@@ -21,9 +21,14 @@ def last_val_acc(run: Path) -> float:
 
 @pytest.mark.slow
 def test_fit_writes_run_folder_and_test_reproduces_accuracy(tmp_path):
-    agentlit("fit", "--config", QUICKSTART, *TINY, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4",
-             "--trainer.default_root_dir", str(tmp_path / "runs"), cwd=tmp_path)
+    fit = agentlit("fit", "--config", QUICKSTART, *TINY, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4",
+                   "--trainer.default_root_dir", str(tmp_path / "runs"), cwd=tmp_path)
     run = tmp_path / "runs" / "version_0"
+    # the end of fit names the best score, both checkpoints, the run folder and the curves it drew
+    assert re.search(r"best val/acc1: [0-9.]+ +\(.*checkpoints/epoch.*\.ckpt\)", fit.stdout), fit.stdout[-2000:]
+    assert f"last checkpoint: {Path('runs') / 'version_0' / 'checkpoints' / 'last.ckpt'}" in fit.stdout.replace(str(tmp_path) + "/", "")
+    assert (run / "metrics.png").stat().st_size > 1000 and "tensorboard --logdir" in fit.stdout
+    assert "FLOPs" not in fit.stdout and "litlogger" not in fit.stdout + fit.stderr  # no "Total FLOPs: 0", no advert
     ckpts = sorted((run / "checkpoints").glob("*.ckpt"))
     assert (run / "checkpoints" / "last.ckpt") in ckpts and len(ckpts) >= 2  # best-by-val/acc1 + last
     assert (run / "config.yaml").is_file() and (run / "metrics.csv").is_file()
@@ -90,8 +95,45 @@ def test_unknown_yaml_key_lists_valid_ones(tmp_path):
     assert "learning_rate" in proc.stderr and "lr" in proc.stderr
 
 
-def test_help_lists_subcommands():
-    proc = subprocess.run([sys.executable, "-m", "agentlit", "--help"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0
-    for sub in ("fit", "validate", "test", "predict"):
-        assert sub in proc.stdout
+def test_help_lists_subcommands_without_loading_the_heavy_libraries():
+    code = ("import sys; from agentlit.cli import main; main(['--help']); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'timm', 'diffusers', 'transformers'}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout  # `agentlit --help` answers at once
+    for sub in ("fit", "validate", "test", "predict", "profile", "export"):
+        assert f"  {sub} " in proc.stdout
+
+
+def test_static_help_matches_the_cli():
+    from agentlit.cli import SUBCOMMANDS, AgentLitCLI
+
+    assert list(SUBCOMMANDS) == list(AgentLitCLI.subcommands())
+
+
+def test_import_is_lazy_and_timm_still_finds_the_models():
+    code = ("import sys, agentlit; heavy = {'torch', 'timm', 'diffusers'} & {m.split('.')[0] for m in sys.modules}; "
+            "assert not heavy, heavy; import timm; m = timm.create_model('agent_deit_tiny', img_size=32, patch_size=8, agent_num=4); "
+            "print(type(m).__name__, len(timm.list_models('agent_*')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    name, count = proc.stdout.split()
+    assert name == "AgentVisionTransformer" and int(count) >= 13
+
+
+def test_print_config_shows_the_loggers_and_callbacks_that_run(tmp_path):
+    import yaml
+
+    from cli_helpers import run_main
+
+    code, out, err = run_main("fit", "--config", QUICKSTART, *TINY, "--trainer.default_root_dir", "runs", "--print_config",
+                              cwd=tmp_path)
+    assert code == 0, err
+    trainer = yaml.safe_load(out)["trainer"]
+    assert [lg["class_path"].rsplit(".", 1)[1] for lg in trainer["logger"]] == ["CSVLogger", "TensorBoardLogger"]
+    assert {lg["init_args"]["save_dir"] for lg in trainer["logger"]} == {"runs"}
+    callbacks = {cb["class_path"].rsplit(".", 1)[1]: cb["init_args"] for cb in trainer["callbacks"]}
+    assert {"ModelCheckpoint", "StepSeed", "SafeInterrupt", "LearningRateMonitor", "ModelSummary"} <= set(callbacks)
+    monitors = [cb["init_args"].get("monitor") for cb in trainer["callbacks"] if cb["class_path"].endswith("ModelCheckpoint")]
+    assert monitors == ["val/acc1", None]  # best by the task's metric + last.ckpt
+    assert not (tmp_path / "runs").exists()  # printing the config runs nothing
