@@ -8,7 +8,8 @@ A task is a LightningModule that also says
 - what one inference and one training step are (``inference_step``, ``training_loss``);
 - which sub-modules are called once per "step" of a multi-step inference, e.g. the UNet in a
   denoising loop (``timed_modules``), so per-step time and MACs can be reported;
-- its input size, and how to rebuild itself at another one (``input_size``, ``at_input_size``).
+- its input size, and how to rebuild itself at another one (``input_size``, ``at_input_size``);
+- which networks ``compile: true`` hands to ``torch.compile`` (``compiled_modules``).
 
 :class:`TaskModule` gives defaults for everything but ``example_batch``; a new task subclasses it
 (or implements the same methods: :class:`Task` is a ``typing.Protocol``) and gets ``agentlit
@@ -17,12 +18,35 @@ profile`` for free.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
 from torch import Tensor, nn
 
-__all__ = ["Task", "TaskModule", "pair"]
+__all__ = ["COMPILE_KEYS", "Task", "TaskModule", "compile_options", "pair"]
+
+#: the ``torch.compile`` arguments a task's ``compile: {...}`` may set
+COMPILE_KEYS = ("mode", "fullgraph", "dynamic", "backend", "options")
+
+
+def compile_options(value: bool | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A task's ``compile`` setting as ``torch.compile`` keyword arguments, None when off.
+
+    Args:
+        value: false/None (eager), true (``torch.compile`` defaults) or a mapping of :data:`COMPILE_KEYS`.
+    """
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(COMPILE_KEYS))
+        if unknown:
+            raise ValueError(f"compile has unknown key(s) {unknown}; valid: {list(COMPILE_KEYS)} "
+                             "(e.g. compile: {mode: max-autotune})")
+        return dict(value)
+    raise ValueError(f"compile must be true, false or a mapping of {list(COMPILE_KEYS)}, got {value!r}")
 
 
 def pair(value: int | tuple[int, int] | list[int] | None) -> tuple[int, int] | None:
@@ -113,6 +137,22 @@ class TaskModule(L.LightningModule):
         """Sub-modules called once per step of a multi-step inference (e.g. ``{"denoising step": unet}``);
         empty for single-pass tasks."""
         return {}
+
+    def compiled_modules(self) -> dict[str, nn.Module]:
+        """The networks ``compile: true`` compiles in place (``nn.Module.compile``: parameter names and
+        checkpoints stay the same): ``self.model`` when the task has one, else :meth:`timed_modules`."""
+        model = getattr(self, "model", None)
+        return {"model": model} if isinstance(model, nn.Module) else self.timed_modules()
+
+    def configure_model(self) -> None:
+        """Lightning hook (before fit/validate/test/predict): compile :meth:`compiled_modules` when the
+        task's ``compile`` hyper-parameter asks for it. Subclasses that override it call ``super()``."""
+        options = compile_options(self.hparams.get("compile") if hasattr(self, "hparams") else None)
+        if options is None or getattr(self, "_compiled", False):
+            return
+        for module in self.compiled_modules().values():
+            module.compile(**options)
+        self._compiled = True
 
     def input_size(self) -> tuple[int, int] | None:
         """The (H, W) the module is configured for (``img_size`` hyper-parameter, else the model's
