@@ -47,6 +47,7 @@ class ClassificationModule(TaskModule):
         mixup_prob: probability of applying mixup or cutmix to a batch.
         mixup_switch_prob: probability of cutmix instead of mixup when both alphas are set.
         ema_decay: keep an exponential moving average of the weights (None: off); validated as ``val_ema/*``.
+        compile: ``torch.compile`` the network (``compiled_modules()``): false, true or {mode: ..., fullgraph: ...}.
     """
 
     task_name = "classification"
@@ -76,6 +77,7 @@ class ClassificationModule(TaskModule):
         mixup_prob: float = 1.0,
         mixup_switch_prob: float = 0.5,
         ema_decay: float | None = None,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()

@@ -120,6 +120,7 @@ class DetectionModule(TaskModule):
         score_threshold: detections drawn by ``predict`` (the results JSON keeps all).
         class_names: names for drawing (None: the datamodule's, else label numbers).
         output_dir: where ``predict`` writes images and results JSON (None: ``<log dir>/predictions``).
+        compile: ``torch.compile`` the network (``compiled_modules()``): false, true or {mode: ..., fullgraph: ...}.
     """
 
     task_name = "detection"
@@ -157,6 +158,7 @@ class DetectionModule(TaskModule):
         score_threshold: float = 0.5,
         class_names: list[str] | None = None,
         output_dir: str | None = None,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()

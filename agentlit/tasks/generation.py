@@ -5,7 +5,7 @@ and per-image times; ``agentlit test`` generates the same way and scores the ima
 reference image folder (torchmetrics ``FrechetInceptionDistance``) and CLIP score where the CLIP
 weights are available.
 
-The pipeline is a diffusers ``StableDiffusionPipeline``: ``from_pretrained`` on a hub id or local
+The pipeline is a diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``: ``from_pretrained`` on a hub id or local
 folder (the real path, e.g. SD 1.5 in fp16), or, with no path, a tiny one with random weights
 built locally (:func:`agentlit.diffusion.build_tiny_pipeline`) for quickstarts and tests.
 """
@@ -63,8 +63,8 @@ class GenerationModule(TaskModule):
     """Stable Diffusion text-to-image, with AgentSD (``agentsd``) or plain (``agentsd: null``).
 
     Args:
-        pretrained_model_name_or_path: hub id or folder for ``StableDiffusionPipeline.from_pretrained``
-            (e.g. ``runwayml/stable-diffusion-v1-5``); None builds the tiny local pipeline.
+        pretrained_model_name_or_path: hub id or folder of an SD 1.x/2.x or SDXL pipeline (``AutoPipelineForText2Image``;
+            e.g. ``runwayml/stable-diffusion-v1-5``, ``stabilityai/stable-diffusion-xl-base-1.0``); None builds the tiny local pipeline.
         torch_dtype: "float32", "float16" or "bfloat16" for the pipeline weights.
         scheduler: None keeps the pipeline's own (SD 1.5: PNDM/PLMS, as in the paper); or "ddim",
             "pndm", "euler" built from its config.
@@ -79,11 +79,13 @@ class GenerationModule(TaskModule):
         save_images: write PNGs in ``predict`` (``test`` only scores them).
         warmup: one short untimed generation before the first timed batch.
         tiny_seed: weight seed of the tiny pipeline.
+        tiny_kind: layout of the tiny pipeline: "sd" (SD 1.x) or "sdxl" (SDXL-shaped).
         fid_reference_dir: folder of real images for FID in ``test`` (searched recursively).
         fid_feature: torchmetrics' ``feature``: 64/192/768/2048 (Inception; needs torch-fidelity and
             its weights) or a feature module such as :class:`RandomConvFeatures`.
         clip_model_name_or_path: CLIP weights for the CLIP score (e.g. ``openai/clip-vit-large-patch14``);
             None or unavailable: skipped with a warning.
+        compile: ``torch.compile`` the network (``compiled_modules()``): false, true or {mode: ..., fullgraph: ...}.
     """
 
     def __init__(
@@ -102,9 +104,11 @@ class GenerationModule(TaskModule):
         save_images: bool = True,
         warmup: bool = True,
         tiny_seed: int = 0,
+        tiny_kind: str = "sd",
         fid_reference_dir: str | None = None,
         fid_feature: int | nn.Module = 2048,
         clip_model_name_or_path: str | None = None,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["fid_feature"])
@@ -114,12 +118,12 @@ class GenerationModule(TaskModule):
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         dtype = _DTYPES[torch_dtype]
         if pretrained_model_name_or_path is None:
-            pipe = build_tiny_pipeline(seed=tiny_seed, torch_dtype=dtype)
+            pipe = build_tiny_pipeline(seed=tiny_seed, torch_dtype=dtype, kind=tiny_kind)
         else:
-            from diffusers import StableDiffusionPipeline
+            from diffusers import AutoPipelineForText2Image  # SD 1.x/2.x or SDXL, from model_index.json
 
             extra = {} if safety_checker else dict(safety_checker=None, requires_safety_checker=False)
-            pipe = StableDiffusionPipeline.from_pretrained(pretrained_model_name_or_path, torch_dtype=dtype, **extra)
+            pipe = AutoPipelineForText2Image.from_pretrained(pretrained_model_name_or_path, torch_dtype=dtype, **extra)
             pipe.set_progress_bar_config(disable=True)
         if scheduler is not None:
             pipe.scheduler = _make_scheduler(scheduler, pipe.scheduler.config)
@@ -131,6 +135,8 @@ class GenerationModule(TaskModule):
         self.pipe = pipe
         # registered as submodules so Lightning moves them to the run's device
         self.unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+        if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL
+            self.text_encoder_2 = pipe.text_encoder_2
         if getattr(pipe, "safety_checker", None) is not None:
             self.safety_checker = pipe.safety_checker
         self.fid_feature = fid_feature

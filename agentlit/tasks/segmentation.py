@@ -76,6 +76,7 @@ class SegmentationModule(TaskModule):
         size_divisor: pad whole images to a multiple of this for the backbone (logits are cropped back).
         class_names: names for the per-class table (None: the datamodule's, else indices).
         output_dir: where ``predict`` writes masks (None: ``<log dir>/predictions``).
+        compile: ``torch.compile`` the network (``compiled_modules()``): false, true or {mode: ..., fullgraph: ...}.
     """
 
     task_name = "segmentation"
@@ -115,6 +116,7 @@ class SegmentationModule(TaskModule):
         size_divisor: int = 32,
         class_names: list[str] | None = None,
         output_dir: str | None = None,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
