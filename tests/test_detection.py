@@ -333,6 +333,8 @@ def test_missing_annotation_file_and_root(fresh_coco, tmp_path):
     assert "does not exist" in _one_line(e)
     (fresh_coco / "annotations" / "instances_train2017.json").unlink()
     dm = COCODetectionDataModule(str(fresh_coco))  # categories from the val file; training needs the train file
+    dm.setup("test")  # evaluation reads the validation split only
+    assert len(dm.val_set) == 3 and dm.train_set is None
     with pytest.raises(FileNotFoundError) as e:
         dm.setup("fit")
     assert "instances_train2017.json does not exist" in _one_line(e)

@@ -325,13 +325,20 @@ class DetectionDataModule(ResumableDataModule):
         """Object classes (background not counted)."""
         return len(self.class_names)
 
-    def build_datasets(self) -> tuple[Dataset, Dataset]:
+    def build_datasets(self, with_train: bool = True) -> tuple[Dataset | None, Dataset]:
+        """(training set without augmentation, or None when ``with_train`` is False; validation set).
+
+        Args:
+            with_train: also build the training set (only ``fit`` needs it).
+        """
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
-        if self.val_set is None:
-            train, self.val_set = self.build_datasets()
-            self.train_set = EpochSeededDataset(train, self.train_transform, self.seed)
+        with_train = stage in (None, "fit")  # evaluation never reads (or checks) the training split
+        if self.val_set is None or (with_train and self.train_set is None):
+            train, self.val_set = self.build_datasets(with_train)
+            if train is not None:
+                self.train_set = EpochSeededDataset(train, self.train_transform, self.seed)
 
     def train_dataloader(self) -> DataLoader:
         return self.train_loader(self.train_set, collate_fn=detection_collate)
@@ -389,7 +396,7 @@ class COCODetectionDataModule(DetectionDataModule):
         self.category_ids = tuple(int(c["id"]) for c in cats)
         self.class_names = tuple(str(c.get("name", c["id"])) for c in cats)
 
-    def build_datasets(self) -> tuple[Dataset, Dataset]:
+    def build_datasets(self, with_train: bool = True) -> tuple[Dataset | None, Dataset]:
         hp = self.hparams
         val = self._split(hp.val_split)
         unknown = sorted({c["id"] for c in val["categories"]} - set(self.category_ids))
@@ -397,9 +404,8 @@ class COCODetectionDataModule(DetectionDataModule):
             raise ValueError(f"{self.root}/annotations/instances_{hp.val_split}.json has category ids {unknown} that "
                              f"instances_{hp.train_split}.json lacks; both splits must share one category list")
         val_set = COCOInstances(self.root / hp.val_split, val, self.category_ids)
-        if not (self.root / "annotations" / f"instances_{hp.train_split}.json").exists() and self.trainer is not None \
-                and not self.trainer.training:
-            return val_set, val_set  # evaluation only: the training split may be absent
+        if not with_train:
+            return None, val_set
         train = dict(self._split(hp.train_split))
         if hp.filter_empty_train:
             used = {a["image_id"] for a in train["annotations"]}
@@ -458,8 +464,8 @@ class InstanceShapesDataModule(DetectionDataModule):
                     shape_contrast=hp.shape_contrast, background_contrast=hp.background_contrast,
                     hue_jitter=hp.hue_jitter, min_visible=hp.min_visible)
 
-    def build_datasets(self) -> tuple[Dataset, Dataset]:
+    def build_datasets(self, with_train: bool = True) -> tuple[Dataset | None, Dataset]:
         hp = self.hparams
-        train = InstanceShapesDataset(hp.num_train, hp.img_size, hp.seed, 0, "train", **self.render_kwargs())
+        train = None if not with_train else InstanceShapesDataset(hp.num_train, hp.img_size, hp.seed, 0, "train", **self.render_kwargs())
         val = InstanceShapesDataset(hp.num_val, hp.img_size, hp.seed, 1_000_000, "val", **self.render_kwargs())
         return train, val
