@@ -506,7 +506,8 @@ def print_fit_summary(trainer: Trainer) -> None:
         lines.append(f"best {best.monitor}: {float(best.best_model_score):.4f}  ({best.best_model_path})")
     if last is not None:
         lines.append(f"last checkpoint: {last.last_model_path or last.best_model_path}")
-    run_dir = Path(trainer.log_dir) if trainer.log_dir else None
+    logger = trainer.loggers[0] if trainer.loggers else None  # not trainer.log_dir: that is a collective call
+    run_dir = Path(logger.log_dir) if logger is not None and getattr(logger, "log_dir", None) else None
     if run_dir is not None and run_dir.is_dir():
         lines.append(f"run folder: {run_dir}")
         png = plot_metrics(run_dir / "metrics.csv", run_dir / "metrics.png")
