@@ -349,7 +349,8 @@ class DiffusionModule(TaskModule):
                 f"non-finite training loss ({loss.item()}) at global step {self.global_step}; lower the learning "
                 "rate or enable gradient clipping (--trainer.gradient_clip_val)"
             )
-        bs = len(self._unpack(batch)[0] if self._unpack(batch)[0] is not None else self._unpack(batch)[2])
+        images, _, prompts = self._unpack(batch)
+        bs = len(images) if images is not None else len(prompts)
         for k, v in losses.items():
             self.log(f"train/{k}", v, prog_bar=k == "loss", on_step=True, on_epoch=True, batch_size=bs)
         return loss
@@ -457,7 +458,8 @@ class DiffusionModule(TaskModule):
         return self.diffusion_losses(batch)["loss"]
 
     def timed_modules(self) -> dict[str, nn.Module]:
-        return {"denoising step": self.unet}
+        # the UNet that sampling calls once per denoising step: the EMA copy when there is one
+        return {"denoising step": self.ema if self.ema is not None else self.unet}
 
     def input_size(self) -> tuple[int, int]:
         return pair(self.hparams.img_size)
@@ -575,8 +577,7 @@ class DiffusionModule(TaskModule):
         index = [offset + k * self.trainer.world_size for k in range(n)]  # unique across ranks
         self._n_pred += n
         seeds = [self.hparams.seed + i for i in index]
-        images = self.sample(labels=labels, prompts=None if labels is not None and not self.text_conditioned else prompts,
-                             seeds=seeds)
+        images = self.sample(labels=labels, prompts=prompts, seeds=seeds)
         records = []
         for k in range(n):
             name = f"{index[k]:05d}.png"
