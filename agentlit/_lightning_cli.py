@@ -299,6 +299,8 @@ class AgentLitCLI(LightningCLI):
             config.update(logger=False, enable_checkpointing=False, enable_progress_bar=False)
         if sub != "fit" and not any(isinstance(c, ModelCheckpoint) for c in configured):
             config["enable_checkpointing"] = False  # nothing to save; no "dirpath has changed" warnings
+            # evaluation restores weights only; the training callbacks' states do not matter here
+            warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to create")
         loggers, extra = self.default_specs(sub, config, type(self.model), configured)
         if loggers:
             root = ensure_writable_dir(config.get("default_root_dir") or "runs", "--trainer.default_root_dir")

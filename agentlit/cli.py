@@ -182,6 +182,10 @@ def describe_error(err: BaseException, argv: list[str] | None = None) -> str | N
     if "PytorchStreamReader failed" in text or "invalid load key" in text or isinstance(err, EOFError):
         return (f"checkpoint {ckpt or '(file)'} is truncated or corrupt ({unwrap_error_text(text)[:120]}); "
                 "use another checkpoint, e.g. the run's last.ckpt or the best one")
+    m = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", text)
+    if m and ckpt:
+        return (f"checkpoint {ckpt} stores the setting '{m.group(2)}', which {m.group(1)} does not take "
+                "(saved by another version or class); use a checkpoint written with this config")
     if isinstance(err, ModuleNotFoundError) and err.name:
         return f"this command needs the package '{err.name}', which is not installed: pip install {err.name}"
     if isinstance(err, _USER_ERRORS) or names & _USER_ERROR_NAMES:

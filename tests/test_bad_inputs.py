@@ -194,6 +194,7 @@ def files(tmp_path_factory) -> Path:
     torch.save({k: v for k, v in ckpt.items() if k != "hyper_parameters"} | {"state_dict": wider.state_dict()},
                root / "other_arch.ckpt")
     torch.save(wider.state_dict(), root / "plain.pth")
+    torch.save({**ckpt, "hyper_parameters": {**ckpt["hyper_parameters"], "bogus_arg": 1}}, root / "settings.ckpt")
     torch.save({"state_dict": {}, "config": fractions.Fraction(1, 3)}, root / "object.ckpt")
     (root / "truncated.ckpt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     (root / "notes.ckpt").write_text("not a checkpoint")
@@ -231,6 +232,8 @@ CLI_CASES = {
                                    r"was written by agentlit.tasks.SegmentationModule, but the config builds agentlit.tasks.ClassificationModule"),
     "checkpoint of another architecture": (_test("--ckpt_path", "{files}/other_arch.ckpt"),
                                            r"other_arch.ckpt does not fit the configured ClassificationModule: shape mismatches \(\d+\): model.cls_token"),
+    "checkpoint with a setting the model does not take": (_test("--ckpt_path", "{files}/settings.ckpt"),
+                                                          r"settings.ckpt stores the setting 'bogus_arg', which ClassificationModule does not take"),
     "plain state dict as --ckpt_path": (_test("--ckpt_path", "{files}/plain.pth"), r"plain.pth is a plain state dict; .*--model.checkpoint_path"),
     "--ckpt_path last without a run": (_test("--ckpt_path", "last"), r"--ckpt_path last: no run under runs has a checkpoints/last.ckpt"),
 }
