@@ -228,7 +228,58 @@ class ClassificationModule(TaskModule):
         self.log_dict(self.test_metrics, on_epoch=True, batch_size=len(y))
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Class probabilities (B, num_classes); batches may be images or (images, labels)."""
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        """Class probabilities (B, num_classes); batches may be images, (images, labels) or the
+        classification DataModules' ``{"image", "index"[, "target"]}`` dicts."""
+        if isinstance(batch, dict):
+            x = batch["image"]
+        else:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
         model = self.ema if self.ema is not None else self.model
         return model(x).softmax(-1)
+
+    # -- class names and predictions.csv -----------------------------------------------------
+    #: names of the classes (index → name); from the datamodule at setup, from the checkpoint when
+    #: one is loaded, so ``predict`` on a plain folder needs no training data
+    class_names: list[str] | None = None
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        names = getattr(dm, "class_names", None)
+        if names and len(names) == self.hparams.num_classes:
+            self.class_names = [str(n) for n in names]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.class_names:
+            checkpoint["class_names"] = list(self.class_names)  # plain strings: loads with weights_only
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        names = checkpoint.get("class_names")
+        if names and len(names) == self.hparams.num_classes:
+            self.class_names = [str(n) for n in names]
+
+    def on_predict_epoch_start(self) -> None:
+        from ..predict_writers import ClassificationPredictions
+
+        self._predictions = ClassificationPredictions()
+
+    def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not isinstance(outputs, Tensor) or getattr(self, "_predictions", None) is None:
+            return
+        index = target = None
+        if isinstance(batch, dict) and "index" in batch:
+            index = torch.as_tensor(batch["index"])
+            target = torch.as_tensor(batch["target"]) if "target" in batch else None
+            keep = index >= 0  # unreadable files skipped with skip_bad_images
+            outputs, index = outputs[keep], index[keep]
+            target = target[keep] if target is not None else None
+        self._predictions.add(outputs, index, target)
+
+    def on_predict_epoch_end(self) -> None:
+        """Writes ``<run folder>/predictions.csv`` (rank 0) and prints a short table and its path."""
+        writer = getattr(self, "_predictions", None)
+        if writer is None:
+            return
+        dm = getattr(self.trainer, "datamodule", None)
+        names = dm.predict_names() if hasattr(dm, "predict_names") else None
+        writer.write(self.trainer, self.class_names, names, top_k=min(5, self.hparams.num_classes))
+        self._predictions = None
