@@ -269,7 +269,11 @@ class SegmentationModule(TaskModule):
     # -- prediction ---------------------------------------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
         """Writes ``<output_dir>/<input name>.png``: a palette PNG (pixel value = class id, colour
-        from :func:`palette`) at the input's original size; returns the written paths."""
+        from :func:`palette`) at the input's original size, and beside it ``<input name>_overlay.png``
+        (the input | the prediction over it | a legend of class names and colours); returns the
+        paths of the masks."""
+        from ..predict_writers import save_overlay
+
         out_dir = Path(self.hparams.output_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "predictions")
         out_dir.mkdir(parents=True, exist_ok=True)
         images = batch["image"]
@@ -288,6 +292,11 @@ class SegmentationModule(TaskModule):
             path = out_dir / f"{name}.png"
             im.save(path)
             written.append(str(path))
+            dm = getattr(self.trainer, "datamodule", None)
+            norm = {k: tuple(getattr(dm, k)) for k in ("mean", "std") if getattr(dm, k, None) is not None}
+            save_overlay(out_dir / f"{name}_overlay.png", x, pred, palette(self.hparams.num_classes), self._names(), **norm)
+        if batch_idx == 0 and self.trainer.is_global_zero:
+            print(f"predicted masks and overlays are written to {out_dir}", flush=True)
         return written
 
     # -- optimisation -------------------------------------------------------------------------
