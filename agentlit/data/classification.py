@@ -12,7 +12,7 @@ from .base import ResumableDataModule
 from .io import IMG_EXTENSIONS
 from .sampling import EpochSeededDataset
 
-__all__ = ["DigitsDataModule", "ImageFolderDataModule", "IMG_EXTENSIONS"]
+__all__ = ["DigitsDataModule", "ImageFolderDataModule", "IMG_EXTENSIONS", "PredictImages", "find_images"]
 
 
 class DigitsDataModule(ResumableDataModule):
@@ -21,10 +21,29 @@ class DigitsDataModule(ResumableDataModule):
     Images are upsampled to ``img_size`` (bilinear), replicated to 3 channels and normalised to
     [-1, 1]. A fixed, seeded, class-stratified split holds out ``val_fraction`` of the images;
     the digits set has no separate test split, so ``test`` and ``predict`` use the held-out part.
-    Training adds a small random affine jitter (``augment``).
+    Training adds a small random affine jitter (``augment``). ``channels: 1`` keeps one grey
+    channel (what a digits generator models) instead of replicating it to RGB.
+
+    ``predict_root``: predict a folder of your own digit images instead (searched recursively, any
+    format, size or colour mode): each is read as grayscale, resized (shorter side) and centre-cropped
+    to ``img_size`` and normalised like the training images, so draw light digits on a dark ground
+    as the bundled set does. Predict batches are dicts ``{"image", "index"}`` (plus ``"target"`` for
+    the held-out part), so ``predictions.csv`` can name every item.
+
+    Args:
+        img_size: side of the square images the 8×8 digits are upsampled to.
+        batch_size: images per batch and device.
+        val_fraction: share of the images held out for validation / test / predict, in (0, 1).
+        split_seed: seed of the stratified train/held-out split (fixed across runs and resumes).
+        augment: random affine jitter (rotation, shift, scale) on training images.
+        num_workers: DataLoader worker processes.
+        seed: augmentation and shuffling seed (None: the run's ``seed_everything`` value).
+        predict_root: folder of your own digit images to predict (None: the held-out part).
+        channels: 3 (grey replicated to RGB, for classifiers) or 1 (one grey channel).
     """
 
     num_classes = 10
+    class_names = [str(d) for d in range(10)]
     # the data config `agentlit export` records: (x - 0.5) / 0.5 per channel, bilinear resize
     mean, std, interpolation, crop_pct = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear", 1.0
 
@@ -37,9 +56,15 @@ class DigitsDataModule(ResumableDataModule):
         augment: bool = True,
         num_workers: int = 0,
         seed: int | None = None,
+        predict_root: str | None = None,
+        channels: int = 3,
     ) -> None:
         super().__init__()
         self.seed = seed
+        self.predict_root = predict_root
+        if channels not in (1, 3):
+            raise ValueError(f"channels={channels} must be 1 (grey, e.g. for generation) or 3 (grey replicated to RGB)")
+        self.channels = channels
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
         self.img_size, self.batch_size, self.num_workers = img_size, batch_size, num_workers
@@ -57,7 +82,7 @@ class DigitsDataModule(ResumableDataModule):
         digits = load_digits()
         images = torch.tensor(digits.images, dtype=torch.float32) / 16.0  # (1797, 8, 8) in [0, 1]
         images = torch.nn.functional.interpolate(images[:, None], size=self.img_size, mode="bilinear", align_corners=False)
-        images = ((images - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()  # (1797, 3, S, S) in [-1, 1]
+        images = ((images - 0.5) / 0.5).expand(-1, self.channels, -1, -1).contiguous()  # (1797, C, S, S) in [-1, 1]
         labels = torch.tensor(digits.target, dtype=torch.long)
         train_idx, val_idx = train_test_split(
             np.arange(len(labels)), test_size=self.val_fraction, random_state=self.split_seed, stratify=labels.numpy()
@@ -73,7 +98,33 @@ class DigitsDataModule(ResumableDataModule):
         return self.eval_loader(self.val_set)
 
     test_dataloader = val_dataloader
-    predict_dataloader = val_dataloader
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.predict_root is not None:
+            return self.eval_loader(self._predict_images())
+        self.setup("predict")
+        return self.eval_loader(_Indexed(self.val_set))
+
+    def _predict_images(self) -> "PredictImages":
+        size, channels = self.img_size, getattr(self, "channels", 3)
+
+        def transform(img: Any) -> torch.Tensor:
+            # the eval path of the bundled images: [0, 1] grey → img_size → [-1, 1], C channels
+            from torchvision.transforms import v2
+
+            x = v2.functional.pil_to_tensor(img.convert("L")).float() / 255.0  # (1, H, W)
+            x = v2.functional.resize(x, size, antialias=True)  # shorter side → size
+            x = v2.functional.center_crop(x, [size, size])
+            return ((x - 0.5) / 0.5).expand(channels, -1, -1).contiguous()
+
+        return PredictImages(self.predict_root, transform)
+
+    def predict_names(self) -> list[str]:
+        """One name per predict item: paths relative to ``predict_root``, else ``val/<index>``."""
+        if self.predict_root is not None:
+            return self._predict_images().names
+        self.setup("predict")
+        return [f"val/{i:04d}" for i in range(len(self.val_set))]
 
 
 def _class_folders(split_dir: Path) -> list[str]:
@@ -100,7 +151,30 @@ class ImageFolderDataModule(ResumableDataModule):
     Training uses timm's transform (random resized crop, flip, RandAugment via ``auto_augment``
     such as ``"rand-m9-mstd0.5-inc1"``, colour jitter, random erasing ``re_prob``); evaluation
     resizes to ``img_size / crop_pct`` and centre-crops. ``test`` uses ``test_split`` (default
-    ``val``); ``predict`` uses ``predict_split``.
+    ``val``); ``predict`` uses ``predict_split``, or ``predict_root``: any folder of images
+    (searched recursively, any layout, format or size), read with the evaluation transform. Predicting
+    ``predict_root`` needs no training data: the class names come from the checkpoint.
+
+    Args:
+        root: dataset folder holding one sub-folder per split.
+        img_size: training crop and evaluation size.
+        batch_size: images per batch and device.
+        num_workers: DataLoader worker processes per device.
+        train_split: training sub-folder of ``root``.
+        val_split: validation sub-folder of ``root``.
+        test_split: sub-folder ``test`` evaluates (None: ``val_split``).
+        predict_split: sub-folder ``predict`` reads (None: ``val_split``).
+        auto_augment: timm auto-augment policy, e.g. ``"rand-m9-mstd0.5-inc1"`` (None: off).
+        re_prob: random-erasing probability.
+        color_jitter: colour-jitter strength.
+        interpolation: resize interpolation (``bicubic``, ``bilinear``, …).
+        crop_pct: evaluation centre-crop fraction (resize to ``img_size / crop_pct`` first).
+        mean: per-channel normalisation mean (RGB).
+        std: per-channel normalisation standard deviation (RGB).
+        pin_memory: pinned host memory for faster copies to the GPU.
+        skip_bad_images: skip unreadable images with a warning instead of stopping with an error.
+        seed: augmentation and shuffling seed (None: the run's ``seed_everything`` value).
+        predict_root: any folder of images to predict instead of ``predict_split`` (searched recursively).
     """
 
     def __init__(
@@ -123,9 +197,11 @@ class ImageFolderDataModule(ResumableDataModule):
         pin_memory: bool = True,
         skip_bad_images: bool = False,
         seed: int | None = None,
+        predict_root: str | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root)
+        self.predict_root = predict_root
         self.skip_bad_images, self.seed = skip_bad_images, seed
         self.img_size, self.batch_size, self.num_workers = img_size, batch_size, num_workers
         self.splits = {"train": train_split, "val": val_split, "test": test_split or val_split,
@@ -138,6 +214,14 @@ class ImageFolderDataModule(ResumableDataModule):
     @property
     def num_classes(self) -> int:
         return len(self._check_layout())
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The class folder names (None when the dataset root is not there, e.g. predicting a folder)."""
+        try:
+            return list(self._check_layout())
+        except (FileNotFoundError, ValueError):
+            return None
 
     def _check_layout(self) -> list[str]:
         if self.classes is None:
@@ -178,6 +262,8 @@ class ImageFolderDataModule(ResumableDataModule):
         return EpochSeededDataset(files, transform, self.seed)
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict" and self.predict_root is not None:
+            return  # a plain folder of images; the training layout need not exist
         self._check_layout()
 
     def train_dataloader(self) -> DataLoader:
@@ -190,11 +276,114 @@ class ImageFolderDataModule(ResumableDataModule):
         return self.eval_loader(self._dataset(self.splits["test"], False))
 
     def predict_dataloader(self) -> DataLoader:
-        return self.eval_loader(self._dataset(self.splits["predict"], False))
+        if self.predict_root is not None:
+            return self.eval_loader(self._predict_images())
+        folder = self._dataset(self.splits["predict"], False)
+        return self.eval_loader(_Indexed(folder))
+
+    def _predict_images(self) -> "PredictImages":
+        from timm.data import create_transform
+
+        transform = create_transform(
+            self.img_size, is_training=False, interpolation=self.interpolation, crop_pct=self.crop_pct,
+            mean=self.mean, std=self.std,
+        )
+        return PredictImages(self.predict_root, transform, skip_bad=self.skip_bad_images)
+
+    def predict_names(self) -> list[str]:
+        """One name per predict item: paths relative to ``predict_root`` (or to the predict split)."""
+        if self.predict_root is not None:
+            return self._predict_images().names
+        split_dir = self.root / self.splits["predict"]
+        from torchvision.datasets import ImageFolder
+
+        folder = ImageFolder(str(split_dir), is_valid_file=_is_image)
+        return [str(Path(p).relative_to(split_dir)) for p, _ in folder.samples]
 
 
 def _is_image(path: str) -> bool:
     return path.lower().endswith(IMG_EXTENSIONS)
+
+
+def find_images(root: str | Path) -> list[Path]:
+    """Every image under ``root`` (recursively, any layout, extensions in :data:`IMG_EXTENSIONS`,
+    any case), sorted by path; hidden files and folders are skipped.
+
+    Args:
+        root: the folder to search.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"predict_root {root} is not a folder; give a folder of images (searched recursively, any layout)"
+        )
+    files = sorted(
+        p for p in root.rglob("*")
+        if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    if not files:
+        raise FileNotFoundError(f"predict_root {root} holds no images with extensions {IMG_EXTENSIONS} (searched recursively)")
+    return files
+
+
+class PredictImages(Dataset):
+    """The images under a folder for ``predict``: items ``{"image": transform(RGB image), "index": i}``.
+
+    An unreadable file is an error naming it; with ``skip_bad`` it is reported once and its item
+    gets ``index = -1`` (a blank image), so the writer leaves it out.
+
+    Args:
+        root: folder searched recursively (see :func:`find_images`).
+        transform: PIL RGB image → (3, H, W) tensor (the evaluation transform).
+        skip_bad: skip unreadable files with a warning instead of stopping.
+    """
+
+    def __init__(self, root: str | Path, transform: Any, skip_bad: bool = False) -> None:
+        self.root = Path(root)
+        self.files = find_images(self.root)
+        self.names = [p.relative_to(self.root).as_posix() for p in self.files]
+        self.transform, self.skip_bad = transform, skip_bad
+        self._shape: tuple[int, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from .io import BadImageError, load_rgb
+
+        try:
+            image = self.transform(load_rgb(self.files[index]))
+        except BadImageError as err:
+            if not self.skip_bad:
+                raise
+            _warn_once(str(err))
+            for offset in range(1, len(self)):  # the transform's output shape, from a readable file
+                if self._shape is not None:
+                    break
+                try:
+                    self._shape = tuple(self.transform(load_rgb(self.files[(index + offset) % len(self)])).shape)
+                except BadImageError:
+                    continue
+            if self._shape is None:
+                raise BadImageError(f"no readable image in {self.root}") from err
+            return {"image": torch.zeros(self._shape), "index": -1}
+        self._shape = tuple(image.shape)
+        return {"image": image, "index": index}
+
+
+class _Indexed(Dataset):
+    """``(image, label)`` items as ``{"image", "index", "target"}`` for ``predict``."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, target = self.dataset[index]
+        return {"image": image, "index": index, "target": int(target)}
 
 
 class _CheckedFiles(Dataset):
