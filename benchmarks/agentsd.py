@@ -21,6 +21,19 @@ Peak memory: CUDA allocator peak above the weights; on the CPU, the process's re
 sampled every 2 ms during the call, peak minus the level before it (large tensors are mmap'ed and
 returned to the OS when freed, so this follows the activations; no per-op cost on the timing).
 Writes ``benchmarks/results/agentsd_<device>.json`` and ``.png``.
+
+``--unet`` times ONE UNet call per setting instead (one denoising step, no text encoder/VAE), on the
+SD 1.5 (``--arch sd15``) or SDXL (``--arch sdxl``) UNet architecture, with more settings:
+
+  baseline  unpatched
+  tomesd    the real tomesd package (pip install tomesd) at ``--ratio``, its defaults otherwise
+  tome      agentlit's ToMe phase (ratio, sx=sy=2, no agents)
+  agentsd   agentlit's agent phase, ``apply_patch(unet, ratio)`` with default arguments
+  shared    the agent phase with ``share_matching=True``
+  ceiling   the self-attention of the patched level removed entirely (what no merging can beat)
+
+and the 50-step schedule estimate: baseline/tomesd 50 x their step, agentsd 20 agent steps + 30
+ToMe steps. Writes ``benchmarks/results/agentsd_unet_<arch>_<device>.json``.
 """
 from __future__ import annotations
 
@@ -113,6 +126,160 @@ def run_once(pipe, size: int, args, device: torch.device, track_cpu_memory: bool
     return time.perf_counter() - t0, None
 
 
+UNET_SETTINGS = ("baseline", "tomesd", "tome", "agentsd", "shared", "ceiling")
+
+
+class _NoSelfAttention:
+    """attn1 processor of the ceiling setting: the layer adds nothing (its cost is gone)."""
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        return torch.zeros_like(hidden_states)
+
+
+def finest_attention_blocks(unet) -> list:
+    """Transformer blocks at the finest resolution that has any (what apply_patch patches by default)."""
+    downs = [i for i, b in enumerate(unet.down_blocks) if getattr(b, "attentions", None)]
+    if not downs:
+        return []
+    i = downs[0]
+    parts = [unet.down_blocks[i], unet.up_blocks[len(unet.up_blocks) - 1 - i]]
+    return [m for part in parts for m in part.modules() if type(m).__name__ == "BasicTransformerBlock"]
+
+
+def configure_unet(unet, setting: str, args, saved: dict) -> None:
+    """Put ``unet`` into ``setting`` (undoing the previous one)."""
+    remove_patch(unet)
+    if saved:
+        for block, proc in saved.items():
+            block.attn1.set_processor(proc)
+        saved.clear()
+    if getattr(unet, "_tomesd_info", None) is not None or any(
+            type(m).__name__.startswith("ToMe") for m in unet.modules()):
+        import tomesd
+
+        tomesd.remove_patch(unet)
+    if setting == "tomesd":
+        import tomesd
+
+        tomesd.apply_patch(unet, ratio=args.ratio)
+    elif setting == "tome":
+        apply_patch(unet, args.ratio, agent_steps=0)
+    elif setting == "agentsd":
+        apply_patch(unet, args.ratio)
+    elif setting == "shared":
+        apply_patch(unet, args.ratio, share_matching=True)
+    elif setting == "ceiling":
+        for block in finest_attention_blocks(unet):
+            saved[block] = block.attn1.processor
+            block.attn1.set_processor(_NoSelfAttention())
+
+
+def unet_inputs(unet, size: int, batch: int, device, dtype) -> tuple[tuple, dict]:
+    cfg = unet.config
+    g = torch.Generator().manual_seed(0)
+    lat = size // 8
+    sample = torch.randn(batch, cfg.in_channels, lat, lat, generator=g).to(device, dtype)
+    ctx = torch.randn(batch, 77, cfg.cross_attention_dim, generator=g).to(device, dtype)
+    kw = {}
+    if cfg.addition_embed_type == "text_time":  # SDXL: pooled text + (size, crop, target) ids
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kw["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, pooled, generator=g).to(device, dtype),
+            "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * batch, dtype=dtype, device=device),
+        }
+    return (sample, torch.tensor(999, device=device), ctx), kw
+
+
+def unet_main(args) -> None:
+    from diffusers import UNet2DConditionModel
+
+    from agentlit.diffusion import sd15_unet_config, sdxl_unet_config, tiny_sdxl_unet_config, tiny_unet_config
+
+    device = torch.device(args.device)
+    if device.type == "cpu" and not args.no_cpu_memory:
+        fixed_mmap_threshold()
+    dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    configs = {"sd15": sd15_unet_config, "sdxl": sdxl_unet_config, "tiny": tiny_unet_config,
+               "tiny-sdxl": tiny_sdxl_unet_config}
+    settings = [s for s in args.unet_settings if s != "baseline"]
+    try:
+        import tomesd  # noqa: F401
+    except ImportError:
+        if "tomesd" in settings:
+            print("tomesd not installed (pip install -e '.[bench]'): skipping its setting", flush=True)
+            settings.remove("tomesd")
+    settings.insert(0, "baseline")
+    output = args.output or RESULTS / f"agentsd_unet_{args.arch}_{device.type}.json"
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**configs[args.arch]()).eval().to(device, dtype)
+    torch.random.set_rng_state(gen_state)
+    print(f"{args.arch} UNet architecture, RANDOM weights ({sum(q.numel() for q in unet.parameters()) / 1e6:.0f}M "
+          f"params), {dtype}, {device}, UNet batch {args.batch}, ratio {args.ratio}", flush=True)
+    saved: dict = {}
+    rows, summary = [], []
+    for size in args.sizes:
+        (sample, t, ctx), kw = unet_inputs(unet, size, args.batch, device, dtype)
+        times: dict[str, list[float]] = {s: [] for s in settings}
+        mems: dict[str, list[int]] = {s: [] for s in settings}
+        for rep_i in range(args.warmup + args.repeats):
+            for setting in settings:  # interleaved: load drift hits every setting alike
+                configure_unet(unet, setting, args, saved)
+                torch.manual_seed(rep_i)
+                with torch.no_grad():
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                        torch.cuda.reset_peak_memory_stats(device)
+                        base = torch.cuda.memory_allocated(device)
+                        t0 = time.perf_counter()
+                        unet(sample, t, ctx, **kw)
+                        torch.cuda.synchronize(device)
+                        sec, mem = time.perf_counter() - t0, torch.cuda.max_memory_allocated(device) - base
+                    elif not args.no_cpu_memory and Path("/proc/self/statm").exists():
+                        with RSSPeak() as rss:
+                            t0 = time.perf_counter()
+                            unet(sample, t, ctx, **kw)
+                            sec = time.perf_counter() - t0
+                        mem = rss.peak
+                    else:
+                        t0 = time.perf_counter()
+                        unet(sample, t, ctx, **kw)
+                        sec, mem = time.perf_counter() - t0, None
+                if rep_i >= args.warmup:
+                    times[setting].append(sec)
+                    if mem is not None:
+                        mems[setting].append(mem)
+                print(f"{size}px {setting:8s} {'warm-up' if rep_i < args.warmup else f'run {rep_i - args.warmup}'}: "
+                      f"{sec:8.3f} s/step" + (f", peak {mem / 2**20:8.0f} MiB" if mem is not None else ""), flush=True)
+        configure_unet(unet, "baseline", args, saved)
+        med = {st: statistics.median(v) for st, v in times.items()}
+        for st in settings:
+            rows.append({"size": size, "setting": st, "time_per_step_s": med[st], "times_s": times[st],
+                         "speedup": med["baseline"] / med[st],
+                         "peak_mem_mib": max(mems[st]) / 2**20 if mems[st] else None})
+        s = {"size": size, **{f"speedup_{st}": med["baseline"] / med[st] for st in settings}}
+        if "tomesd" in med and "agentsd" in med:
+            s["agentsd_vs_tomesd"] = med["tomesd"] / med["agentsd"]
+        if "tome" in med and "agentsd" in med:
+            agent_n = 20
+            est = {"baseline": PAPER_STEPS * med["baseline"],
+                   "agentsd": agent_n * med["agentsd"] + (PAPER_STEPS - agent_n) * med["tome"]}
+            if "tomesd" in med:
+                est["tomesd"] = PAPER_STEPS * med["tomesd"]
+                s["estimated_50_steps_agentsd_vs_tomesd"] = est["tomesd"] / est["agentsd"]
+            s["estimated_50_steps_s"] = est
+            s["estimated_50_steps_speedup_agentsd"] = est["baseline"] / est["agentsd"]
+        summary.append(s)
+        print("  " + ", ".join(f"{k} {v:.2f}" for k, v in s.items() if isinstance(v, float)), flush=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    report = {"benchmark": "agentsd_unet", "arch": args.arch, "model": "RANDOM weights: timing/memory only",
+              "machine": machine_info(device), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+              "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "output"},
+              "rows": rows, "summary": summary}
+    output.write_text(json.dumps(report, indent=2))
+    print(f"wrote {output}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024], help="image sizes (px, square)")
@@ -132,7 +299,12 @@ def main() -> None:
     p.add_argument("--no-cpu-memory", action="store_true", help="skip the CPU resident-memory sampling")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine load)")
     p.add_argument("--output", type=Path, default=None)
+    p.add_argument("--unet", action="store_true", help="time one UNet call per setting (see above)")
+    p.add_argument("--arch", default="sd15", choices=["sd15", "sdxl", "tiny", "tiny-sdxl"], help="UNet for --unet")
+    p.add_argument("--unet-settings", nargs="+", default=list(UNET_SETTINGS), choices=UNET_SETTINGS)
     args = p.parse_args()
+    if args.unet:
+        return unet_main(args)
     if "baseline" not in args.settings:
         args.settings.insert(0, "baseline")
 

@@ -12,6 +12,12 @@ Each pair runs in its own spawned process, its two models timed in alternating r
 in the machine's load hits both alike); timings are the median of ``--repeats`` after ``--warmup``.
 Writes JSON and a PNG bar chart (same stem) and prints agent/baseline ratios.
 
+``--variants eager compiled bf16`` adds, per model, inference rows for ``torch.compile`` (default
+mode, timed after its compile) and bf16 autocast (``torch.autocast(device, torch.bfloat16)``, the
+weights stay fp32: what ``trainer.precision: bf16-mixed`` does); their rows are ``name@compiled`` and
+``name@bf16``, with ratios to the same model's eager row and agent-vs-baseline ratios per variant.
+``--device cuda`` measures on a GPU (the GPU check runs the pairs at batch 64 in bf16).
+
 On a machine whose cores other processes are using, pass ``--threads 1``: intra-op threads that
 compete for busy cores slow small ops by an order of magnitude and swamp the comparison.
 """
@@ -52,8 +58,36 @@ def _interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeats: int
     return times
 
 
+VARIANTS = ("eager", "compiled", "bf16")
+
+
+def _variant_fn(m: torch.nn.Module, x: torch.Tensor, variant: str) -> Callable[[], object]:
+    """One inference call of ``m`` on ``x`` in the given variant (eager, compiled, bf16 autocast)."""
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    if variant == "compiled":
+        cm = torch.compile(m)  # shares m's weights
+
+        def fn() -> object:
+            out = cm(x)
+            sync()
+            return out
+    elif variant == "bf16":
+        def fn() -> object:
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                out = m(x)
+            sync()
+            return out
+    else:
+        def fn() -> object:
+            out = m(x)
+            sync()
+            return out
+    return fn
+
+
 def measure_group(names: list[str], batch_size: int, img_size: int, warmup: int, repeats: int,
-                  threads: int | None, train: bool) -> dict[str, dict]:
+                  threads: int | None, train: bool, variants: tuple[str, ...] = ("eager",),
+                  device: str = "cpu") -> dict[str, dict]:
     """Runs in a fresh process: throughput (images/s) and peak tensor memory (MiB) of each model."""
     import timm
 
@@ -63,24 +97,27 @@ def measure_group(names: list[str], batch_size: int, img_size: int, warmup: int,
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    x = torch.randn(batch_size, 3, img_size, img_size)
-    models = {name: timm.create_model(name, pretrained=False) for name in names}
+    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    models = {name: timm.create_model(name, pretrained=False).to(device) for name in names}
     results = {
-        name: dict(model=name, params_m=sum(p.numel() for p in m.parameters()) / 1e6, batch_size=batch_size,
-                   img_size=img_size)
-        for name, m in models.items()
+        f"{name}@{v}" if v != "eager" else name: dict(
+            model=name, variant=v, params_m=sum(p.numel() for p in m.parameters()) / 1e6, batch_size=batch_size,
+            img_size=img_size, device=device)
+        for name, m in models.items() for v in variants
     }
 
-    with torch.inference_mode():
+    with torch.inference_mode() if "compiled" not in variants else torch.no_grad():
         for m in models.values():
             m.eval()
-        times = _interleaved({n: (lambda m=m: m(x)) for n, m in models.items()}, warmup, repeats)
-        for name, m in models.items():
-            results[name]["infer_images_per_s"] = batch_size / statistics.median(times[name])
-            results[name]["infer_peak_mb"] = peak_memory(lambda: m(x)) / 2**20
+        for v in variants:  # each variant's models in alternating rounds
+            fns = {(f"{n}@{v}" if v != "eager" else n): _variant_fn(m, x, v) for n, m in models.items()}
+            times = _interleaved(fns, warmup + (1 if v == "compiled" else 0), repeats)  # + the compile call
+            for key, fn in fns.items():
+                results[key]["infer_images_per_s"] = batch_size / statistics.median(times[key])
+                results[key]["infer_peak_mb"] = peak_memory(fn, device) / 2**20
 
     if train:
-        y = torch.randint(0, 1000, (batch_size,))
+        y = torch.randint(0, 1000, (batch_size,), device=device)
         steps = {}
         for name, m in models.items():
             m.train()
@@ -95,7 +132,7 @@ def measure_group(names: list[str], batch_size: int, img_size: int, warmup: int,
         times = _interleaved(steps, max(1, warmup), repeats)
         for name, step in steps.items():
             results[name]["train_images_per_s"] = batch_size / statistics.median(times[name])
-            results[name]["train_peak_mb"] = peak_memory(step) / 2**20  # activations, gradients, SGD step
+            results[name]["train_peak_mb"] = peak_memory(step, device) / 2**20  # activations, gradients, SGD step
     return results
 
 
@@ -148,6 +185,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--no-train", action="store_true", help="inference only")
+    parser.add_argument("--variants", nargs="+", default=["eager"], choices=VARIANTS,
+                        help="inference variants per model: eager, compiled (torch.compile), bf16 (autocast)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--output", default=str(RESULTS / "models.json"), help="JSON path; the PNG gets the same stem")
     args = parser.parse_args(argv)
 
@@ -168,10 +208,11 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         results.update(_run_isolated(dict(names=names_, batch_size=args.batch_size, img_size=args.img_size,
                                           warmup=args.warmup, repeats=args.repeats, threads=args.threads,
-                                          train=not args.no_train)))
-    for name in names:
+                                          train=not args.no_train, variants=tuple(args.variants),
+                                          device=args.device)))
+    for name in results:
         r = results[name]
-        line = f"{name:32s} infer {r['infer_images_per_s']:8.2f} img/s  peak +{r['infer_peak_mb']:7.0f} MiB"
+        line = f"{name:41s} infer {r['infer_images_per_s']:8.2f} img/s  peak +{r['infer_peak_mb']:7.0f} MiB"
         if "train_images_per_s" in r:
             line += f" | train {r['train_images_per_s']:7.2f} img/s  peak +{r['train_peak_mb']:7.0f} MiB"
         print(line)
@@ -188,6 +229,14 @@ def main(argv: list[str] | None = None) -> dict:
         if "train_images_per_s" in a and "train_images_per_s" in b:
             row["train_speedup"] = a["train_images_per_s"] / b["train_images_per_s"]
             row["train_memory_ratio"] = a["train_peak_mb"] / max(b["train_peak_mb"], 1e-9)
+        for v in args.variants:
+            if v != "eager":
+                av, bv = results[f"{agent}@{v}"], results[f"{base}@{v}"]
+                row[f"infer_speedup_{v}"] = av["infer_images_per_s"] / bv["infer_images_per_s"]
+                row[f"{v}_vs_eager_agent"] = av["infer_images_per_s"] / a["infer_images_per_s"]
+                row[f"{v}_vs_eager_baseline"] = bv["infer_images_per_s"] / b["infer_images_per_s"]
+                print(f"  {agent} vs {base} [{v}]: inference {row[f'infer_speedup_{v}']:.2f}x faster; {v} vs eager: "
+                      f"agent {row[f'{v}_vs_eager_agent']:.2f}x, baseline {row[f'{v}_vs_eager_baseline']:.2f}x")
         ratios.append(row)
         paper = f" (paper: {row['paper_cpu_speedup']}x)" if row["paper_cpu_speedup"] else ""
         train = f", training {row['train_speedup']:.2f}x" if "train_speedup" in row else ""
@@ -200,6 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = dict(
         settings=dict(batch_size=args.batch_size, img_size=args.img_size, repeats=args.repeats, warmup=args.warmup,
                       threads=args.threads or torch.get_num_threads(), torch=torch.__version__,
+                      variants=args.variants, device=args.device,
                       machine=platform.processor() or platform.machine(), cpu_count=mp.cpu_count()),
         results=results,
         ratios=ratios,

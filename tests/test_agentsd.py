@@ -317,3 +317,181 @@ def test_fp32_precision_same_result_in_fp32(pipe):
         finally:
             remove_patch(pipe)
     torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- fast paths vs naive references
+def _naive_perm(h, w, sx, sy, pick):
+    """src positions then dst positions in raster order, from per-cell picks (the stable-argsort definition)."""
+    dst = {(i * sy + int(pick[i, j]) // sx) * w + j * sx + int(pick[i, j]) % sx
+           for i in range(h // sy) for j in range(w // sx)}
+    return [p for p in range(h * w) if p not in dst], sorted(dst)
+
+
+@pytest.mark.parametrize("h,w,sx,sy", [(8, 8, 2, 2), (9, 10, 4, 4), (6, 10, 2, 3)])
+def test_device_side_split_matches_naive(h, w, sx, sy):
+    x = torch.randn(2, h * w, 4)
+    m = bipartite_soft_matching_random2d(x, w, h, sx, sy, r=5, generator=torch.Generator().manual_seed(7))
+    pick = torch.randint(sy * sx, (h // sy, w // sx), generator=torch.Generator().manual_seed(7))
+    src, dst = _naive_perm(h, w, sx, sy, pick)
+    assert m.src_pos.flatten().tolist() == src and m.dst_pos.flatten().tolist() == dst
+
+
+@pytest.mark.parametrize("r,agent_r", [(10, 40), (0, 30), (25, 25), (30, 10)])
+def test_agents_from_merged_match_naive(r, agent_r):
+    h, w = 8, 12
+    x = torch.randn(3, h * w, 6)
+    m = bipartite_soft_matching_random2d(x, w, h, 2, 2, r=r, agent_r=agent_r, use_rand=False)
+    expected, _ = _naive_merge(x, h, w, 2, 2, m.agent_r)
+    torch.testing.assert_close(m.agents(x, m.merge(x)), expected)
+    torch.testing.assert_close(m.agents(x), expected)
+    if m.agent_r > m.r:  # fp16: counts and means stay in range
+        half = m.agents(x.half(), m.merge(x.half()))
+        torch.testing.assert_close(half.float(), expected, atol=2e-3, rtol=2e-3)
+
+
+def test_patched_attn1_matches_naive_agentsd():
+    """attn1 under the default patch == the method written out with the loop-based merge above."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    block = BasicTransformerBlock(32, 4, 8, cross_attention_dim=16).eval()
+    wrap = _Wrap(block)
+    apply_patch(wrap, use_rand=False)
+    h, w = 8, 8
+    x = torch.randn(2, h * w, 32)
+    state = get_state(wrap)
+    state.new_call((h, w))
+    state.step = 0
+    block.attn1.processor.matching = m = state.matching(x)
+    attn = block.attn1
+    with torch.no_grad():
+        got = attn(x)
+        xm, owner = _naive_merge(x, h, w, 4, 4, int(0.4 * h * w))
+        xa, _ = _naive_merge(x, h, w, 4, 4, m.agent_r)
+
+        def heads(t):
+            return t.view(2, -1, 4, 8).transpose(1, 2)
+
+        q, k, v, a = heads(attn.to_q(xm)), heads(attn.to_k(xm)), heads(attn.to_v(xm)), heads(attn.to_q(xa))
+        s = 8 ** -0.5
+        o = agent_attention_reference(q, k, v, a, scale=s, broadcast_scale=s ** 0.3) + 0.075 * v
+        o = attn.to_out[0](o.transpose(1, 2).reshape(2, -1, 32))
+        expected = torch.stack([o[b, owner[b]] for b in range(2)])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    # diffusers' fused QKV projection gives the same output
+    attn.fuse_projections()
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), got, atol=1e-5, rtol=1e-5)
+    remove_patch(wrap)
+
+
+# ----------------------------------------------------------------------------- tomesd-compatible API
+def test_tomesd_call_shapes(pipe):
+    assert apply_patch(pipe, 0.5) is pipe and get_state(pipe).config.ratio == 0.5
+    assert apply_patch(pipe.unet, 0.3, 1, 2, 2, False, True, True, True) is pipe.unet
+    c = get_state(pipe).config
+    assert (c.ratio, c.max_downsample, c.sx, c.sy, c.use_rand, c.merge_crossattn, c.merge_mlp) == (
+        0.3, 1, 2, 2, False, True, True)
+    assert remove_patch(pipe.unet) is pipe.unet and get_state(pipe) is None
+    cfg = patch_mod.AgentSDConfig(ratio=0.2)
+    assert get_state(apply_patch(pipe, cfg)).config is cfg
+    assert get_state(apply_patch(pipe, config={"ratio": 0.1}, agent_steps=3)).config.agent_steps == 3
+    assert remove_patch(pipe) is pipe
+    with pytest.raises(ValueError, match="merge_mlp must be true or false"):
+        apply_patch(pipe, merge_mlp="yes")
+    with pytest.raises(ValueError, match="max_downsample must be an integer"):
+        apply_patch(pipe, max_downsample=0)
+
+
+@pytest.mark.parametrize("extra", [{}, {"merge_crossattn": True}, {"merge_mlp": True},
+                                   {"merge_crossattn": True, "merge_mlp": True}], ids=["attn", "cross", "mlp", "all"])
+def test_tome_phase_equals_tomesd(extra):
+    """Our ToMe phase (sx=sy=2, no agents) computes what the tomesd package computes, option for option."""
+    tomesd = pytest.importorskip("tomesd")
+    from diffusers import UNet2DConditionModel
+
+    from agentlit.diffusion import tiny_unet_config
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**tiny_unet_config()).eval()
+    x, ctx = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        plain = unet(x, 500, ctx).sample
+        tomesd.apply_patch(unet, ratio=0.5, use_rand=False, **extra)
+        theirs = unet(x, 500, ctx).sample
+        tomesd.remove_patch(unet)
+        apply_patch(unet, 0.5, sx=2, sy=2, use_rand=False, agent_steps=0, **extra)
+        ours = unet(x, 500, ctx).sample
+        remove_patch(unet)
+        assert torch.equal(unet(x, 500, ctx).sample, plain)
+    assert (theirs - plain).abs().max() > 1e-2  # the merge did change the computation
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_mlp_runs_the_mlp_on_merged_tokens(pipe):
+    ff = next(m for m in pipe.unet.modules() if type(m).__name__ == "BasicTransformerBlock").ff
+    apply_patch(pipe, 0.5, merge_mlp=True)
+    seen = []
+    # forward pre-hooks run in registration order: this one sees what the MLP gets after the patch's merge
+    handle = ff.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+    try:
+        _run(pipe, steps=1)
+    finally:
+        handle.remove()
+        remove_patch(pipe)
+    assert seen and all(n == 256 - 128 for n in seen)  # 16² latent, ratio 0.5
+
+
+# ----------------------------------------------------------------------------- SDXL and shared matching
+@pytest.fixture(scope="module")
+def xl_pipe():
+    return build_tiny_pipeline(seed=0, kind="sdxl")
+
+
+def test_sdxl_default_patches_the_first_attention_level_and_restores_bit_exactly(xl_pipe, monkeypatch):
+    pipe = xl_pipe
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    before = _run(pipe, steps=2)
+    apply_patch(pipe, max_downsample=1)  # tomesd's default: SDXL has no attention at full resolution
+    try:
+        assert torch.equal(_run(pipe, steps=2), before)
+    finally:
+        remove_patch(pipe)
+    tokens = []
+
+    def spy(q, k, v, agents, upcast=None, **kw):
+        tokens.append((q.shape[2], agents.shape[2]))
+        return agent_attention_reference(q, k, v, agents, **kw)
+
+    monkeypatch.setattr(patch_mod, "agent_attention", spy)
+    assert apply_patch(pipe) is pipe
+    patched = _run(pipe, steps=2)
+    assert get_state(pipe).level == 2
+    assert remove_patch(pipe) is pipe
+    after = _run(pipe, steps=2)
+    N = 8 * 8  # 32 px -> 16² latent -> the 2x downsampled level
+    assert tokens and set(tokens) == {(N - int(0.4 * N), 4)}
+    assert not torch.equal(patched, before)
+    assert torch.equal(after, before)
+
+
+def test_share_matching_one_matching_per_resolution(pipe, monkeypatch):
+    calls = []
+    real = patch_mod.bipartite_soft_matching_random2d
+
+    def counting(*a, **kw):
+        calls.append(a[0].shape[1])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(patch_mod, "bipartite_soft_matching_random2d", counting)
+    outs = {}
+    for shared in (False, True):
+        calls.clear()
+        apply_patch(pipe, share_matching=shared)
+        try:
+            torch.manual_seed(0)
+            outs[shared] = _run(pipe, steps=2)  # PNDM: 3 UNet calls
+        finally:
+            remove_patch(pipe)
+        assert len(calls) == (3 if shared else 9)  # 3 full-resolution blocks per call
+    diff = (outs[True] - outs[False]).abs()
+    assert 0 < diff.max() < 0.5  # changes outputs, a little (docs/agentsd.md quotes the numbers)

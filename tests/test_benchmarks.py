@@ -1,0 +1,71 @@
+"""The benchmark scripts run end to end (timings are never asserted: speed lives in benchmarks/)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_gpu_check_dry_run_writes_every_result(tmp_path):
+    """benchmarks/gpu_check.sh --dry-run: every step of the GPU check on the CPU at tiny sizes."""
+    out = tmp_path / "gpu_check"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = (out / "summary.txt").read_text()
+    for step in ("quickstart", "attention", "models", "agentsd"):
+        assert f"{step}: rc=0 " in summary, summary + (out / f"{step}.log").read_text()[-3000:]
+    assert "device: cpu, dry-run: 1" in summary
+    assert list((out / "quickstart").rglob("*.ckpt")), "the quickstart fit wrote no checkpoint"
+    models = json.loads((out / "models.json").read_text())
+    assert {"agent_deit_tiny", "agent_deit_tiny@bf16", "deit_tiny_patch16_224@bf16"} <= set(models["results"])
+    assert "infer_speedup_bf16" in models["ratios"][0]
+    sd = json.loads((out / "agentsd_unet.json").read_text())
+    settings = {r["setting"] for r in sd["rows"]}
+    assert {"baseline", "agentsd", "tome", "ceiling"} <= settings
+    assert all(r["time_per_step_s"] > 0 for r in sd["rows"])
+    assert json.loads((out / "attention.json").read_text())
+
+
+def test_agentsd_unet_benchmark_tiny(tmp_path):
+    """benchmarks/agentsd.py --unet on the tiny SDXL-shaped UNet: every setting measured, the ceiling
+    removes the patched level's self-attention, the 50-step estimate is reported."""
+    out = tmp_path / "sd.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "benchmarks/agentsd.py", "--unet", "--arch", "tiny-sdxl", "--sizes", "64",
+                           "--repeats", "1", "--warmup", "0", "--device", "cpu", "--no-cpu-memory",
+                           "--output", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert report["arch"] == "tiny-sdxl"
+    settings = [r["setting"] for r in report["rows"]]
+    assert settings[0] == "baseline" and {"agentsd", "shared", "tome", "ceiling"} <= set(settings)
+    assert "estimated_50_steps_speedup_agentsd" in report["summary"][0]
+
+
+def test_ceiling_removes_exactly_the_default_patch_level():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from agentsd import finest_attention_blocks
+    finally:
+        sys.path.pop(0)
+    from diffusers import UNet2DConditionModel
+
+    from agentlit.diffusion import apply_patch, get_state, remove_patch, tiny_sdxl_unet_config, tiny_unet_config
+
+    for cfg, level in ((tiny_unet_config(), 0), (tiny_sdxl_unet_config(), 1)):
+        unet = UNet2DConditionModel(**cfg)
+        blocks = finest_attention_blocks(unet)
+        expected = [m for part in (unet.down_blocks[level], unet.up_blocks[len(unet.up_blocks) - 1 - level])
+                    for m in part.modules() if type(m).__name__ == "BasicTransformerBlock"]
+        assert blocks == expected and blocks
+        apply_patch(unet)
+        assert get_state(unet) is not None
+        remove_patch(unet)
