@@ -208,6 +208,16 @@ def _discard_empty_runs() -> None:
         shutil.rmtree(run, ignore_errors=True)
 
 
+def _plot_curves(run: Path) -> None:
+    """``metrics.png`` of an interrupted run, as at the end of fit (best effort: never hides the message)."""
+    from .utils.plots import plot_metrics
+
+    try:
+        plot_metrics(run / "metrics.csv", run / "metrics.png")
+    except (OSError, ValueError):
+        pass
+
+
 def main(args: list[str] | None = None) -> None:
     """Console entry point (``agentlit``, ``python -m agentlit``).
 
@@ -238,6 +248,7 @@ def main(args: list[str] | None = None) -> None:
             print(f"agentlit: interrupted by {err.signame} at step {err.step} (epoch {err.epoch}); "
                   f"checkpoint: {err.checkpoint}", file=sys.stderr)
             print(f"agentlit: resume with: {resume_command(argv)}", file=sys.stderr)
+            _plot_curves(Path(err.checkpoint).parent.parent)
             sys.exit(err.exit_code)
         message = None if os.environ.get(_TRACEBACK_ENV) else describe_error(err, argv)
         if message is None:

@@ -83,6 +83,8 @@ def interrupt_and_resume(tmp_path: Path, common: list[str], root: str, kill_at: 
         assert f"checkpoint: {Path(root) / 'version_0' / 'checkpoints' / 'last.ckpt'}" in killed.stderr, killed.stderr
         assert "resume with: agentlit fit" in killed.stderr and "--ckpt_path last" in killed.stderr
         assert "Traceback" not in killed.stderr
+        # the curves so far (there are some once a logging step has passed: log_every_n_steps)
+        assert (run / "metrics.png").is_file() == (kill_at >= 10)
     assert weights(first / "last.ckpt")["global_step"] == saved_at
     resume = run_agentlit(*common, "--config", ckpt_cfg, "--trainer.default_root_dir", root, "--ckpt_path", "last", cwd=tmp_path)
     out = resume.stderr + resume.stdout
