@@ -235,7 +235,9 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(2)
     try:
         cli(argv)
-    except SystemExit:
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):  # e.g. Lightning's exit after a Ctrl-C before the first step
+            _discard_empty_runs()
         raise
     except KeyboardInterrupt:
         _discard_empty_runs()
