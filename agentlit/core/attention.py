@@ -1,12 +1,14 @@
 """The multi-head agent-attention layer used by every agent backbone (docs/reference.md §1)."""
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .bias import AgentPositionBias, to_grid
-from .functional import agent_attention
+from .functional import agent_attention, agent_attention_sdpa
 
 __all__ = ["AgentAttention"]
 
@@ -72,8 +74,8 @@ class AgentAttention(AgentPositionBias):
     def forward(
         self,
         x: Tensor,
-        feat_size: tuple[int, int] | None = None,
-        attn_mask: Tensor | None = None,
+        feat_size: Optional[Tuple[int, int]] = None,
+        attn_mask: Optional[Tensor] = None,
         is_causal: bool = False,
     ) -> Tensor:
         """x (B, P + h·w, C); ``feat_size`` (h, w) defaults to the size given at construction.
@@ -87,7 +89,10 @@ class AgentAttention(AgentPositionBias):
                 "so masked or future positions would leak through them; use softmax attention there"
             )
         B, L, C = x.shape
-        h, w = feat_size or self.feat_size
+        if feat_size is None:
+            h, w = self.feat_size[0], self.feat_size[1]
+        else:
+            h, w = feat_size[0], feat_size[1]
         P, H, d = self.num_prefix_tokens, self.num_heads, self.head_dim
         if L != P + h * w:
             raise ValueError(
@@ -99,18 +104,41 @@ class AgentAttention(AgentPositionBias):
         q_map = q[:, P:].transpose(1, 2).reshape(B, C, h, w)
         agents = F.adaptive_avg_pool2d(q_map, self.agent_grid).flatten(2).transpose(1, 2)  # (B, n, C)
 
-        def heads(t: Tensor) -> Tensor:  # (B, T, C) -> (B, H, T, d)
-            return t.reshape(B, -1, H, d).transpose(1, 2)
-
+        # heads: (B, T, C) -> (B, H, T, d)
+        qh, kh, vh = (q.reshape(B, L, H, d).transpose(1, 2), k.reshape(B, L, H, d).transpose(1, 2),
+                      v.reshape(B, L, H, d).transpose(1, 2))
+        ah = agents.reshape(B, self.agent_num, H, d).transpose(1, 2)
         agent_bias, query_bias = self.position_biases(h, w)
-        out = agent_attention(
-            heads(q), heads(k), heads(v), heads(agents),
-            agent_bias=agent_bias, query_bias=query_bias, scale=self.scale,
-            dropout_p=self.attn_drop if self.training else 0.0,
-        )  # (B, H, L, d)
+        dropout_p = self.attn_drop if self.training else 0.0
+        if torch.jit.is_scripting():  # no shape checks / fp16 upcast context in TorchScript
+            out = agent_attention_sdpa(qh, kh, vh, ah, agent_bias, query_bias, self.scale, self.scale, dropout_p)
+        else:
+            out = _eager_agent_attention(qh, kh, vh, ah, agent_bias, query_bias, self.scale, dropout_p)
+        # out: (B, H, L, d)
         out = out.transpose(1, 2).reshape(B, L, C)
         if self.dwc is not None:
             v_map = v[:, P:].transpose(1, 2).reshape(B, C, h, w)
             local = self.dwc(v_map).flatten(2).transpose(1, 2)  # (B, h·w, C)
-            out = torch.cat([out[:, :P], out[:, P:] + local], dim=1) if P else out + local
+            out = torch.cat([out[:, :P], out[:, P:] + local], dim=1) if P > 0 else out + local
         return self.proj_drop(self.proj(out))
+
+
+@torch.jit.unused
+def _eager_agent_attention(
+    q: Tensor, k: Tensor, v: Tensor, agents: Tensor, agent_bias: Optional[Tensor], query_bias: Optional[Tensor],
+    scale: float, dropout_p: float,
+) -> Tensor:
+    return agent_attention(q, k, v, agents, agent_bias=agent_bias, query_bias=query_bias, scale=scale, dropout_p=dropout_p)
+
+
+def _register_fx_leaf() -> None:
+    # timm's FX feature extraction (and torchvision's) keeps the layer as one call: its token-count
+    # check and bias interpolation branch on shapes, which symbolic tracing cannot follow.
+    try:
+        from timm.layers import register_notrace_module
+    except ImportError:  # timm is optional for the core
+        return
+    register_notrace_module(AgentAttention)
+
+
+_register_fx_leaf()

@@ -56,7 +56,7 @@ def resize_axis(t: Tensor, size: int, dim: int) -> Tensor:
     moved = t.movedim(dim, -1)
     flat = moved.reshape(1, -1, moved.shape[-1])
     out = F.interpolate(flat.float(), size=size, mode="linear", align_corners=False).to(t.dtype)
-    return out.reshape(*moved.shape[:-1], size).movedim(-1, dim)
+    return out.reshape(list(moved.shape[:-1]) + [size]).movedim(-1, dim)  # no *-unpacking: TorchScript
 
 
 def resize_agent_axis(t: Tensor, dim: int, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> Tensor:
@@ -101,12 +101,8 @@ class AgentPositionBias(nn.Module):
     so the state-dict names are the official ``attn.an_bias`` …).
     """
 
-    an_bias: nn.Parameter
-    na_bias: nn.Parameter
-    ah_bias: nn.Parameter
-    aw_bias: nn.Parameter
-    ha_bias: nn.Parameter
-    wa_bias: nn.Parameter
+    # (an_bias … wa_bias, ac_bias / ca_bias are registered by _init_biases; no class-level
+    # annotations, which TorchScript would try to read as attribute types)
 
     def _init_biases(
         self,
@@ -129,6 +125,7 @@ class AgentPositionBias(nn.Module):
         for p in self.bias_parameters():
             nn.init.trunc_normal_(p, std=0.02)
 
+    @torch.jit.unused
     def bias_parameters(self) -> list[nn.Parameter]:
         return [getattr(self, k) for k in AGENT_BIAS_AXES if isinstance(getattr(self, k, None), nn.Parameter)]
 

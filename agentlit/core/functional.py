@@ -11,13 +11,16 @@ ever built: the largest intermediate is (B, H, N, n).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["agent_attention", "agent_attention_reference"]
+__all__ = ["agent_attention", "agent_attention_reference", "agent_attention_sdpa"]
 
 
+@torch.jit.unused
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor, agents: Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v), ("agents", agents)):
         if t.dim() != 4:
@@ -31,10 +34,43 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor, agents: Tensor) -> None:
         )
 
 
-def _mask(bias: Tensor | None, like: Tensor) -> Tensor | None:
+def _mask(bias: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
     # SDPA wants the float mask in the query dtype; a bias kept in fp32 would otherwise be rejected
     # under autocast.
     return None if bias is None else bias.to(like.dtype)
+
+
+def agent_attention_sdpa(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    agents: Tensor,
+    agent_bias: Optional[Tensor],
+    query_bias: Optional[Tensor],
+    scale: float,
+    broadcast_scale: float,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """The two SDPA calls of :func:`agent_attention`, positional and TorchScript-compatible
+    (no shape checks, no float16 upcast); shapes as there.
+
+    Args:
+        q: queries (B, H, N, d).
+        k: keys (B, H, M, d).
+        v: values (B, H, M, d).
+        agents: agent tokens (B, H, n, d).
+        agent_bias: B1, broadcastable to (B, H, n, M), or None.
+        query_bias: B2, broadcastable to (B, H, N, n), or None.
+        scale: s of the agent aggregation.
+        broadcast_scale: bs of the agent broadcast.
+        dropout_p: attention dropout on both softmax maps.
+    """
+    agent_v = F.scaled_dot_product_attention(  # (B, H, n, d)
+        agents, k, v, attn_mask=_mask(agent_bias, agents), dropout_p=dropout_p, scale=scale
+    )
+    return F.scaled_dot_product_attention(  # (B, H, N, d)
+        q, agents, agent_v, attn_mask=_mask(query_bias, q), dropout_p=dropout_p, scale=broadcast_scale
+    )
 
 
 def agent_attention(
@@ -85,12 +121,7 @@ def agent_attention(
         scale = q.shape[-1] ** -0.5
     if broadcast_scale is None:
         broadcast_scale = scale
-    agent_v = F.scaled_dot_product_attention(  # (B, H, n, d)
-        agents, k, v, attn_mask=_mask(agent_bias, agents), dropout_p=dropout_p, scale=scale
-    )
-    return F.scaled_dot_product_attention(  # (B, H, N, d)
-        q, agents, agent_v, attn_mask=_mask(query_bias, q), dropout_p=dropout_p, scale=broadcast_scale
-    )
+    return agent_attention_sdpa(q, k, v, agents, agent_bias, query_bias, scale, broadcast_scale, dropout_p)
 
 
 def agent_attention_reference(

@@ -13,18 +13,19 @@ q, k, v and own only the locally-enhanced positional encoding ``get_v`` (a 3×3 
   ``split_size`` (one full-map branch in the last stage), LePE computed per stripe.
 Names equal the official release, so :func:`checkpoint_filter_fn` only unwraps and resizes biases.
 """
-from __future__ import annotations
-
-from typing import Any, Sequence
+# No ``from __future__ import annotations``: FX copies forward()'s annotations into the traced
+# module's code, and TorchScript then needs them as real types, not strings.
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, register_notrace_module, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..core import AgentPositionBias, agent_attention, to_grid
+from ..core.functional import agent_attention_sdpa
 from ._helpers import adapt_agent_biases, pretrained_cfg, unwrap_checkpoint
 from ._policy import no_weight_decay_names
 from ._stages import expand_attn_types, per_stage
@@ -38,6 +39,7 @@ def _heads(t: Tensor, num_heads: int) -> Tensor:
     return t.reshape(B, N, num_heads, C // num_heads).transpose(1, 2)
 
 
+@register_notrace_module  # FX: one call (bias interpolation branches on the map size)
 class AgentBranch(AgentPositionBias):
     """Agent attention over the full (h, w) map with LePE as the diversity-restoring DWC.
 
@@ -56,22 +58,42 @@ class AgentBranch(AgentPositionBias):
         self.get_v = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self._init_biases(num_heads, self.agent_grid, self.feat_size, num_prefix_tokens=0)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, feat_size: tuple[int, int]) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, feat_size: Tuple[int, int]) -> Tensor:
         B, N, C = q.shape
-        h, w = feat_size
+        h, w = feat_size[0], feat_size[1]
         agents = F.adaptive_avg_pool2d(q.transpose(1, 2).reshape(B, C, h, w), self.agent_grid)  # (B, C, ph, pw)
         agents = agents.flatten(2).transpose(1, 2)  # (B, n, C)
         agent_bias, query_bias = self.position_biases(h, w)
         H = self.num_heads
-        out = agent_attention(
-            _heads(q, H), _heads(k, H), _heads(v, H), _heads(agents, H),
-            agent_bias=agent_bias, query_bias=query_bias, scale=self.scale,
-            dropout_p=self.attn_drop if self.training else 0.0,
-        )  # (B, H, N, d)
+        dropout_p = self.attn_drop if self.training else 0.0
+        if torch.jit.is_scripting():  # no shape checks / fp16 upcast context in TorchScript
+            out = agent_attention_sdpa(_heads(q, H), _heads(k, H), _heads(v, H), _heads(agents, H),
+                                       agent_bias, query_bias, self.scale, self.scale, dropout_p)
+        else:
+            out = _eager_agent_attention(_heads(q, H), _heads(k, H), _heads(v, H), _heads(agents, H),
+                                         agent_bias, query_bias, self.scale, dropout_p)
+        # out: (B, H, N, d)
         lepe = self.get_v(v.transpose(1, 2).reshape(B, C, h, w)).flatten(2).transpose(1, 2)  # (B, N, C)
         return out.transpose(1, 2).reshape(B, N, C) + lepe
 
 
+@torch.jit.unused
+def _eager_agent_attention(
+    q: Tensor, k: Tensor, v: Tensor, agents: Tensor, agent_bias: Optional[Tensor], query_bias: Optional[Tensor],
+    scale: float, dropout_p: float,
+) -> Tensor:
+    return agent_attention(q, k, v, agents, agent_bias=agent_bias, query_bias=query_bias, scale=scale, dropout_p=dropout_p)
+
+
+def _stripes(t: Tensor, h: int, w: int, hs: int, ws: int, ph: int, pw: int) -> Tensor:
+    """(B, N, C) tokens of an (h, w) map → (B·nW, C, hs, ws) windows of the map zero-padded by (ph, pw)."""
+    B, C = t.shape[0], t.shape[2]
+    t = F.pad(t.transpose(1, 2).reshape(B, C, h, w), (0, pw, 0, ph))
+    t = t.reshape(B, C, (h + ph) // hs, hs, (w + pw) // ws, ws).permute(0, 2, 4, 1, 3, 5)
+    return t.reshape(-1, C, hs, ws)
+
+
+@register_notrace_module  # FX: one call (the stripe layout and padding branch on the map size)
 class LePEBranch(nn.Module):
     """CSWin attention inside stripes plus the locally-enhanced positional encoding (LePE).
 
@@ -88,24 +110,26 @@ class LePEBranch(nn.Module):
         self.attn_drop = attn_drop
         self.get_v = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
 
-    def _window(self, h: int, w: int) -> tuple[int, int]:
-        return {-1: (h, w), 0: (h, self.split_size), 1: (self.split_size, w)}[self.idx]
+    def _window(self, h: int, w: int) -> Tuple[int, int]:
+        if self.idx == -1:
+            return h, w
+        if self.idx == 0:
+            return h, self.split_size
+        return self.split_size, w
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, feat_size: tuple[int, int]) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, feat_size: Tuple[int, int]) -> Tensor:
         B, N, C = q.shape
-        h, w = feat_size
+        h, w = feat_size[0], feat_size[1]
         hs, ws = self._window(h, w)
         ph, pw = -h % hs, -w % ws
-
-        def windows(t: Tensor) -> Tensor:  # (B, N, C) → (B·nW, C, hs, ws)
-            t = F.pad(t.transpose(1, 2).reshape(B, C, h, w), (0, pw, 0, ph))
-            t = t.reshape(B, C, (h + ph) // hs, hs, (w + pw) // ws, ws).permute(0, 2, 4, 1, 3, 5)
-            return t.reshape(-1, C, hs, ws)
-
-        qw, kw, vw = (windows(t).flatten(2).transpose(1, 2) for t in (q, k, v))  # (B·nW, hs·ws, C)
-        lepe = self.get_v(windows(v)).flatten(2).transpose(1, 2)  # per-window conv, as the official code
-        mask = None
-        if ph or pw:  # padded keys must not receive attention
+        # (B·nW, hs·ws, C) per window
+        qw = _stripes(q, h, w, hs, ws, ph, pw).flatten(2).transpose(1, 2)
+        kw = _stripes(k, h, w, hs, ws, ph, pw).flatten(2).transpose(1, 2)
+        v_windows = _stripes(v, h, w, hs, ws, ph, pw)
+        vw = v_windows.flatten(2).transpose(1, 2)
+        lepe = self.get_v(v_windows).flatten(2).transpose(1, 2)  # per-window conv, as the official code
+        mask: Optional[Tensor] = None
+        if ph > 0 or pw > 0:  # padded keys must not receive attention
             valid = F.pad(q.new_ones(1, 1, h, w), (0, pw, 0, ph))
             valid = valid.reshape(1, (h + ph) // hs, hs, (w + pw) // ws, ws).permute(0, 1, 3, 2, 4).reshape(-1, 1, 1, hs * ws)
             mask = torch.zeros_like(valid).masked_fill(valid == 0, float("-inf")).repeat(B, 1, 1, 1)
@@ -143,17 +167,16 @@ class CSwinBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
         self.norm2 = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, feat_size: tuple[int, int]) -> Tensor:
+    def forward(self, x: Tensor, feat_size: Tuple[int, int]) -> Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(self.norm1(x)).reshape(B, N, 3, C).unbind(2)  # each (B, N, C)
-        if len(self.attns) == 2:  # half the channels (and heads) per stripe direction
-            c = C // 2
-            out = torch.cat([
-                self.attns[0](q[..., :c], k[..., :c], v[..., :c], feat_size),
-                self.attns[1](q[..., c:], k[..., c:], v[..., c:], feat_size),
-            ], dim=-1)
-        else:
-            out = self.attns[0](q, k, v, feat_size)
+        # two branches: half the channels (and heads) per stripe direction; one: all of them. A loop,
+        # not indexing, so TorchScript compiles only the branches that exist.
+        c = C // len(self.attns)
+        outs: List[Tensor] = []
+        for i, attn in enumerate(self.attns):
+            outs.append(attn(q[..., i * c:(i + 1) * c], k[..., i * c:(i + 1) * c], v[..., i * c:(i + 1) * c], feat_size))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         x = x + self.drop_path(self.proj(out))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -166,9 +189,9 @@ class MergeBlock(nn.Module):
         self.conv = nn.Conv2d(dim, dim_out, 3, 2, 1)
         self.norm = nn.LayerNorm(dim_out)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         x = self.conv(x)
-        return self.norm(x.flatten(2).transpose(1, 2)), tuple(x.shape[-2:])
+        return self.norm(x.flatten(2).transpose(1, 2)), (x.shape[-2], x.shape[-1])
 
 
 class CSwinTransformer(nn.Module):
@@ -201,6 +224,8 @@ class CSwinTransformer(nn.Module):
         proj_drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         n = len(depths)
@@ -208,6 +233,7 @@ class CSwinTransformer(nn.Module):
         types = expand_attn_types(attn_type, depths)
         agents = [to_grid(a, f"agent_num[{i}]") for i, a in enumerate(per_stage(agent_num, n, "agent_num"))]
         split_size = per_stage(split_size, n, "split_size")
+        self.in_chans = in_chans
         self.num_classes, self.global_pool, self.num_stages, self.drop_rate = num_classes, global_pool, n, drop_rate
         self.attn_types = ["".join(t) for t in types]
         dims = [embed_dim * 2**i for i in range(n)]
@@ -234,6 +260,8 @@ class CSwinTransformer(nn.Module):
         self.norm = nn.LayerNorm(dims[-1])
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()
+        if device is not None or dtype is not None:  # timm's factory: create_model(device=, dtype=)
+            self.to(device=device, dtype=dtype)
 
     @torch.jit.ignore
     def init_weights(self) -> None:
@@ -264,13 +292,17 @@ class CSwinTransformer(nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        ref = next(self.parameters())  # the new head on the model's device / dtype (meta included)
+        self.head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype) \
+            if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
 
-    def _stage(self, i: int, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    @torch.jit.unused
+    def _stage(self, i: int, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         """Stage i: image (i = 0) or previous map (B, C, h, w) → tokens (B, h'·w', C_i), (h', w')."""
         if i == 0:
             x = self.stage1_conv_embed[0](x)
-            hw = tuple(x.shape[-2:])
+            hw = (x.shape[-2], x.shape[-1])
             x = self.stage1_conv_embed[2](x.flatten(2).transpose(1, 2))
         else:
             x, hw = getattr(self, f"merge{i}")(x)
@@ -279,15 +311,39 @@ class CSwinTransformer(nn.Module):
         return x, hw
 
     @staticmethod
-    def _to_map(x: Tensor, hw: tuple[int, int]) -> Tensor:
-        return x.transpose(1, 2).reshape(x.shape[0], -1, *hw)
+    def _to_map(x: Tensor, hw: Tuple[int, int]) -> Tensor:
+        return x.transpose(1, 2).reshape(x.shape[0], -1, hw[0], hw[1])
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) → normalised last-stage map (B, C4, H/32, W/32)."""
+        if torch.jit.is_scripting():
+            return self._forward_features_scripted(x)
         for i in range(self.num_stages):
             tokens, hw = self._stage(i, x)
             x = self._to_map(self.norm(tokens) if i == self.num_stages - 1 else tokens, hw)
         return x
+
+    def _forward_features_scripted(self, x: Tensor) -> Tensor:
+        # TorchScript cannot look modules up by a computed name: the stages spelled out (the family
+        # has four; hasattr is resolved when scripting), the last one normalised.
+        x = self.stage1_conv_embed[0](x)
+        hw = (x.shape[-2], x.shape[-1])
+        tokens = self.stage1_conv_embed[2](x.flatten(2).transpose(1, 2))
+        for blk in self.stage1:
+            tokens = blk(tokens, hw)
+        if hasattr(self, "stage2"):
+            tokens, hw = self.merge1(self._to_map(tokens, hw))
+            for blk in self.stage2:
+                tokens = blk(tokens, hw)
+        if hasattr(self, "stage3"):
+            tokens, hw = self.merge2(self._to_map(tokens, hw))
+            for blk in self.stage3:
+                tokens = blk(tokens, hw)
+        if hasattr(self, "stage4"):
+            tokens, hw = self.merge3(self._to_map(tokens, hw))
+            for blk in self.stage4:
+                tokens = blk(tokens, hw)
+        return self._to_map(self.norm(tokens), hw)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self.global_pool == "avg":

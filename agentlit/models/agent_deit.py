@@ -6,11 +6,11 @@ names equal the official release's (``blocks.N.attn.{qkv,proj,dwc,an_bias,…}``
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
@@ -68,10 +68,14 @@ class AgentVisionTransformer(VisionTransformer):
             )
             # Same init as the rest of the ViT (and the official code): trunc-normal linears.
             blk.attn.apply(init_weights_vit_timm)
+            # on the device / dtype timm's factory asked for (create_model(device=, dtype=), meta included)
+            ref = self.patch_embed.proj.weight
+            blk.attn.to(device=ref.device, dtype=ref.dtype)
 
     def _agent_attentions(self) -> list[AgentAttention]:
         return [blk.attn for blk in self.blocks[: self.agent_layers]]
 
+    @torch.jit.unused
     def _sync_feat_size(self, x: Tensor) -> None:
         # Blocks only see (B, L, C); tell the agent layers which map the tokens form.
         if self.dynamic_img_size:
@@ -81,9 +85,23 @@ class AgentVisionTransformer(VisionTransformer):
         for attn in self._agent_attentions():
             attn.feat_size = grid
 
-    def forward_features(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        self._sync_feat_size(x)
-        return super().forward_features(x, *args, **kwargs)
+    def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        # timm's VisionTransformer.forward_features, spelled out (TorchScript has no super()); the
+        # scripted model runs at its configured grid, eager / FX also at dynamic sizes.
+        if not torch.jit.is_scripting():
+            self._sync_feat_size(x)
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        if attn_mask is not None or is_causal:
+            for blk in self.blocks:
+                x = blk(x, attn_mask=attn_mask, is_causal=is_causal)
+        elif self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
 
     def forward_intermediates(self, x: Tensor, *args: Any, **kwargs: Any):
         self._sync_feat_size(x)

@@ -9,15 +9,16 @@ Layout follows the official release (``patch_embed{1..4}``, ``pos_embed{1..4}``,
 are :class:`agentlit.core.AgentAttention` with a fused ``qkv``; the official agent blocks keep PVT's
 separate ``attn.q`` / ``attn.kv``, which :func:`checkpoint_filter_fn` concatenates.
 """
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: FX copies forward()'s annotations into the traced
+# module's code, and TorchScript then needs them as real types, not strings.
 import re
-from typing import Any, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models import register_notrace_function
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -38,9 +39,9 @@ class PVTPatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
         self.norm = nn.LayerNorm(embed_dim)  # eps 1e-5, as the official patch embeds
 
-    def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         x = self.proj(x)  # (B, D, h, w)
-        h, w = x.shape[-2:]
+        h, w = x.shape[-2], x.shape[-1]  # indexed, not unpacked: FX traces it
         return self.norm(x.flatten(2).transpose(1, 2)), (h, w)
 
 
@@ -62,18 +63,20 @@ class PVTAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.sr_ratio = sr_ratio
+        self.sr: Optional[nn.Module] = None  # None attributes: TorchScript resolves the branch statically
+        self.norm: Optional[nn.Module] = None
         if sr_ratio > 1:
             self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
             self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, feat_size: tuple[int, int]) -> Tensor:
+    def forward(self, x: Tensor, feat_size: Tuple[int, int]) -> Tensor:
         B, N, C = x.shape
         H, d = self.num_heads, self.head_dim
         q = self.q(x).reshape(B, N, H, d).transpose(1, 2)  # (B, H, N, d)
-        if self.sr_ratio > 1:
-            x = self.sr(x.transpose(1, 2).reshape(B, C, *feat_size)).flatten(2).transpose(1, 2)  # (B, M, C)
+        if self.sr is not None:
+            x = self.sr(x.transpose(1, 2).reshape(B, C, feat_size[0], feat_size[1])).flatten(2).transpose(1, 2)  # (B, M, C)
             x = self.norm(x)
-        k, v = self.kv(x).reshape(B, -1, 2, H, d).permute(2, 0, 3, 1, 4)  # each (B, H, M, d)
+        k, v = self.kv(x).reshape(B, -1, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, M, d)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
 
@@ -98,7 +101,7 @@ class PVTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
 
-    def forward(self, x: Tensor, feat_size: tuple[int, int]) -> Tensor:
+    def forward(self, x: Tensor, feat_size: Tuple[int, int]) -> Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), feat_size))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -134,6 +137,8 @@ class AgentPVT(nn.Module):
         proj_drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         n = len(depths)
@@ -141,6 +146,7 @@ class AgentPVT(nn.Module):
         types = expand_attn_types(attn_type, depths)
         agents = [to_grid(a, f"agent_num[{i}]") for i, a in enumerate(per_stage(agent_num, n, "agent_num"))]
         self.num_classes, self.global_pool, self.num_stages = num_classes, global_pool, n
+        self.in_chans = in_chans
         self.embed_dims = list(embed_dims)
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.drop_rate = drop_rate
@@ -168,6 +174,8 @@ class AgentPVT(nn.Module):
         self.pos_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()
+        if device is not None or dtype is not None:  # timm's factory: create_model(device=, dtype=)
+            self.to(device=device, dtype=dtype)
 
     @torch.jit.ignore
     def init_weights(self) -> None:
@@ -200,30 +208,60 @@ class AgentPVT(nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        ref = next(self.parameters())  # the new head on the model's device / dtype (meta included)
+        self.head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype) \
+            if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
 
-    def _pos_embed(self, i: int, feat_size: tuple[int, int]) -> Tensor:
-        # Learned at the training grid; bilinearly resampled for any other map (as the official code).
-        pos = getattr(self, f"pos_embed{i + 1}")
-        if tuple(feat_size) == self.grid_sizes[i]:
-            return pos
-        gh, gw = self.grid_sizes[i]
-        pos = pos.reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
-        pos = F.interpolate(pos, size=feat_size, mode="bilinear", align_corners=False)
-        return pos.flatten(2).transpose(1, 2)
+    @torch.jit.unused
+    def _pos_embed(self, i: int, feat_size: Tuple[int, int]) -> Tensor:
+        """Stage i's position embedding for an (h, w) map (see :func:`resize_pos_embed`)."""
+        return resize_pos_embed(getattr(self, f"pos_embed{i + 1}"), self.grid_sizes[i], feat_size)
 
+    @torch.jit.unused
     def _stage(self, i: int, x: Tensor) -> Tensor:
         """Stage i: (B, C_in, H, W) → (B, C_i, h, w)."""
-        x, (h, w) = getattr(self, f"patch_embed{i + 1}")(x)
-        x = self.pos_drop(x + self._pos_embed(i, (h, w)))
+        x, hw = getattr(self, f"patch_embed{i + 1}")(x)
+        x = self.pos_drop(x + resize_pos_embed(getattr(self, f"pos_embed{i + 1}"), self.grid_sizes[i], hw))
         for blk in getattr(self, f"block{i + 1}"):
-            x = blk(x, (h, w))
-        return x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+            x = blk(x, hw)
+        return x.transpose(1, 2).reshape(x.shape[0], -1, hw[0], hw[1])
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) → last-stage map (B, C4, H/32, W/32)."""
+        if torch.jit.is_scripting():
+            return self._forward_features_scripted(x)
         for i in range(self.num_stages):
             x = self._stage(i, x)
+        return x
+
+    def _forward_features_scripted(self, x: Tensor) -> Tensor:
+        # TorchScript cannot look modules up by a computed name: the (at most four) stages spelled
+        # out, each present unless pruned (hasattr is resolved when scripting).
+        if hasattr(self, "patch_embed1"):
+            x, hw = self.patch_embed1(x)
+            x = self.pos_drop(x + resize_pos_embed(self.pos_embed1, self.grid_sizes[0], hw))
+            for blk in self.block1:
+                x = blk(x, hw)
+            x = x.transpose(1, 2).reshape(x.shape[0], -1, hw[0], hw[1])
+        if hasattr(self, "patch_embed2"):
+            x, hw = self.patch_embed2(x)
+            x = self.pos_drop(x + resize_pos_embed(self.pos_embed2, self.grid_sizes[1], hw))
+            for blk in self.block2:
+                x = blk(x, hw)
+            x = x.transpose(1, 2).reshape(x.shape[0], -1, hw[0], hw[1])
+        if hasattr(self, "patch_embed3"):
+            x, hw = self.patch_embed3(x)
+            x = self.pos_drop(x + resize_pos_embed(self.pos_embed3, self.grid_sizes[2], hw))
+            for blk in self.block3:
+                x = blk(x, hw)
+            x = x.transpose(1, 2).reshape(x.shape[0], -1, hw[0], hw[1])
+        if hasattr(self, "patch_embed4"):
+            x, hw = self.patch_embed4(x)
+            x = self.pos_drop(x + resize_pos_embed(self.pos_embed4, self.grid_sizes[3], hw))
+            for blk in self.block4:
+                x = blk(x, hw)
+            x = x.transpose(1, 2).reshape(x.shape[0], -1, hw[0], hw[1])
         return x
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -269,6 +307,23 @@ class AgentPVT(nn.Module):
             self.num_features = self.head_hidden_size = self.embed_dims[max_index]
             self.reset_classifier(0, "")
         return take
+
+
+@register_notrace_function  # FX: one call; the size comparison below is not traceable
+def resize_pos_embed(pos: Tensor, grid: Tuple[int, int], feat_size: Tuple[int, int]) -> Tensor:
+    """A position embedding (1, gh·gw, C) learned on ``grid``, bilinearly resampled to ``feat_size``
+    (as the official code does for other input sizes); returned as is when the sizes agree.
+
+    Args:
+        pos: (1, gh·gw, C) embedding.
+        grid: (gh, gw) it was learned on.
+        feat_size: (h, w) of the current map.
+    """
+    if feat_size[0] == grid[0] and feat_size[1] == grid[1]:
+        return pos
+    pos = pos.reshape(1, grid[0], grid[1], -1).permute(0, 3, 1, 2)
+    pos = F.interpolate(pos, size=(feat_size[0], feat_size[1]), mode="bilinear", align_corners=False)
+    return pos.flatten(2).transpose(1, 2)
 
 
 _SPLIT_QKV = re.compile(r"^(?P<attn>.+\.attn)\.(?P<which>q|kv)\.(?P<leaf>weight|bias)$")

@@ -90,7 +90,9 @@ class AgentSwinTransformer(SwinTransformer):
                     drop_path=getattr(blk.drop_path1, "drop_prob", 0.0),
                 )
                 new.apply(init_weights_vit_timm)  # the same trunc-normal init as the rest of the Swin
-                stage.blocks[j] = new
+                # on the device / dtype timm's factory asked for (create_model(device=, dtype=), meta included)
+                ref = self.patch_embed.proj.weight
+                stage.blocks[j] = new.to(device=ref.device, dtype=ref.dtype)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
