@@ -495,3 +495,18 @@ def test_share_matching_one_matching_per_resolution(pipe, monkeypatch):
         assert len(calls) == (3 if shared else 9)  # 3 full-resolution blocks per call
     diff = (outs[True] - outs[False]).abs()
     assert 0 < diff.max() < 0.5  # changes outputs, a little (docs/agentsd.md quotes the numbers)
+
+
+def test_generation_module_takes_a_tiny_sdxl_pipeline(tmp_path):
+    from agentlit.tasks import GenerationModule
+
+    module = GenerationModule(tiny_kind="sdxl", agentsd={"ratio": 0.5}, num_inference_steps=2, height=32, width=32,
+                              warmup=False, output_dir=str(tmp_path))
+    assert type(module.pipe).__name__ == "StableDiffusionXLPipeline"
+    assert module.text_encoder_2 is module.pipe.text_encoder_2  # registered: moves with the module
+    assert get_state(module.pipe).config.ratio == 0.5
+    images, seconds = module.generate(["a cat", "a dog"], [0, 1], output_type="pt")
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all() and seconds > 0
+    assert get_state(module.pipe).level == 2  # the SDXL-shaped UNet's first attention level
+    with pytest.raises(ValueError, match="kind must be 'sd' or 'sdxl'"):
+        build_tiny_pipeline(kind="sd3")
