@@ -329,7 +329,7 @@ def fresh_coco(tmp_path) -> Path:
 
 def test_missing_annotation_file_and_root(fresh_coco, tmp_path):
     with pytest.raises(FileNotFoundError) as e:
-        COCODetectionDataModule(str(tmp_path / "nowhere"))
+        COCODetectionDataModule(str(tmp_path / "nowhere")).setup("fit")
     assert "does not exist" in _one_line(e)
     (fresh_coco / "annotations" / "instances_train2017.json").unlink()
     dm = COCODetectionDataModule(str(fresh_coco))  # categories from the val file; training needs the train file
@@ -343,7 +343,7 @@ def test_missing_annotation_file_and_root(fresh_coco, tmp_path):
 def test_malformed_json(fresh_coco):
     (fresh_coco / "annotations" / "instances_train2017.json").write_text('{"images": [1, 2')
     with pytest.raises(ValueError) as e:
-        COCODetectionDataModule(str(fresh_coco))
+        COCODetectionDataModule(str(fresh_coco)).setup("fit")
     assert "is not valid JSON" in _one_line(e)
 
 
@@ -357,7 +357,7 @@ def test_malformed_json(fresh_coco):
 def test_bad_annotations_name_file_and_fix(fresh_coco, edit, expected):
     _edit(fresh_coco, "train2017", edit)
     with pytest.raises(ValueError) as e:
-        COCODetectionDataModule(str(fresh_coco))
+        COCODetectionDataModule(str(fresh_coco)).setup("fit")
     msg = _one_line(e)
     assert expected in msg and "instances_train2017.json" in msg
 

@@ -375,26 +375,37 @@ class COCODetectionDataModule(DetectionDataModule):
         super().__init__(**kwargs)
         self.save_hyperparameters()
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(
-                f"COCO root {self.root} does not exist; expected {self.root}/annotations/instances_{train_split}.json "
-                f"and the images in {self.root}/{train_split}/ (and likewise for {val_split})"
-            )
         self._data: dict[str, dict[str, Any]] = {}
-        self._load_categories()
+        self._categories: tuple[tuple[int, ...], tuple[str, ...]] | None = None  # read on first use, so that
+        # commands that never touch the data (``agentlit profile``) work without the dataset
+
+    @property
+    def category_ids(self) -> tuple[int, ...]:  # type: ignore[override]
+        """Dataset id of each label 1..K (ascending ids of the training file)."""
+        return self._load_categories()[0]
+
+    @property
+    def class_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        """Category names in label order."""
+        return self._load_categories()[1]
 
     def _split(self, split: str) -> dict[str, Any]:
         if split not in self._data:
             self._data[split] = read_coco(self.root / "annotations" / f"instances_{split}.json", self.root / split)
         return self._data[split]
 
-    def _load_categories(self) -> None:
-        # Classes must be known at construction: the model's num_classes is checked against them.
-        hp = self.hparams
-        first = hp.train_split if (self.root / "annotations" / f"instances_{hp.train_split}.json").exists() else hp.val_split
-        cats = sorted(self._split(first)["categories"], key=lambda c: c["id"])
-        self.category_ids = tuple(int(c["id"]) for c in cats)
-        self.class_names = tuple(str(c.get("name", c["id"])) for c in cats)
+    def _load_categories(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        if self._categories is None:
+            hp = self.hparams
+            if not self.root.is_dir():
+                raise FileNotFoundError(
+                    f"COCO root {self.root} does not exist; expected {self.root}/annotations/instances_{hp.train_split}.json "
+                    f"and the images in {self.root}/{hp.train_split}/ (and likewise for {hp.val_split})"
+                )
+            first = hp.train_split if (self.root / "annotations" / f"instances_{hp.train_split}.json").exists() else hp.val_split
+            cats = sorted(self._split(first)["categories"], key=lambda c: c["id"])
+            self._categories = (tuple(int(c["id"]) for c in cats), tuple(str(c.get("name", c["id"])) for c in cats))
+        return self._categories
 
     def build_datasets(self, with_train: bool = True) -> tuple[Dataset | None, Dataset]:
         hp = self.hparams
