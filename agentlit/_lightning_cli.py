@@ -67,10 +67,7 @@ def quiet_library_noise() -> None:
 def _run_version(root: Path) -> int:
     """Next free ``version_N`` under ``root``; fixed once per job so every logger and every
     spawned DDP worker agrees on the same folder."""
-    if _VERSION_ENV in os.environ:
-        return int(os.environ[_VERSION_ENV])
-    taken = [int(p.name.split("_", 1)[1]) for p in root.glob("version_*") if p.name.split("_", 1)[1].isdigit()]
-    version = max(taken, default=-1) + 1
+    version = _peek_version(root)
     os.environ[_VERSION_ENV] = str(version)
     return version
 
@@ -349,6 +346,7 @@ class AgentLitCLI(LightningCLI):
 
 
 def _peek_version(root: Path) -> int:
+    """The run version this job uses or will use (``_run_version`` without fixing it)."""
     if _VERSION_ENV in os.environ:
         return int(os.environ[_VERSION_ENV])
     taken = [int(p.name.split("_", 1)[1]) for p in root.glob("version_*") if p.name.split("_", 1)[1].isdigit()]
@@ -463,8 +461,6 @@ def explain_parse_error(text: str, parser: Any, args: list[str]) -> str:
         return f"unknown key '{key}' in the config" + (f"; did you mean '{close[0][2:]}'?" if close else "")
     m = re.search(r"Problems parsing config:\s*(.*)", text, re.S)
     if m:
-        import yaml
-
         bad = [c for c in _config_files(args) if _yaml_error(c)]
         where = f"--config {bad[0]}" if bad else "a --config file"
         return f"{where} is not valid YAML: " + " ".join(m.group(1).replace('in "<unicode string>", ', "").split())
