@@ -221,11 +221,13 @@ def unet_main(args) -> None:
     for size in args.sizes:
         (sample, t, ctx), kw = unet_inputs(unet, size, args.batch, device, dtype)
         times: dict[str, list[float]] = {s: [] for s in settings}
+        cpus: dict[str, list[float]] = {s: [] for s in settings}  # process CPU seconds: robust to a shared machine
         mems: dict[str, list[int]] = {s: [] for s in settings}
         for rep_i in range(args.warmup + args.repeats):
             for setting in settings:  # interleaved: load drift hits every setting alike
                 configure_unet(unet, setting, args, saved)
                 torch.manual_seed(rep_i)
+                c0 = time.process_time()
                 with torch.no_grad():
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
@@ -245,17 +247,20 @@ def unet_main(args) -> None:
                         t0 = time.perf_counter()
                         unet(sample, t, ctx, **kw)
                         sec, mem = time.perf_counter() - t0, None
+                cpu = time.process_time() - c0
                 if rep_i >= args.warmup:
                     times[setting].append(sec)
+                    cpus[setting].append(cpu)
                     if mem is not None:
                         mems[setting].append(mem)
                 print(f"{size}px {setting:8s} {'warm-up' if rep_i < args.warmup else f'run {rep_i - args.warmup}'}: "
-                      f"{sec:8.3f} s/step" + (f", peak {mem / 2**20:8.0f} MiB" if mem is not None else ""), flush=True)
+                      f"{sec:8.3f} s/step, {cpu:8.2f} CPU s" + (f", peak {mem / 2**20:8.0f} MiB" if mem is not None else ""), flush=True)
         configure_unet(unet, "baseline", args, saved)
         med = {st: statistics.median(v) for st, v in times.items()}
         for st in settings:
             rows.append({"size": size, "setting": st, "time_per_step_s": med[st], "times_s": times[st],
-                         "speedup": med["baseline"] / med[st],
+                         "speedup": med["baseline"] / med[st], "cpu_s": cpus[st],
+                         "cpu_speedup": statistics.median(cpus["baseline"]) / statistics.median(cpus[st]),
                          "peak_mem_mib": max(mems[st]) / 2**20 if mems[st] else None})
         s = {"size": size, **{f"speedup_{st}": med["baseline"] / med[st] for st in settings}}
         if "tomesd" in med and "agentsd" in med:
