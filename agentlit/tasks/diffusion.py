@@ -48,7 +48,7 @@ _SVM: Any = None
 
 
 def digits_classifier():
-    """An RBF SVM fit on scikit-learn's 8×8 digits (all 1,797; ~99% accurate on held-out digits).
+    """An RBF SVM fit on scikit-learn's 8×8 digits (all 1,797 of them).
 
     Independent of every model trained here: it is the yardstick for conditional accuracy.
     """
