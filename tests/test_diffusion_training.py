@@ -307,3 +307,16 @@ def test_bad_inputs(tmp_path):
         CaptionFolderDataModule(str(tmp_path / "empty")).setup()
     with pytest.raises(FileNotFoundError, match="does not exist"):
         CaptionFolderDataModule(str(tmp_path / "missing")).setup()
+
+
+def test_text_unet_non_square_latents():
+    """Transformer blocks see (B, N, C) sequences: the UNet hook gives the processor the latent size,
+    so a non-square latent is laid out correctly and the biases are interpolated to it."""
+    pipe = build_tiny_pipeline()
+    names = set_agent_attention(pipe.unet, "agent", agent_downsample=[1], agent_num=9)
+    assert names and all(".attn1" in n for n in names)  # self-attention only, cross-attention untouched
+    text = torch.randn(1, 77, 32)
+    with torch.no_grad():
+        out = pipe.unet(torch.randn(1, 4, 12, 20), torch.tensor([10]), encoder_hidden_states=text).sample
+    assert out.shape == (1, 4, 12, 20) and torch.isfinite(out).all()
+    assert next(iter(agent_processors(pipe.unet).values())).latent_size[0] == (12, 20)
