@@ -128,6 +128,10 @@ class DiffusionModule(TaskModule):
     """
 
     task_name = "diffusion"
+    # Class-level, as the CLI reads it before building the module: the denoising loss at fixed noise
+    # is logged by every configuration (conditional accuracy only by class-labelled ones).
+    monitor = "val/loss"
+    monitor_mode = "min"
 
     def __init__(
         self,
@@ -221,8 +225,6 @@ class DiffusionModule(TaskModule):
         self.ema = copy.deepcopy(self.unet).requires_grad_(False).eval() if ema_decay is not None else None
         self.fid_feature = fid_feature
         self.fid = None
-        self.monitor = "val/cond_acc" if classifier and num_classes else "val/loss"
-        self.monitor_mode = "max" if self.monitor == "val/cond_acc" else "min"
         self._val_prompts: list[str] = []
         self._records: list[dict[str, Any]] = []
         self._images: list[tuple[Tensor, Any]] = []
