@@ -100,18 +100,16 @@ def _numpy_globals() -> list[Any]:
     return out
 
 
-_REGISTERED = False
-
-
 def register_safe_globals() -> None:
-    """Allowlist the plain-data stand-ins for ``torch.load(weights_only=True)`` (idempotent)."""
-    global _REGISTERED
-    if _REGISTERED:
+    """Allowlist the plain-data stand-ins for ``torch.load(weights_only=True)`` (idempotent).
+
+    Checked against torch's current list on every call, not a flag of ours: code elsewhere may
+    reset the list (``torch.serialization.clear_safe_globals`` or leaving a ``safe_globals`` block)."""
+    if argparse.Namespace in torch.serialization.get_safe_globals():
         return
     torch.serialization.add_safe_globals(
         [(_CfgNodeRebuild, "yacs.config.CfgNode"), argparse.Namespace, *_numpy_globals()]
     )
-    _REGISTERED = True
 
 
 _CONVERT_HINT = (
