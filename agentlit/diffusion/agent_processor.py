@@ -25,7 +25,6 @@ import math
 import re
 from typing import Any, Iterable
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -24,7 +24,8 @@ from timm.layers import DropPath, Mlp, register_notrace_module, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ..core import AgentPositionBias, agent_attention, to_grid
+from ..core import AgentPositionBias, to_grid
+from ..core.attention import _eager_agent_attention  # one eager path for scripting guards
 from ..core.functional import agent_attention_sdpa
 from ._helpers import adapt_agent_biases, pretrained_cfg, unwrap_checkpoint
 from ._policy import no_weight_decay_names
@@ -75,14 +76,6 @@ class AgentBranch(AgentPositionBias):
         # out: (B, H, N, d)
         lepe = self.get_v(v.transpose(1, 2).reshape(B, C, h, w)).flatten(2).transpose(1, 2)  # (B, N, C)
         return out.transpose(1, 2).reshape(B, N, C) + lepe
-
-
-@torch.jit.unused
-def _eager_agent_attention(
-    q: Tensor, k: Tensor, v: Tensor, agents: Tensor, agent_bias: Optional[Tensor], query_bias: Optional[Tensor],
-    scale: float, dropout_p: float,
-) -> Tensor:
-    return agent_attention(q, k, v, agents, agent_bias=agent_bias, query_bias=query_bias, scale=scale, dropout_p=dropout_p)
 
 
 def _stripes(t: Tensor, h: int, w: int, hs: int, ws: int, ph: int, pw: int) -> Tensor:

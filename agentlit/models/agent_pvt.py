@@ -12,7 +12,7 @@ separate ``attn.q`` / ``attn.kv``, which :func:`checkpoint_filter_fn` concatenat
 # No ``from __future__ import annotations``: FX copies forward()'s annotations into the traced
 # module's code, and TorchScript then needs them as real types, not strings.
 import re
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ from timm.models import register_notrace_function
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ..core import AgentAttention, AgentPositionBias, to_grid
+from ..core import AgentAttention, to_grid
 from ._helpers import adapt_agent_biases, pretrained_cfg, unwrap_checkpoint
 from ._policy import no_weight_decay_names
 from ._stages import expand_attn_types, per_stage

@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from ..diffusion.agent_processor import ATTENTION_TYPES, agent_processors, set_agent_attention
+from ..diffusion.agent_processor import ATTENTION_TYPES, set_agent_attention
 from ..utils.paths import ensure_writable_dir, fresh_dir
 from ._schedule import warmup_cosine
 from .base import TaskModule, pair

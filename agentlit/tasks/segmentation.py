@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..checkpoint import load_state_dict_file
 from ..models.segmentation import SegmentationModel, build_backbone, palette, slide_inference
