@@ -94,6 +94,18 @@ def test_matching_bad_map_size():
 
 
 # ----------------------------------------------------------------------------- the processor
+def _paper_attn1(attn, xm, xa, heads=4, head_dim=8):
+    """to_out(σ(s^0.3 Q Aᵀ) σ(s A Kᵀ) V + 0.075 V) on merged tokens ``xm`` (B, n, C) with agent tokens
+    ``xa`` (B, a, C), written from the formulas (the oracle of the patched self-attention)."""
+    def split(t):
+        return t.view(t.shape[0], -1, heads, head_dim).transpose(1, 2)
+
+    q, k, v, a = split(attn.to_q(xm)), split(attn.to_k(xm)), split(attn.to_v(xm)), split(attn.to_q(xa))
+    s = head_dim ** -0.5
+    o = agent_attention_reference(q, k, v, a, scale=s, broadcast_scale=s ** 0.3) + 0.075 * v
+    return attn.to_out[0](o.transpose(1, 2).reshape(xm.shape[0], -1, heads * head_dim))
+
+
 def test_processor_matches_paper_formula():
     """attn1 under the patch == unmerge(to_out(σ(s^0.3 QAᵀ) σ(s AKᵀ) V + 0.075 V)) on merged tokens."""
     from diffusers.models.attention import BasicTransformerBlock
@@ -113,14 +125,7 @@ def test_processor_matches_paper_formula():
     attn = block.attn1
     with torch.no_grad():
         got = attn(x)
-        xm, xa = m.merge(x), m.agents(x)
-        def heads(t):
-            return t.view(2, -1, 4, 8).transpose(1, 2)
-        q, k, v, a = heads(attn.to_q(xm)), heads(attn.to_k(xm)), heads(attn.to_v(xm)), heads(attn.to_q(xa))
-        s = 8 ** -0.5
-        o = agent_attention_reference(q, k, v, a, scale=s, broadcast_scale=s ** 0.3) + 0.075 * v
-        o = attn.to_out[0](o.transpose(1, 2).reshape(2, -1, 32))
-        expected = m.unmerge(o)
+        expected = m.unmerge(_paper_attn1(attn, m.merge(x), m.agents(x)))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     remove_patch(block._wrap)
     assert type(block.attn1.processor).__name__ == "AttnProcessor2_0"
@@ -367,14 +372,7 @@ def test_patched_attn1_matches_naive_agentsd():
         got = attn(x)
         xm, owner = _naive_merge(x, h, w, 4, 4, int(0.4 * h * w))
         xa, _ = _naive_merge(x, h, w, 4, 4, m.agent_r)
-
-        def heads(t):
-            return t.view(2, -1, 4, 8).transpose(1, 2)
-
-        q, k, v, a = heads(attn.to_q(xm)), heads(attn.to_k(xm)), heads(attn.to_v(xm)), heads(attn.to_q(xa))
-        s = 8 ** -0.5
-        o = agent_attention_reference(q, k, v, a, scale=s, broadcast_scale=s ** 0.3) + 0.075 * v
-        o = attn.to_out[0](o.transpose(1, 2).reshape(2, -1, 32))
+        o = _paper_attn1(attn, xm, xa)
         expected = torch.stack([o[b, owner[b]] for b in range(2)])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     # diffusers' fused QKV projection gives the same output
