@@ -204,7 +204,7 @@ def test_sampling_is_seeded_and_guided():
     assert score_digits(a).shape == (3,)
 
 
-def test_predict_writes_pngs_grid_and_json(tmp_path):
+def test_predict_writes_pngs_grid_and_json(tmp_path, capsys):
     from agentlit.data import DigitsDataModule
 
     m = tiny_module(output_dir=str(tmp_path / "gen"))
@@ -216,10 +216,15 @@ def test_predict_writes_pngs_grid_and_json(tmp_path):
     assert len(entries) == 108 and {e["label"] for e in entries} == set(range(10))
     assert all(isinstance(e["label"], int) and (out / e["file"]).is_file() for e in entries)
     assert (out / "grid.png").is_file()
-    from agentlit.tasks.diffusion import score_generation
+    from agentlit.score_digits import main as score_main
 
-    score = score_generation(str(out / "generation.json"))
-    assert score["samples"] == 108 and 0.0 <= score["cond_acc"] <= 1.0
+    capsys.readouterr()  # predict's own messages
+    score_main([str(out / "generation.json")])  # python -m agentlit.score_digits <generation.json>
+    score = json.loads(capsys.readouterr().out)
+    assert score["samples"] == 108 and score["classes"] == 10 and 0.0 <= score["cond_acc"] <= 1.0
+    assert set(score["per_class"]) == {str(c) for c in range(10)}
+    with pytest.raises(SystemExit, match="missing.json does not exist; give the generation.json"):
+        score_main([str(out / "missing.json")])
 
 
 def test_fit_validates_with_cond_acc_fid_and_grid(tmp_path):

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.sampling import default_seed, mix_seed
 from ..diffusion.agent_processor import ATTENTION_TYPES, set_agent_attention
 from ..utils.paths import ensure_writable_dir, fresh_dir
 from ._schedule import warmup_cosine
@@ -310,21 +311,36 @@ class DiffusionModule(TaskModule):
         return batch, None, None
 
     # ------------------------------------------------------------------ training
-    def diffusion_losses(self, batch: Any, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """The denoising (and distillation) losses of one batch; ``generator`` fixes noise and timesteps."""
+    def diffusion_losses(self, batch: Any, generator: torch.Generator | None = None,
+                         shard: tuple[int, int] = (0, 1)) -> dict[str, Tensor]:
+        """The denoising (and distillation) losses of one batch.
+
+        Args:
+            batch: ``(images, labels)`` or a dict with ``image`` / ``target`` / ``prompt``.
+            generator: CPU generator for the noise, timesteps and guidance dropout (default: the global RNG).
+            shard: ``(rank, world size)``: the random draws are made for the ``world × B`` samples of the
+                global batch and this rank keeps rows ``rank::world``, the samples the strided sampler gave it,
+                so R processes with batch B draw what one process with batch R·B draws.
+        """
         images, labels, prompts = self._unpack(batch)
         hp = self.hparams
+        rank, world = shard
+
+        def draw(fn, *args: int, per_sample: tuple[int, ...] = ()) -> Tensor:  # (B, *per_sample), this rank's rows
+            return fn(*args, (B * world, *per_sample), generator=generator)[rank::world]
+
         if images is not None:
             x0 = self.encode_images(images.to(self.device))
+            B = x0.shape[0]
         else:  # prompts only (distillation): latents drawn from the prior
-            x0 = torch.randn((len(prompts), *self.sample_shape), generator=generator).to(self.device)
-        B = x0.shape[0]
-        noise = torch.randn(x0.shape, generator=generator).to(x0)
-        t = torch.randint(0, self.train_scheduler.config.num_train_timesteps, (B,), generator=generator).to(self.device)
+            B = len(prompts)
+            x0 = draw(torch.randn, per_sample=self.sample_shape).to(self.device)
+        noise = draw(torch.randn, per_sample=tuple(x0.shape[1:])).to(x0)
+        t = draw(torch.randint, 0, self.train_scheduler.config.num_train_timesteps).to(self.device)
         x_t = self.train_scheduler.add_noise(x0, noise, t)
         cond = self.condition(labels, prompts)
         if cond is not None and self.training and hp.cfg_dropout > 0:
-            drop = torch.rand(B, generator=generator).to(self.device) < hp.cfg_dropout  # (B,)
+            drop = draw(torch.rand).to(self.device) < hp.cfg_dropout  # (B,)
             null = self.null_condition(B)
             cond = torch.where(drop.view(-1, *[1] * (cond.dim() - 1)), null, cond)
         pred = self(x_t, t, cond)
@@ -342,7 +358,12 @@ class DiffusionModule(TaskModule):
         return losses
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        losses = self.diffusion_losses(batch)
+        # Noise, timesteps and dropout from (seed, step, micro-batch), drawn for the global batch: a run
+        # resumed mid-epoch and a DDP run draw what the uninterrupted one-process run draws.
+        trainer = self.trainer
+        micro = batch_idx % max(1, trainer.accumulate_grad_batches)
+        g = torch.Generator().manual_seed(mix_seed(default_seed(), self.global_step, micro))
+        losses = self.diffusion_losses(batch, generator=g, shard=(trainer.global_rank, trainer.world_size))
         loss = losses["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -672,9 +693,3 @@ def score_generation(json_path: str) -> dict[str, Any]:
     per_class = {int(c): (pred[labels == c] == c).float().mean().item() for c in labels.unique()}
     return {"samples": len(entries), "classes": len(per_class), "cond_acc": (pred == labels).float().mean().item(),
             "per_class": per_class}
-
-
-if __name__ == "__main__":  # python -m agentlit.tasks.diffusion outputs/diffusion/generation.json
-    import sys
-
-    print(json.dumps(score_generation(sys.argv[1]), indent=2))
