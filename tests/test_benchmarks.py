@@ -41,13 +41,40 @@ def test_agentsd_unet_benchmark_tiny(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "benchmarks/agentsd.py", "--unet", "--arch", "tiny-sdxl", "--sizes", "64",
                            "--repeats", "1", "--warmup", "0", "--device", "cpu", "--no-cpu-memory",
+                           "--unet-settings", "baseline", "agentsd", "shared", "tome", "ceiling", "deeper", "mlp",
                            "--output", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     assert report["arch"] == "tiny-sdxl"
     settings = [r["setting"] for r in report["rows"]]
-    assert settings[0] == "baseline" and {"agentsd", "shared", "tome", "ceiling"} <= set(settings)
+    assert settings == ["baseline", "agentsd", "shared", "tome", "ceiling", "deeper", "mlp"]
     assert "estimated_50_steps_speedup_agentsd" in report["summary"][0]
+    assert {"speedup_deeper", "speedup_mlp"} <= set(report["summary"][0])
+
+
+def test_opt_in_settings_patch_what_they_say():
+    """``deeper`` adds the next level's blocks to the default patch; ``mlp`` hooks the patched blocks' MLPs."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from agentsd import configure_unet
+    finally:
+        sys.path.pop(0)
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DConditionModel
+
+    from agentlit.diffusion import get_state, tiny_sdxl_unet_config
+
+    unet = UNet2DConditionModel(**tiny_sdxl_unet_config())
+    saved: dict = {}
+    configure_unet(unet, "agentsd", SimpleNamespace(ratio=0.5), saved)
+    assert get_state(unet).config.max_downsample is None and not get_state(unet).config.merge_mlp
+    configure_unet(unet, "deeper", SimpleNamespace(ratio=0.5), saved)
+    assert get_state(unet).config.max_downsample == 4  # SDXL: the 2x level (default) and the 4x level
+    configure_unet(unet, "mlp", SimpleNamespace(ratio=0.5), saved)
+    assert get_state(unet).config.merge_mlp and get_state(unet).config.max_downsample is None
+    configure_unet(unet, "baseline", SimpleNamespace(ratio=0.5), saved)
+    assert get_state(unet) is None
 
 
 def test_ceiling_removes_exactly_the_default_patch_level():
