@@ -139,20 +139,10 @@ def test_bad_shapes_are_named():
 # ---------------------------------------------------------------------------------------------
 # The layer, against a naive re-statement of docs/reference.md §1 (official layout, einsum + softmax)
 # ---------------------------------------------------------------------------------------------
-def naive_agent_layer(m: AgentAttention, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    B, L, C = x.shape
-    H, d, P = m.num_heads, m.head_dim, m.num_prefix_tokens
-    ph, pw = m.agent_grid
-    n = ph * pw
-    q, k, v = (x @ m.qkv.weight.T + m.qkv.bias).split(C, dim=-1)
-    # agents: average pooling of the patch queries over the (ph, pw) cells
-    grid = q[:, P:].reshape(B, h, w, C)
-    agents = torch.stack(
-        [grid[:, (i * h) // ph: -(-(i + 1) * h // ph), (j * w) // pw: -(-(j + 1) * w // pw)].mean((1, 2))
-         for i in range(ph) for j in range(pw)], dim=1)  # (B, n, C)
-    split = lambda t: t.reshape(B, -1, H, d).permute(0, 2, 1, 3)  # noqa: E731
-    q, k, v, agents = map(split, (q, k, v, agents))
-    # biases, built term by term
+def naive_biases(m: AgentAttention, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """B1 (H, n, P + h·w) and B2 (H, P + h·w, n), built term by term from the bias parameters."""
+    H, P = m.num_heads, m.num_prefix_tokens
+    n = m.agent_grid[0] * m.agent_grid[1]
     an = F.interpolate(m.an_bias, size=(h, w), mode="bilinear", align_corners=False).reshape(H, n, h * w)
     na = F.interpolate(m.na_bias, size=(h, w), mode="bilinear", align_corners=False).reshape(H, n, h * w)
     ah = resize_axis(m.ah_bias, h, 3)[0, :, :, :, 0]  # (H, n, h)
@@ -169,6 +159,23 @@ def naive_agent_layer(m: AgentAttention, x: torch.Tensor, h: int, w: int) -> tor
     if P:
         b1[:, :, :P] = m.ac_bias[0]
         b2[:, :P, :] = m.ca_bias[0]
+    return b1, b2
+
+
+def naive_agent_layer(m: AgentAttention, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    B, L, C = x.shape
+    H, d, P = m.num_heads, m.head_dim, m.num_prefix_tokens
+    ph, pw = m.agent_grid
+    n = ph * pw
+    q, k, v = (x @ m.qkv.weight.T + m.qkv.bias).split(C, dim=-1)
+    # agents: average pooling of the patch queries over the (ph, pw) cells
+    grid = q[:, P:].reshape(B, h, w, C)
+    agents = torch.stack(
+        [grid[:, (i * h) // ph: -(-(i + 1) * h // ph), (j * w) // pw: -(-(j + 1) * w // pw)].mean((1, 2))
+         for i in range(ph) for j in range(pw)], dim=1)  # (B, n, C)
+    split = lambda t: t.reshape(B, -1, H, d).permute(0, 2, 1, 3)  # noqa: E731
+    q, k, v, agents = map(split, (q, k, v, agents))
+    b1, b2 = naive_biases(m, h, w)
     s = d**-0.5
     agent_v = torch.softmax(s * agents @ k.transpose(-1, -2) + b1, -1) @ v  # (B, H, n, d)
     out = torch.softmax(s * q @ agents.transpose(-1, -2) + b2, -1) @ agent_v  # (B, H, L, d)
@@ -191,6 +198,33 @@ def test_layer_matches_naive_reference(feat_size, run_size, agents, prefix):
     out = m(x, feat_size=run_size)
     assert out.shape == x.shape
     torch.testing.assert_close(out, naive_agent_layer(m, x, h, w), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("feat_size,run_size,prefix", [((8, 8), (8, 8), 0), ((8, 8), (13, 20), 1), ((10, 6), (3, 5), 0)])
+def test_position_biases_match_term_by_term(feat_size, run_size, prefix):
+    # unit-scale parameters (not the 0.02 init) so any misplaced term shows; upsampled and downsampled maps
+    torch.manual_seed(2)
+    m = AgentAttention(24, 3, feat_size=feat_size, agent_num=(2, 3), num_prefix_tokens=prefix)
+    with torch.no_grad():
+        for prm in m.bias_parameters():
+            prm.normal_()
+    b1, b2 = m.position_biases(*run_size)
+    e1, e2 = naive_biases(m, *run_size)
+    torch.testing.assert_close(b1[0], e1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b2[0], e2, rtol=1e-5, atol=1e-5)
+    b1.sum().add(b2.square().sum()).backward()  # every template gets a gradient through the fused build
+    assert all(prm.grad is not None and prm.grad.abs().sum() > 0 for prm in m.bias_parameters())
+
+
+def test_one_head_layer_matches_naive_reference():
+    # one head: the pooled agents are a transposed view (stride n along d), made contiguous for SDPA
+    torch.manual_seed(3)
+    m = AgentAttention(16, 1, feat_size=(6, 8), agent_num=(2, 2)).eval()
+    with torch.no_grad():
+        for prm in m.bias_parameters():
+            prm.normal_()
+    x = torch.randn(2, 48, 16)
+    torch.testing.assert_close(m(x, feat_size=(6, 8)), naive_agent_layer(m, x, 6, 8), rtol=1e-4, atol=1e-5)
 
 
 def test_layer_biases_matter_and_init():

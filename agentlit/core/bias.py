@@ -130,15 +130,41 @@ class AgentPositionBias(nn.Module):
         return [getattr(self, k) for k in AGENT_BIAS_AXES if isinstance(getattr(self, k, None), nn.Parameter)]
 
     def position_biases(self, h: int, w: int) -> tuple[Tensor, Tensor]:
-        """B1 (1, H, n, P + h·w) and B2 (1, H, P + h·w, n) for an (h, w) map."""
-        H, n = self.an_bias.shape[:2]
-        an = F.interpolate(self.an_bias, size=(h, w), mode="bilinear", align_corners=False)  # (H, n, h, w)
-        na = F.interpolate(self.na_bias, size=(h, w), mode="bilinear", align_corners=False)
-        ah, aw = resize_axis(self.ah_bias, h, 3), resize_axis(self.aw_bias, w, 4)
-        ha, wa = resize_axis(self.ha_bias, h, 2), resize_axis(self.wa_bias, w, 3)
-        b1 = an.reshape(1, H, n, h * w) + (ah + aw).reshape(1, H, n, h * w)
-        b2 = na.reshape(1, H, n, h * w).transpose(-1, -2) + (ha + wa).reshape(1, H, h * w, n)
+        """B1 (1, H, n, P + h·w) and B2 (1, H, P + h·w, n) for an (h, w) map.
+
+        B1[a, (y, x)] = bilinear(an_bias)[a, y, x] + ah[a, y] + aw[a, x] (B2 likewise, transposed).
+        The bilinear resize is separable, so each bias is one batched matmul that writes the
+        (H·n, h, w) result once, with the separable terms folded in: no resized template, no sums
+        of full-size tensors, no transposed copy (B2 is a transposed view; SDPA takes it as is).
+        """
+        H, n, th, tw = self.an_bias.shape
+        ry = _linear_weights(th, h, self.an_bias)  # (h, th)
+        rx = _linear_weights(tw, w, self.an_bias)  # (w, tw)
+        ah = resize_axis(self.ah_bias, h, 3).reshape(H * n, h, 1)
+        aw = resize_axis(self.aw_bias, w, 4).reshape(H * n, 1, w)
+        ha = resize_axis(self.ha_bias, h, 2).permute(0, 1, 4, 2, 3).reshape(H * n, h, 1)
+        wa = resize_axis(self.wa_bias, w, 3).permute(0, 1, 4, 2, 3).reshape(H * n, 1, w)
+        b1 = _resize_plus(self.an_bias.reshape(H * n, th, tw), ry, rx, ah, aw).reshape(1, H, n, h * w)
+        b2 = _resize_plus(self.na_bias.reshape(H * n, th, tw), ry, rx, ha, wa).reshape(1, H, n, h * w)
+        b2 = b2.transpose(-1, -2)  # (1, H, h·w, n)
         if hasattr(self, "ac_bias"):
             b1 = torch.cat([self.ac_bias, b1], dim=-1)
             b2 = torch.cat([self.ca_bias, b2], dim=-2)
         return b1, b2
+
+
+def _linear_weights(size_in: int, size_out: int, like: Tensor) -> Tensor:
+    """(size_out, size_in): the weights of ``F.interpolate(mode="linear", align_corners=False)`` as a
+    matrix (taken from F.interpolate itself, so resizing by it is what bilinear resizing computes)."""
+    eye = torch.eye(size_in, device=like.device, dtype=torch.float32).unsqueeze(0)  # (1, in, in)
+    weights = F.interpolate(eye, size=size_out, mode="linear", align_corners=False)[0]  # (in, out)
+    return weights.t().to(like.dtype)
+
+
+def _resize_plus(t: Tensor, ry: Tensor, rx: Tensor, col: Tensor, row: Tensor) -> Tensor:
+    """ry · t · rxᵀ + col + row: (a, th, tw) templates bilinearly resized to (a, h, w) plus the
+    separable terms col (a, h, 1) and row (a, 1, w), as one batched matmul."""
+    a, h = t.shape[0], ry.shape[0]
+    m = torch.cat([torch.matmul(t, rx.t()), row], dim=1)  # (a, th + 1, w)
+    r = torch.cat([ry, torch.ones(h, 1, device=ry.device, dtype=ry.dtype)], dim=1)  # (h, th + 1)
+    return torch.baddbmm(col, r.expand(a, h, r.shape[1]), m)  # col broadcast over w

@@ -65,12 +65,20 @@ def agent_attention_sdpa(
         broadcast_scale: bs of the agent broadcast.
         dropout_p: attention dropout on both softmax maps.
     """
+    # The fused CPU kernel needs a unit stride along d; pooled agents of a one-head layer are a
+    # transposed view (stride n along d) and would send both calls to the ~3x slower math path.
+    agents = _unit_last_stride(agents)
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     agent_v = F.scaled_dot_product_attention(  # (B, H, n, d)
         agents, k, v, attn_mask=_mask(agent_bias, agents), dropout_p=dropout_p, scale=scale
     )
     return F.scaled_dot_product_attention(  # (B, H, N, d)
         q, agents, agent_v, attn_mask=_mask(query_bias, q), dropout_p=dropout_p, scale=broadcast_scale
     )
+
+
+def _unit_last_stride(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def agent_attention(
