@@ -120,8 +120,11 @@ CLASSIFICATION = ["fit", "--config", QUICKSTART, *TINY, "--data.batch_size", "32
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_is_exact(tmp_path):
-    assert_resume_is_exact(tmp_path, CLASSIFICATION, kill_at=15, every=5, total=30)  # killed mid-epoch 1 of 10 batches
+@pytest.mark.parametrize("task", ["classification", "diffusion"])
+def test_resume_after_sigkill_is_exact(tmp_path, task):
+    # killed mid-epoch 1: of 10 batches (classification), of 8 (diffusion)
+    common, kill_at, every, total = {"classification": (CLASSIFICATION, 15, 5, 30), "diffusion": (DIFFUSION, 12, 4, 24)}[task]
+    assert_resume_is_exact(tmp_path, common, kill_at=kill_at, every=every, total=total)
     straight = weights(tmp_path / "straight" / "version_0" / "checkpoints" / "last.ckpt")
     assert any(k.startswith("ema.") for k in straight["state_dict"])
 
@@ -209,13 +212,6 @@ DIFFUSION = ["fit", "--config", str(ROOT / "configs" / "generation" / "digits.ya
              "--trainer.check_val_every_n_epoch", "1", "--model.eval_samples_per_class", "1",
              "--model.num_inference_steps", "2", "--model.warmup_steps", "4", "--model.ema_decay", "0.9",
              "--trainer.enable_progress_bar", "false"]
-
-
-@pytest.mark.slow
-def test_diffusion_resume_after_sigkill_is_exact(tmp_path):
-    assert_resume_is_exact(tmp_path, DIFFUSION, kill_at=12, every=4, total=24)  # killed mid-epoch 1 of 8 batches
-    straight = weights(tmp_path / "straight" / "version_0" / "checkpoints" / "last.ckpt")
-    assert any(k.startswith("ema.") for k in straight["state_dict"])
 
 
 @pytest.mark.slow
