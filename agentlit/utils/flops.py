@@ -1,9 +1,11 @@
 """Multiply-accumulate counting with ``torch.utils.flop_counter.FlopCounterMode``.
 
-The counter only sees matrix products and convolutions (softmax, norms, pooling and bias
-interpolation are free), which is the convention of the paper's "FLOPs" column: MACs = FLOPs / 2.
-Fused SDPA kernels on the CPU are invisible to the counter, so the count runs under the math
-backend, where attention decomposes into counted ``bmm``s.
+The counter only sees matrix products and convolutions (softmax, norms and pooling are free), and
+leaves out those computed from parameters and buffers alone (the agent bias templates resized to
+the map, position embeddings): that work is the same for every input of a size and an inference
+graph folds it away; what involves the inputs or random draws (sampling noise) counts. That is the convention of the paper's "FLOPs" column:
+MACs = FLOPs / 2. Fused SDPA kernels on the CPU are invisible to the counter, so the count runs
+under the math backend, where attention decomposes into counted ``bmm``s.
 """
 from __future__ import annotations
 
@@ -12,9 +14,35 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["count_macs", "mac_breakdown"]
+
+_CONSTANT = "_agentlit_constant"  # marks parameters, buffers and what is computed from them alone
+
+
+class _VariableFlopCounter(FlopCounterMode):
+    """FlopCounterMode that leaves out ops computed from constants alone: parameters, buffers, new
+    tensors that are not random draws, and results of such ops (marked as constants in turn).
+    Every op passes through ``_count_flops`` (decomposed ones as their parts)."""
+
+    def _count_flops(self, func_packet, out, args, kwargs):
+        operands = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        random = any(torch.Tag.nondeterministic_seeded in op.tags for op in _overloads(func_packet))
+        if not random and all(getattr(t, _CONSTANT, False) for t in operands):
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    setattr(t, _CONSTANT, True)
+            return out
+        for t in tree_leaves(out):  # e.g. a buffer overwritten in place with data from the input
+            if isinstance(t, torch.Tensor) and getattr(t, _CONSTANT, False):
+                delattr(t, _CONSTANT)
+        return super()._count_flops(func_packet, out, args, kwargs)
+
+
+def _overloads(packet) -> list:
+    return [getattr(packet, name) for name in packet.overloads()]
 
 
 @torch.no_grad()
@@ -27,11 +55,17 @@ def count_macs(model: nn.Module, *inputs: Any, **kwargs: Any) -> tuple[int, dict
     """
     was_training = model.training
     model.eval()
-    counter = FlopCounterMode(display=False)
+    counter = _VariableFlopCounter(display=False)
+    constants = [*model.parameters(), *model.buffers()]
     try:
+        for t in constants:
+            setattr(t, _CONSTANT, True)
         with sdpa_kernel(SDPBackend.MATH), counter:
             model(*inputs, **kwargs)
     finally:
+        for t in constants:
+            if hasattr(t, _CONSTANT):
+                delattr(t, _CONSTANT)
         model.train(was_training)
     # FlopCounterMode names modules "<RootClass>.<path>"; map back to named_modules() names.
     root = type(model).__name__
