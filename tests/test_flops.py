@@ -42,3 +42,24 @@ def test_agent_attention_macs_follow_the_formula_and_mode_is_restored():
     expected += N * C * 9  # 3×3 depthwise conv on V
     assert total == expected and per["dwc"] == N * C * 9
     assert layer.training
+
+
+class _ConstantWork(nn.Module):
+    """Products of parameters / buffers / new tensors alone, one with the input, one with noise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(4, 6))
+        self.register_buffer("b", torch.randn(6, 5))
+
+    def forward(self, x):
+        folded = (self.a @ self.b) @ torch.eye(5)  # the same for every input: folded away, not counted
+        noise = torch.randn(x.shape[0], 4) @ self.a  # a fresh random draw: counted
+        return x @ folded, noise
+
+
+def test_work_on_parameters_and_buffers_alone_is_not_counted():
+    model = _ConstantWork()
+    total, per = count_macs(model, torch.randn(3, 4))
+    assert total == per[""] == 3 * 4 * 5 + 3 * 4 * 6
+    assert not any(hasattr(t, "_agentlit_constant") for t in (*model.parameters(), *model.buffers()))
