@@ -135,7 +135,7 @@ class AgentPositionBias(nn.Module):
         B1[a, (y, x)] = bilinear(an_bias)[a, y, x] + ah[a, y] + aw[a, x] (B2 likewise, transposed).
         The bilinear resize is separable, so each bias is one batched matmul that writes the
         (H·n, h, w) result once, with the separable terms folded in: no resized template, no sums
-        of full-size tensors, no transposed copy (B2 is a transposed view; SDPA takes it as is).
+        of full-size tensors.
         """
         H, n, th, tw = self.an_bias.shape
         ry = _linear_weights(th, h, self.an_bias)  # (h, th)
@@ -146,7 +146,9 @@ class AgentPositionBias(nn.Module):
         wa = resize_axis(self.wa_bias, w, 3).permute(0, 1, 4, 2, 3).reshape(H * n, 1, w)
         b1 = _resize_plus(self.an_bias.reshape(H * n, th, tw), ry, rx, ah, aw).reshape(1, H, n, h * w)
         b2 = _resize_plus(self.na_bias.reshape(H * n, th, tw), ry, rx, ha, wa).reshape(1, H, n, h * w)
-        b2 = b2.transpose(-1, -2)  # (1, H, h·w, n)
+        # (1, H, h·w, n), made contiguous once here: SDPA would otherwise copy a transposed mask in
+        # every call, per batch element where it broadcasts (Swin: one call over all windows)
+        b2 = b2.transpose(-1, -2).contiguous()
         if hasattr(self, "ac_bias"):
             b1 = torch.cat([self.ac_bias, b1], dim=-1)
             b2 = torch.cat([self.ca_bias, b2], dim=-2)
