@@ -146,13 +146,13 @@ class AgentPositionBias(nn.Module):
         wa = resize_axis(self.wa_bias, w, 3).permute(0, 1, 4, 2, 3).reshape(H * n, 1, w)
         b1 = _resize_plus(self.an_bias.reshape(H * n, th, tw), ry, rx, ah, aw).reshape(1, H, n, h * w)
         b2 = _resize_plus(self.na_bias.reshape(H * n, th, tw), ry, rx, ha, wa).reshape(1, H, n, h * w)
-        # (1, H, h·w, n), made contiguous once here: SDPA would otherwise copy a transposed mask in
-        # every call, per batch element where it broadcasts (Swin: one call over all windows)
-        b2 = b2.transpose(-1, -2).contiguous()
+        b2 = b2.transpose(-1, -2)  # (1, H, h·w, n)
         if hasattr(self, "ac_bias"):
             b1 = torch.cat([self.ac_bias, b1], dim=-1)
             b2 = torch.cat([self.ca_bias, b2], dim=-2)
-        return b1, b2
+        # B2 contiguous once here (a no-op after the cat): SDPA would otherwise copy a transposed mask
+        # in every call, per batch element where it broadcasts (Swin: one call over all windows)
+        return b1, b2.contiguous()
 
 
 def _linear_weights(size_in: int, size_out: int, like: Tensor) -> Tensor:
