@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,8 +20,6 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0].startswith("-"):
         sys.exit("usage: python -m agentlit.score_digits <generation.json written by agentlit predict>")
-    from pathlib import Path
-
     if not Path(argv[0]).is_file():
         sys.exit(f"agentlit.score_digits: {argv[0]} does not exist; give the generation.json that "
                  "`agentlit predict --config configs/generation/digits.yaml` wrote")

@@ -150,19 +150,26 @@ def test_segmentation_resume_after_sigkill_is_exact(tmp_path):
     assert_resume_is_exact(tmp_path, common, kill_at=9, every=3, total=12)  # 6 batches per epoch
 
 
-@pytest.mark.slow
-def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path):
-    common = ["fit", "--config", QUICKSTART, *TINY, "--trainer.max_steps", "4", "--trainer.accelerator", "cpu",
-              "--model.drop_path_rate", "0.0", "--trainer.limit_val_batches", "0", "--model.warmup_epochs", "0"]
+def assert_ddp_equals_one_process(tmp_path: Path, common: list[str], steps: int = 4) -> dict:
+    """Run ``common`` for ``steps`` steps as one process with batch 16 and as 2-process DDP with batch
+    8 each; every tensor of the final state must agree. Returns the one-process checkpoint."""
+    common = [*common, "--trainer.max_steps", str(steps)]
     run_agentlit(*common, "--data.batch_size", "16", "--trainer.devices", "1", "--trainer.default_root_dir", "one", cwd=tmp_path)
     run_agentlit(*common, "--data.batch_size", "8", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-         "--trainer.default_root_dir", "two", cwd=tmp_path)
-    one = weights(tmp_path / "one" / "version_0" / "checkpoints" / "last.ckpt")["state_dict"]
-    two = weights(tmp_path / "two" / "version_0" / "checkpoints" / "last.ckpt")["state_dict"]
-    for k, v in one.items():
-        torch.testing.assert_close(two[k], v, rtol=1e-4, atol=1e-5, msg=k)
-    init = weights(tmp_path / "one" / "version_0" / "checkpoints" / "last.ckpt")
-    assert init["global_step"] == 4
+                 "--trainer.default_root_dir", "two", cwd=tmp_path)
+    one = weights(tmp_path / "one" / "version_0" / "checkpoints" / "last.ckpt")
+    two = weights(tmp_path / "two" / "version_0" / "checkpoints" / "last.ckpt")
+    assert one["global_step"] == two["global_step"] == steps
+    for k, v in one["state_dict"].items():
+        torch.testing.assert_close(two["state_dict"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    return one
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path):
+    assert_ddp_equals_one_process(tmp_path, [
+        "fit", "--config", QUICKSTART, *TINY, "--trainer.accelerator", "cpu", "--model.drop_path_rate", "0.0",
+        "--trainer.limit_val_batches", "0", "--model.warmup_epochs", "0"])
 
 
 @pytest.mark.parametrize("n,world", [(10, 3), (7, 2), (360, 2), (5, 8)])
@@ -219,13 +226,5 @@ def test_diffusion_ddp_two_processes_equal_one_process_with_double_batch(tmp_pat
     # noise, timesteps and guidance dropout are drawn per sample of the global batch: the two ranks
     # together draw what one process draws, so the weights (and their EMA) agree
     common = [a for a in DIFFUSION if a not in ("--data.batch_size", "32")]
-    common += ["--trainer.max_steps", "4", "--trainer.limit_val_batches", "0", "--model.cfg_dropout", "0.5"]
-    run_agentlit(*common, "--data.batch_size", "16", "--trainer.devices", "1", "--trainer.default_root_dir", "one", cwd=tmp_path)
-    run_agentlit(*common, "--data.batch_size", "8", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-                 "--trainer.default_root_dir", "two", cwd=tmp_path)
-    one = weights(tmp_path / "one" / "version_0" / "checkpoints" / "last.ckpt")
-    two = weights(tmp_path / "two" / "version_0" / "checkpoints" / "last.ckpt")
-    assert one["global_step"] == two["global_step"] == 4
+    one = assert_ddp_equals_one_process(tmp_path, [*common, "--trainer.limit_val_batches", "0", "--model.cfg_dropout", "0.5"])
     assert any(k.startswith("ema.") for k in one["state_dict"])
-    for k, v in one["state_dict"].items():
-        torch.testing.assert_close(two["state_dict"][k], v, rtol=1e-4, atol=1e-5, msg=k)

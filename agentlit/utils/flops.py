@@ -3,9 +3,10 @@
 The counter only sees matrix products and convolutions (softmax, norms and pooling are free), and
 leaves out those computed from parameters and buffers alone (the agent bias templates resized to
 the map, position embeddings): that work is the same for every input of a size and an inference
-graph folds it away; what involves the inputs or random draws (sampling noise) counts. That is the convention of the paper's "FLOPs" column:
-MACs = FLOPs / 2. Fused SDPA kernels on the CPU are invisible to the counter, so the count runs
-under the math backend, where attention decomposes into counted ``bmm``s.
+graph folds it away; what involves the inputs or random draws (sampling noise) counts. That is the
+convention of the paper's "FLOPs" column: MACs = FLOPs / 2. Fused SDPA kernels on the CPU are
+invisible to the counter, so the count runs under the math backend, where attention decomposes
+into counted ``bmm``s.
 """
 from __future__ import annotations
 
