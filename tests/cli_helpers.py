@@ -15,10 +15,15 @@ TINY = [
 ]
 
 
+def pythonpath(cwd: Path) -> str:
+    """``cwd`` (test-only modules written there), then this checkout (not whichever agentlit is installed)."""
+    return os.pathsep.join([str(cwd), str(ROOT)])
+
+
 def run_agentlit(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    """``python -m agentlit ARGS`` in ``cwd`` (importable there, e.g. for test-only callbacks), offline,
-    with a fresh run-folder version; raises with the output tail when ``check`` and it fails."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(cwd)}
+    """``python -m agentlit ARGS`` of this checkout in ``cwd`` (importable there, e.g. for test-only
+    callbacks), offline, with a fresh run-folder version; raises with the output tail when ``check`` and it fails."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": pythonpath(cwd)}
     env.pop("AGENTLIT_RUN_VERSION", None)
     proc = subprocess.run([sys.executable, "-m", "agentlit", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)
