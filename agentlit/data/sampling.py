@@ -1,9 +1,10 @@
 """Samplers and dataset wrappers that make training a pure function of (seed, epoch, step).
 
 * :class:`ResumableDistributedSampler` — the permutation of epoch e is ``randperm(seed + e)``
-  (DistributedSampler's rule), split across ranks by striding, so one process with batch 2b and
-  two processes with batch b see the same samples per step; after a resume it skips the batches
-  the interrupted epoch already used.
+  (DistributedSampler's rule), cut into global batches and dealt out to the ranks by striding, so
+  R processes with batch b see, step for step, the samples one process with batch R·b sees (no
+  padding, no sample twice in an epoch); after a resume it skips the global batches the
+  interrupted epoch already used, on any number of processes that keeps the global batch.
 * :class:`EvalDistributedSampler` — strided split *without* padding, so an evaluation over R
   ranks visits every sample exactly once (a padded sampler would count some twice).
 * :class:`EpochSeededDataset` — random augmentation seeded by (seed, epoch, index): the same
@@ -37,27 +38,64 @@ def mix_seed(*parts: int) -> int:
 
 
 class ResumableDistributedSampler(DistributedSampler):
-    """DistributedSampler (works for one process too) that yields ``(epoch, index)`` pairs and can
-    skip the first ``skip_batches`` batches of one epoch (set when resuming mid-epoch)."""
+    """Training sampler of every agentlit DataModule (one process or many): yields ``(epoch, index)``
+    pairs; data order depends on the global batch only, not on how it is split over processes.
+
+    With G = ``batch_size × num_replicas`` samples per step, epoch e takes the first
+    ``(N // G) · G`` entries of its permutation (the last, incomplete global batch is dropped, as
+    one process with ``drop_last`` does) and rank r gets, at step t, the positions
+    ``t·G + r + R·k`` (k < batch_size): the ``rank::world`` rows of the global batch, which the
+    global-batch random draws (diffusion noise) index the same way. ``resume_from(epoch, n)`` skips
+    the first n global batches of that epoch, so a run stopped after step n continues with the
+    samples not seen yet, none twice, on any number of processes with the same G.
+
+    Args:
+        dataset: the training set (indexed with ``(epoch, index)`` pairs).
+        batch_size: samples per batch and process.
+        num_replicas: processes in the job (the trainer's world size, all nodes).
+        rank: this process's global rank (not its rank on the node).
+        shuffle: a new permutation every epoch (False: dataset order).
+        seed: base of the per-epoch permutation (None: the run's seed).
+    """
 
     def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int = 1, rank: int = 0,
-                 shuffle: bool = True, seed: int | None = None, drop_last: bool = False) -> None:
+                 shuffle: bool = True, seed: int | None = None) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle,
-                         seed=default_seed() if seed is None else seed, drop_last=drop_last)
+                         seed=default_seed() if seed is None else seed, drop_last=False)
+        if batch_size < 1:
+            raise ValueError(f"--data.batch_size should be a positive integer, got {batch_size}")
         self.batch_size = batch_size
+        self.global_batch = batch_size * num_replicas
+        self.steps_per_epoch = len(dataset) // self.global_batch  # type: ignore[arg-type]
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the training set has {len(dataset)} samples, fewer than one global batch of {self.global_batch} "  # type: ignore[arg-type]
+                f"({num_replicas} process(es) × batch_size {batch_size}); lower --data.batch_size or use fewer processes")
+        # what the DataLoader (drop_last) and Lightning plan with: whole steps only
+        self.num_samples = self.steps_per_epoch * batch_size
+        self.total_size = self.steps_per_epoch * self.global_batch
         self.resume_epoch: int | None = None
         self.skip_batches = 0
 
     def resume_from(self, epoch: int, batches_done: int) -> None:
+        """Skip the first ``batches_done`` global batches of ``epoch`` (once, when it is iterated).
+
+        Args:
+            epoch: the interrupted epoch.
+            batches_done: steps the interrupted run completed in it (each one global batch).
+        """
         self.resume_epoch, self.skip_batches = epoch, batches_done
 
-    def _skip(self) -> int:
-        return self.skip_batches * self.batch_size if self.resume_epoch == self.epoch else 0
-
     def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
-        indices = list(super().__iter__())[self._skip():]
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(len(self.dataset), generator=g)[: self.total_size].tolist()  # type: ignore[arg-type]
+        else:
+            order = list(range(self.total_size))
+        skip = self.skip_batches * self.global_batch if self.resume_epoch == self.epoch else 0
         self.resume_epoch = None  # the skip applies once
-        return iter([(self.epoch, i) for i in indices])
+        return iter([(self.epoch, i) for i in order[skip + self.rank:: self.num_replicas]])
 
     def __len__(self) -> int:
         # Always the full epoch: Lightning counts the resumed epoch's batches from where it
