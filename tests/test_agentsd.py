@@ -6,6 +6,7 @@ import torch
 
 import agentlit.diffusion.patch as patch_mod
 from agentlit.core import agent_attention_reference
+from agentlit.core import functional as core_functional
 from agentlit.diffusion import (
     apply_patch,
     bipartite_soft_matching_random2d,
@@ -222,11 +223,11 @@ def test_ratio_zero_without_agents_is_unpatched(pipe):
 def test_patched_runs_and_uses_agents(pipe, monkeypatch, prompts, size, guidance):
     calls = []
 
-    def spy(q, k, v, agents, upcast=None, **kw):
+    def spy(q, k, v, agents, upcast=None, dropout_p=0.0, **kw):
         calls.append((q.shape, agents.shape, kw["broadcast_scale"] / kw["scale"]))
         return agent_attention_reference(q, k, v, agents, **kw)
 
-    monkeypatch.setattr(patch_mod, "agent_attention", spy)
+    monkeypatch.setattr(core_functional, "agent_attention", spy)
     apply_patch(pipe, agent_steps=100)
     try:
         out = _run(pipe, prompts, steps=2, size=size, guidance=guidance)
@@ -247,7 +248,7 @@ def test_schedule_switches_at_agent_steps(pipe, monkeypatch):
     state_steps, merged_calls = [], []
     real = patch_mod.AgentSDAttnProcessor.__call__
 
-    def spy(q, k, v, agents, upcast=None, **kw):
+    def spy(q, k, v, agents, upcast=None, dropout_p=0.0, **kw):
         state_steps.append(get_state(pipe).step)
         return agent_attention_reference(q, k, v, agents, **kw)
 
@@ -256,7 +257,7 @@ def test_schedule_switches_at_agent_steps(pipe, monkeypatch):
             merged_calls.append((self.state.step, self.matching.use_agents, self.matching.r))
         return real(self, attn, hidden_states, *a, **kw)
 
-    monkeypatch.setattr(patch_mod, "agent_attention", spy)
+    monkeypatch.setattr(core_functional, "agent_attention", spy)
     monkeypatch.setattr(patch_mod.AgentSDAttnProcessor, "__call__", counting_call)
     apply_patch(pipe, agent_steps=2)
     try:
@@ -284,11 +285,11 @@ def test_fp32_precision_under_low_precision(monkeypatch):
 
     dtypes = []
 
-    def spy(q, k, v, agents, upcast=None, **kw):
+    def spy(q, k, v, agents, upcast=None, dropout_p=0.0, **kw):
         dtypes.append((q.dtype, k.dtype, agents.dtype))
         return agent_attention_reference(q, k, v, agents, **kw)
 
-    monkeypatch.setattr(patch_mod, "agent_attention", spy)
+    monkeypatch.setattr(core_functional, "agent_attention", spy)
     unet = UNet2DConditionModel(**tiny_unet_config()).eval()
     sample = torch.randn(2, 4, 16, 16)
     ctx = torch.randn(2, 77, 32)
@@ -456,11 +457,11 @@ def test_sdxl_default_patches_the_first_attention_level_and_restores_bit_exactly
         remove_patch(pipe)
     tokens = []
 
-    def spy(q, k, v, agents, upcast=None, **kw):
+    def spy(q, k, v, agents, upcast=None, dropout_p=0.0, **kw):
         tokens.append((q.shape[2], agents.shape[2]))
         return agent_attention_reference(q, k, v, agents, **kw)
 
-    monkeypatch.setattr(patch_mod, "agent_attention", spy)
+    monkeypatch.setattr(core_functional, "agent_attention", spy)
     assert apply_patch(pipe) is pipe
     patched = _run(pipe, steps=2)
     assert get_state(pipe).level == 2

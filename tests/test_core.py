@@ -208,7 +208,7 @@ def test_position_biases_match_term_by_term(feat_size, run_size, prefix):
     with torch.no_grad():
         for prm in m.bias_parameters():
             prm.normal_()
-    b1, b2 = m.position_biases(*run_size)
+    b1, b2 = m.position_biases(list(run_size))
     e1, e2 = naive_biases(m, *run_size)
     torch.testing.assert_close(b1[0], e1, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(b2[0], e2, rtol=1e-5, atol=1e-5)

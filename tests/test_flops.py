@@ -39,8 +39,8 @@ def test_agent_attention_macs_follow_the_formula_and_mode_is_restored():
     total, per = count_macs(layer, torch.randn(1, N, C))
     expected = N * C * 3 * C + N * C * C  # qkv, proj
     expected += 2 * n * N * C + 2 * N * n * C  # aggregation (A Kᵀ, S1 V) and broadcast (Q Aᵀ, S2 V_A)
-    expected += N * C * 9  # 3×3 depthwise conv on V
-    assert total == expected and per["dwc"] == N * C * 9
+    expected += N * C * 9  # 3×3 depthwise conv on V (run by the core function from the layer's weights)
+    assert total == expected and per["qkv"] == N * C * 3 * C and per["proj"] == N * C * C
     assert layer.training
 
 

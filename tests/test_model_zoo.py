@@ -227,7 +227,7 @@ def test_pvt_agent_block_matches_official_formula():
     k, v = kv[:, :, 0], kv[:, :, 1]
     agents = F.adaptive_avg_pool2d(q.transpose(1, 2).reshape(B, C, h, w), attn.agent_grid).flatten(2).transpose(1, 2)
     heads = lambda t: t.reshape(B, -1, H, C // H).transpose(1, 2)  # noqa: E731
-    b1, b2 = attn.position_biases(h, w)
+    b1, b2 = attn.position_biases([h, w])
     o = agent_attention_reference(heads(q), heads(k), heads(v), heads(agents), agent_bias=b1, query_bias=b2)
     o = o.transpose(1, 2).reshape(B, h * w, C) + attn.dwc(v.transpose(1, 2).reshape(B, C, h, w)).flatten(2).transpose(1, 2)
     expected = attn.proj(o)
@@ -263,7 +263,7 @@ def test_cswin_agent_branch_matches_reference():
     q, k, v = (torch.randn(B, h * w, C) for _ in range(3))
     agents = F.adaptive_avg_pool2d(q.transpose(1, 2).reshape(B, C, h, w), 2).flatten(2).transpose(1, 2)
     heads = lambda t: t.reshape(B, -1, H, C // H).transpose(1, 2)  # noqa: E731
-    b1, b2 = br.position_biases(h, w)
+    b1, b2 = br.position_biases([h, w])
     o = agent_attention_reference(heads(q), heads(k), heads(v), heads(agents), agent_bias=b1, query_bias=b2)
     lepe = br.get_v(v.transpose(1, 2).reshape(B, C, h, w)).flatten(2).transpose(1, 2)
     torch.testing.assert_close(br(q, k, v, (h, w)), o.transpose(1, 2).reshape(B, h * w, C) + lepe, rtol=1e-4, atol=1e-5)

@@ -1,25 +1,39 @@
-"""Agent position biases (docs/reference.md §1): parameter layout, evaluation at any map size, resizing.
+"""Agent position biases (docs/reference.md §1): parameter layout, evaluation at any size, resizing.
 
-Parameter names and shapes follow the official release so checkpoints map one to one
-(H heads, n = ph·pw agents, (h, w) the training feature map, P prefix/class tokens):
+Parameter names and shapes follow the official release for (h, w) maps, so checkpoints map one to
+one (H heads, n agents, (h, w) the training feature map, P prefix/class tokens):
 
     an_bias (H, n, 7, 7)      agent→token template, bilinearly resized to (h, w)
     na_bias (H, n, 7, 7)      token→agent template, resized and transposed
     ah_bias (1, H, n, h, 1)   aw_bias (1, H, n, 1, w)     separable agent→token terms
     ha_bias (1, H, h, 1, n)   wa_bias (1, H, 1, w, n)     separable token→agent terms
     ac_bias (1, H, n, P)      ca_bias (1, H, P, n)        prefix (class) token column / row
+
+Other layouts generalise this rank by rank:
+
+- 1-D sequence of length L: length templates an_bias / na_bias (H, n, 7), linearly resized to L,
+  plus per-position terms al_bias (1, H, n, L) / la_bias (1, H, L, n);
+- 3-D volume (t, h, w): the 2-D parameters above for the (h, w) plane, shared by every frame, plus
+  a depth axis beside h and w: ad_bias (1, H, n, t) / da_bias (1, H, t, n). A 2-D layer's biases
+  therefore load into a 3-D one (only the depth terms are new).
+
+A layer that has no token layout on the key side (cross-attention) has only the token→agent half.
 """
 from __future__ import annotations
 
 import math
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["AgentPositionBias", "resize_axis", "resize_agent_axis", "adapt_agent_bias", "to_grid", "AGENT_BIAS_AXES"]
+__all__ = [
+    "AGENT_BIAS_AXES", "AGENT_BIAS_NAMES", "AgentPositionBias", "adapt_agent_bias", "resize_agent_axis", "resize_axis",
+    "to_grid",
+]
 
-# For each bias parameter: (agent axis, {spatial axis: which of (h, w) it follows}).
+# For each bias parameter of a 2-D layer: (agent axis, {spatial axis: which of (h, w) it follows}).
 AGENT_BIAS_AXES: dict[str, tuple[int, dict[int, int]]] = {
     "an_bias": (1, {}),
     "na_bias": (1, {}),
@@ -30,23 +44,37 @@ AGENT_BIAS_AXES: dict[str, tuple[int, dict[int, int]]] = {
     "ac_bias": (2, {}),
     "ca_bias": (3, {}),
 }
+#: Every agent-bias parameter name, of every layout (the 2-D ones first, in their official order).
+AGENT_BIAS_NAMES: tuple[str, ...] = (*AGENT_BIAS_AXES, "al_bias", "la_bias", "ad_bias", "da_bias")
 
 
-def to_grid(value: int | tuple[int, int] | list[int], what: str = "agent_num") -> tuple[int, int]:
-    """An int that is a perfect square, or an (h, w) pair, as an (h, w) grid."""
-    if isinstance(value, int):
-        side = math.isqrt(value)
-        if value <= 0 or side * side != value:
-            lo, hi = max(side, 1) ** 2, (side + 1) ** 2
+def to_grid(value: int | tuple[int, ...] | list[int], what: str = "agent_num", rank: int = 2) -> tuple[int, ...]:
+    """A grid of ``rank`` sides from an int (a square for 2-D, a cube for 3-D) or an explicit tuple.
+
+    Args:
+        value: a token count (1-D: any positive int; 2-D: a perfect square; 3-D: a perfect cube) or
+            a tuple of ``rank`` positive ints.
+        what: the name used in error messages.
+        rank: the grid's number of axes (1, 2 or 3).
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        side = round(value ** (1.0 / rank)) if value > 0 else 0
+        if value <= 0 or side**rank != value:
+            if rank == 1:
+                raise ValueError(f"{what}={value} must be a positive number of tokens")
+            side = max(int(value ** (1.0 / rank)), 1)
+            lo, hi = side**rank, (side + 1) ** rank
+            shape, axes = ("square", "(h, w)") if rank == 2 else ("cube", "(t, h, w)")
+            example = [side] * (rank - 1) + [max(1, value // side ** (rank - 1))]
             raise ValueError(
-                f"{what}={value} is not a square number of tokens; use a perfect square such as "
-                f"{lo} or {hi}, or an explicit (h, w) grid like [{side or 1}, {max(1, value // max(side, 1))}]"
+                f"{what}={value} is not a {shape} number of tokens; use a perfect {shape} such as "
+                f"{lo} or {hi}, or an explicit {axes} grid like {example}"
             )
-        return side, side
+        return (side,) * rank
     grid = tuple(int(v) for v in value)
-    if len(grid) != 2 or min(grid) <= 0:
-        raise ValueError(f"{what}={value!r} must be a positive int square or a pair (h, w) of positive ints")
-    return grid  # type: ignore[return-value]
+    if len(grid) != rank or min(grid) <= 0:
+        raise ValueError(f"{what}={value!r} must be a positive int or {rank} positive ints (one per axis)")
+    return grid
 
 
 def resize_axis(t: Tensor, size: int, dim: int) -> Tensor:
@@ -55,7 +83,7 @@ def resize_axis(t: Tensor, size: int, dim: int) -> Tensor:
         return t
     moved = t.movedim(dim, -1)
     flat = moved.reshape(1, -1, moved.shape[-1])
-    out = F.interpolate(flat.float(), size=size, mode="linear", align_corners=False).to(t.dtype)
+    out = F.interpolate(flat.to(_interp_dtype(t)), size=size, mode="linear", align_corners=False).to(t.dtype)
     return out.reshape(list(moved.shape[:-1]) + [size]).movedim(-1, dim)  # no *-unpacking: TorchScript
 
 
@@ -78,7 +106,7 @@ def adapt_agent_bias(
     feat_size: tuple[int, int],
     old_agent_grid: tuple[int, int] | None = None,
 ) -> Tensor:
-    """Resize a stored bias parameter ``name`` (e.g. ``"ah_bias"``) to a new agent grid / map size.
+    """Resize a stored 2-D-layer bias parameter ``name`` (e.g. ``"ah_bias"``) to a new agent grid / map size.
 
     ``old_agent_grid`` defaults to the square grid implied by the stored agent count.
     """
@@ -97,68 +125,150 @@ def adapt_agent_bias(
 class AgentPositionBias(nn.Module):
     """The two learned biases B1 (agent→token) and B2 (token→agent) of one attention layer.
 
-    Mixed into :class:`~agentlit.core.AgentAttention` (its parameters live directly on that module
-    so the state-dict names are the official ``attn.an_bias`` …).
+    Mixed into the layers that own them (:class:`~agentlit.core.AgentAttention`, the Agent-CSwin
+    branch, the diffusers processor): the parameters live directly on that module, so the
+    state-dict names are the official ``attn.an_bias`` ….
     """
 
-    # (an_bias … wa_bias, ac_bias / ca_bias are registered by _init_biases; no class-level
-    # annotations, which TorchScript would try to read as attribute types)
+    # (the *_bias parameters are registered by _init_biases; no class-level annotations, which
+    # TorchScript would try to read as attribute types)
 
     def _init_biases(
         self,
         num_heads: int,
-        agent_grid: tuple[int, int],
-        feat_size: tuple[int, int],
+        agent_grid: int | tuple[int, ...],
+        feat_size: tuple[int, ...],
         num_prefix_tokens: int,
         template: int = 7,
+        key_side: bool = True,
     ) -> None:
-        H, n, (h, w) = num_heads, agent_grid[0] * agent_grid[1], feat_size
-        self.an_bias = nn.Parameter(torch.zeros(H, n, template, template))
-        self.na_bias = nn.Parameter(torch.zeros(H, n, template, template))
-        self.ah_bias = nn.Parameter(torch.zeros(1, H, n, h, 1))
-        self.aw_bias = nn.Parameter(torch.zeros(1, H, n, 1, w))
-        self.ha_bias = nn.Parameter(torch.zeros(1, H, h, 1, n))
-        self.wa_bias = nn.Parameter(torch.zeros(1, H, 1, w, n))
+        """Register the bias parameters for a layout of rank ``len(feat_size)`` (1, 2 or 3).
+
+        Args:
+            num_heads: heads H.
+            agent_grid: the agent count n, or the agent grid (n = its product).
+            feat_size: the layout the per-axis terms are laid out for: (L,), (h, w) or (t, h, w).
+            num_prefix_tokens: P tokens before the layout (they get their own column / row).
+            template: side of the an / na templates.
+            key_side: register B1 (agent→token); False for cross-attention, whose keys have no layout.
+        """
+        H = num_heads
+        n = agent_grid if isinstance(agent_grid, int) else math.prod(agent_grid)
+        rank = len(feat_size)
+        if rank not in (1, 2, 3):
+            raise ValueError(f"feat_size={tuple(feat_size)} must have 1 (L,), 2 (h, w) or 3 (t, h, w) sizes")
+        tmpl = (template,) if rank == 1 else (template, template)
+        if key_side:
+            self.an_bias = nn.Parameter(torch.zeros(H, n, *tmpl))
+        self.na_bias = nn.Parameter(torch.zeros(H, n, *tmpl))
+        if rank == 1:
+            (L,) = feat_size
+            if key_side:
+                self.al_bias = nn.Parameter(torch.zeros(1, H, n, L))
+            self.la_bias = nn.Parameter(torch.zeros(1, H, L, n))
+        else:
+            h, w = feat_size[-2], feat_size[-1]
+            if key_side:
+                self.ah_bias = nn.Parameter(torch.zeros(1, H, n, h, 1))
+                self.aw_bias = nn.Parameter(torch.zeros(1, H, n, 1, w))
+            self.ha_bias = nn.Parameter(torch.zeros(1, H, h, 1, n))
+            self.wa_bias = nn.Parameter(torch.zeros(1, H, 1, w, n))
         if num_prefix_tokens:
-            self.ac_bias = nn.Parameter(torch.zeros(1, H, n, num_prefix_tokens))
+            if key_side:
+                self.ac_bias = nn.Parameter(torch.zeros(1, H, n, num_prefix_tokens))
             self.ca_bias = nn.Parameter(torch.zeros(1, H, num_prefix_tokens, n))
+        if rank == 3:
+            if key_side:
+                self.ad_bias = nn.Parameter(torch.zeros(1, H, n, feat_size[0]))
+            self.da_bias = nn.Parameter(torch.zeros(1, H, feat_size[0], n))
         for p in self.bias_parameters():
             nn.init.trunc_normal_(p, std=0.02)
 
     @torch.jit.unused
     def bias_parameters(self) -> list[nn.Parameter]:
-        return [getattr(self, k) for k in AGENT_BIAS_AXES if isinstance(getattr(self, k, None), nn.Parameter)]
+        """The bias parameters this layer has, in a fixed order (the official 2-D order first)."""
+        return [getattr(self, k) for k in AGENT_BIAS_NAMES if isinstance(getattr(self, k, None), nn.Parameter)]
 
-    def position_biases(self, h: int, w: int) -> tuple[Tensor, Tensor]:
-        """B1 (1, H, n, P + h·w) and B2 (1, H, P + h·w, n) for an (h, w) map.
+    def position_biases(self, size: List[int]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """B1 (1, H, n, P + N) and B2 (1, H, P + N, n) for a layout of ``size`` (N = its product).
 
-        B1[a, (y, x)] = bilinear(an_bias)[a, y, x] + ah[a, y] + aw[a, x] (B2 likewise, transposed).
-        The bilinear resize is separable, so each bias is one batched matmul that writes the
-        (H·n, h, w) result once, with the separable terms folded in: no resized template, no sums
-        of full-size tensors.
+        2-D: B1[a, (y, x)] = bilinear(an_bias)[a, y, x] + ah[a, y] + aw[a, x] (B2 likewise,
+        transposed); 1-D: linear(an_bias)[a, l] + al[a, l]; 3-D: the 2-D bias of the (y, x) plane
+        + ad[a, z]. The resize is separable, so each (h, w) bias is one batched matmul that writes the
+        (H·n, h, w) result once, with the axis terms folded in: no resized template, no sums of
+        full-size tensors. B1 is None on a layer without the key side (cross-attention).
+
+        Args:
+            size: [L], [h, w] or [t, h, w], the layout the forward pass sees.
         """
-        H, n, th, tw = self.an_bias.shape
-        ry = _linear_weights(th, h, self.an_bias)  # (h, th)
-        rx = _linear_weights(tw, w, self.an_bias)  # (w, tw)
-        ah = resize_axis(self.ah_bias, h, 3).reshape(H * n, h, 1)
-        aw = resize_axis(self.aw_bias, w, 4).reshape(H * n, 1, w)
-        ha = resize_axis(self.ha_bias, h, 2).permute(0, 1, 4, 2, 3).reshape(H * n, h, 1)
-        wa = resize_axis(self.wa_bias, w, 3).permute(0, 1, 4, 2, 3).reshape(H * n, 1, w)
-        b1 = _resize_plus(self.an_bias.reshape(H * n, th, tw), ry, rx, ah, aw).reshape(1, H, n, h * w)
-        b2 = _resize_plus(self.na_bias.reshape(H * n, th, tw), ry, rx, ha, wa).reshape(1, H, n, h * w)
-        b2 = b2.transpose(-1, -2)  # (1, H, h·w, n)
-        if hasattr(self, "ac_bias"):
-            b1 = torch.cat([self.ac_bias, b1], dim=-1)
+        # the resize weights, shared by B1 and B2 (same template size)
+        r0 = _linear_weights(self.na_bias.shape[2], size[-1] if hasattr(self, "la_bias") else size[-2], self.na_bias)
+        r1 = r0 if hasattr(self, "la_bias") else _linear_weights(self.na_bias.shape[3], size[-1], self.na_bias)
+        b1: Optional[Tensor] = None
+        if hasattr(self, "an_bias"):
+            if hasattr(self, "al_bias"):
+                b1 = _sequence_bias(self.an_bias, r0, resize_axis(self.al_bias, size[0], 3))
+            else:
+                H, n = self.an_bias.shape[0], self.an_bias.shape[1]
+                h, w = size[-2], size[-1]
+                ah = resize_axis(self.ah_bias, h, 3).reshape(H * n, h, 1)
+                aw = resize_axis(self.aw_bias, w, 4).reshape(H * n, 1, w)
+                b1 = _map_bias(self.an_bias, r0, r1, ah, aw)
+                if hasattr(self, "ad_bias"):
+                    b1 = _add_depth(b1, resize_axis(self.ad_bias, size[0], 3))
+            if hasattr(self, "ac_bias"):
+                b1 = torch.cat([self.ac_bias, b1], dim=-1)
+        if hasattr(self, "la_bias"):
+            la = resize_axis(self.la_bias, size[0], 2).transpose(-1, -2)  # (1, H, n, L)
+            b2 = _sequence_bias(self.na_bias, r0, la)
+        else:
+            H, n = self.na_bias.shape[0], self.na_bias.shape[1]
+            h, w = size[-2], size[-1]
+            ha = resize_axis(self.ha_bias, h, 2).permute(0, 1, 4, 2, 3).reshape(H * n, h, 1)
+            wa = resize_axis(self.wa_bias, w, 3).permute(0, 1, 4, 2, 3).reshape(H * n, 1, w)
+            b2 = _map_bias(self.na_bias, r0, r1, ha, wa)
+            if hasattr(self, "da_bias"):
+                b2 = _add_depth(b2, resize_axis(self.da_bias, size[0], 2).transpose(-1, -2))
+        b2 = b2.transpose(-1, -2)  # (1, H, N, n)
+        if hasattr(self, "ca_bias"):
             b2 = torch.cat([self.ca_bias, b2], dim=-2)
         # B2 contiguous once here (a no-op after the cat): SDPA would otherwise copy a transposed mask
         # in every call, per batch element where it broadcasts (Swin: one call over all windows)
         return b1, b2.contiguous()
 
 
+def _map_bias(template: Tensor, ry: Tensor, rx: Tensor, col: Tensor, row: Tensor) -> Tensor:
+    """(1, H, n, h·w): the (H, n, th, tw) ``template`` bilinearly resized by ``ry`` (h, th) and ``rx``
+    (w, tw), plus the axis terms ``col`` (H·n, h, 1) and ``row`` (H·n, 1, w)."""
+    H, n, th, tw = template.shape[0], template.shape[1], template.shape[2], template.shape[3]
+    h, w = ry.shape[0], rx.shape[0]
+    return _resize_plus(template.reshape(H * n, th, tw), ry, rx, col, row).reshape(1, H, n, h * w)
+
+
+def _sequence_bias(template: Tensor, r: Tensor, term: Tensor) -> Tensor:
+    """(1, H, n, L): the (H, n, T) ``template`` linearly resized by ``r`` (L, T) plus ``term`` (1, H, n, L), one addmm."""
+    H, n, T = template.shape[0], template.shape[1], template.shape[2]
+    length = r.shape[0]
+    out = torch.addmm(term.reshape(H * n, length), template.reshape(H * n, T), r.t())
+    return out.reshape(1, H, n, length)
+
+
+def _add_depth(plane: Tensor, depth: Tensor) -> Tensor:
+    """(1, H, n, t·h·w): the (1, H, n, h·w) ``plane`` bias shared by every frame plus ``depth`` (1, H, n, t)."""
+    H, n = plane.shape[1], plane.shape[2]
+    t = depth.shape[-1]
+    return (plane.unsqueeze(3) + depth.unsqueeze(-1)).reshape(1, H, n, t * plane.shape[-1])
+
+
+def _interp_dtype(t: Tensor) -> torch.dtype:
+    # interpolation in float32 for half types (not every backend resizes them), else in t's dtype
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def _linear_weights(size_in: int, size_out: int, like: Tensor) -> Tensor:
     """(size_out, size_in): the weights of ``F.interpolate(mode="linear", align_corners=False)`` as a
     matrix (taken from F.interpolate itself, so resizing by it is what bilinear resizing computes)."""
-    eye = torch.eye(size_in, device=like.device, dtype=torch.float32).unsqueeze(0)  # (1, in, in)
+    eye = torch.eye(size_in, device=like.device, dtype=_interp_dtype(like)).unsqueeze(0)  # (1, in, in)
     weights = F.interpolate(eye, size=size_out, mode="linear", align_corners=False)[0]  # (in, out)
     return weights.t().to(like.dtype)
 

@@ -1,5 +1,13 @@
 """The agent-attention operator: two softmax attentions through a small set of agent tokens.
 
+Two levels, both public:
+
+- :func:`agent_attention_tokens`, the whole agent computation on projected tokens (B, N, C) that
+  every host calls (:class:`~agentlit.core.AgentAttention`, the Agent-CSwin branch, the diffusers
+  processor and the AgentSD patch): pool agents over the token layout → split heads → fold padding
+  into the biases → the two softmax attentions → local term (depthwise conv on V and/or a V shortcut);
+- :func:`agent_attention`, the two softmax attentions on head-split tensors, below.
+
 Shapes (docs/reference.md §1): q (B, H, N, d); k, v (B, H, M, d); agents (B, H, n, d) with n << N, M.
 
     V_A = softmax(scale · A Kᵀ + B1) V          # agent aggregation, (B, H, n, d)
@@ -11,13 +19,20 @@ ever built: the largest intermediate is (B, H, N, n).
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["agent_attention", "agent_attention_reference", "agent_attention_sdpa"]
+__all__ = [
+    "LayoutSize", "agent_attention", "agent_attention_reference", "agent_attention_sdpa", "agent_attention_tokens",
+    "as_sizes", "depthwise_local", "pool_agents",
+]
+
+#: A token layout: (L,) sequence, (h, w) map or (t, h, w) volume (a list works too).
+LayoutSize = Union[Tuple[int], Tuple[int, int], Tuple[int, int, int], List[int]]
 
 
 @torch.jit.unused
@@ -157,3 +172,246 @@ def agent_attention_reference(
     if query_bias is not None:
         s2 = s2 + query_bias
     return torch.einsum("bhqn,bhnd->bhqd", s2.softmax(-1), agent_v)
+
+
+# ---------------------------------------------------------------------------------------------
+# The agent computation on projected tokens, shared by every host
+# ---------------------------------------------------------------------------------------------
+def as_sizes(size: LayoutSize) -> List[int]:
+    """A layout size (tuple or list of 1-3 ints) as a list (TorchScript-friendly)."""
+    if not torch.jit.is_scripting():
+        return [int(s) for s in size]
+    if isinstance(size, List[int]):
+        return size
+    elif isinstance(size, Tuple[int, int]):
+        return [size[0], size[1]]
+    elif isinstance(size, Tuple[int]):
+        return [size[0]]
+    else:
+        return [size[0], size[1], size[2]]
+
+
+def _adaptive_pool(x: Tensor, grid: List[int]) -> Tensor:
+    if len(grid) == 2:
+        return F.adaptive_avg_pool2d(x, grid)
+    if len(grid) == 1:
+        return F.adaptive_avg_pool1d(x, grid)
+    return F.adaptive_avg_pool3d(x, grid)
+
+
+def _real_padding(pad: Tensor) -> Tensor:
+    # A row with nothing real (all padded) is treated as unpadded: its outputs are garbage anyway,
+    # but finite, where an all -inf softmax row would put NaN into the forward and backward pass.
+    return pad & ~pad.all(-1, keepdim=True)
+
+
+def pool_agents(
+    tokens: Tensor, layout: List[int], grid: List[int], padding_mask: Optional[Tensor] = None
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Agents as the adaptive average pooling of ``tokens`` laid out as ``layout``, to ``grid``.
+
+    With a padding mask, each agent is the mean of the real tokens of its pool region (masked sum
+    over masked count); an agent whose region holds only padding is zero and flagged.
+
+    Args:
+        tokens: (B, N, C) with N = prod(layout), usually the projected queries of the layout tokens.
+        layout: [L], [h, w] or [t, h, w].
+        grid: the agent grid, of the same rank as ``layout``; n = prod(grid).
+        padding_mask: (B, N) bool, True at padded tokens, or None.
+
+    Returns:
+        agents (B, n, C), and (B, n) bool True at agents that saw no real token (None without a mask).
+    """
+    B, C = tokens.shape[0], tokens.shape[2]
+    x = tokens.transpose(1, 2).reshape([B, C] + layout)
+    if padding_mask is None:
+        return _adaptive_pool(x, grid).flatten(2).transpose(1, 2), None
+    pad = padding_mask.reshape([B, 1] + layout)
+    mean_of_real = _adaptive_pool(x.masked_fill(pad, 0.0), grid)  # Σ real / region size
+    share_real = _adaptive_pool((~pad).to(x.dtype), grid)  # count real / region size
+    none_real = share_real == 0
+    agents = mean_of_real / share_real.masked_fill(none_real, 1.0)  # all-padding regions: 0 / 1
+    empty = _real_padding(none_real.flatten(1))
+    return agents.flatten(2).transpose(1, 2), empty
+
+
+def depthwise_local(tokens: Tensor, layout: List[int], weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """The depthwise conv of ``tokens`` (B, N, C) laid out as ``layout``, back as tokens (B, N, C).
+
+    Args:
+        tokens: (B, N, C), N = prod(layout).
+        layout: [L], [h, w] or [t, h, w]; picks conv1d / conv2d / conv3d.
+        weight: (C, 1, k, …) of a depthwise conv of the layout's rank (odd k, 'same' zero padding).
+        bias: (C,) or None.
+    """
+    B, C = tokens.shape[0], tokens.shape[2]
+    x = tokens.transpose(1, 2).reshape([B, C] + layout)
+    pad = weight.shape[-1] // 2
+    if len(layout) == 2:
+        y = F.conv2d(x, weight, bias, padding=pad, groups=C)
+    elif len(layout) == 1:
+        y = F.conv1d(x, weight, bias, padding=pad, groups=C)
+    else:
+        y = F.conv3d(x, weight, bias, padding=pad, groups=C)
+    return y.flatten(2).transpose(1, 2)
+
+
+def _padding_bias(bias: Optional[Tensor], pad: Tensor, like: Tensor) -> Tensor:
+    """``bias`` plus -inf where ``pad`` (B, T) is True, broadcast as (B, 1, 1, T)."""
+    mask = torch.zeros(pad.shape, dtype=like.dtype, device=like.device).masked_fill(pad, float("-inf"))
+    mask = mask[:, None, None, :]
+    return mask if bias is None else bias + mask
+
+
+def agent_attention_tokens(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    num_heads: int,
+    layout: List[int],
+    agent_grid: List[int],
+    agents: Optional[Tensor] = None,
+    num_prefix_tokens: int = 0,
+    agent_bias: Optional[Tensor] = None,
+    query_bias: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    query_padding_mask: Optional[Tensor] = None,
+    dwc_weight: Optional[Tensor] = None,
+    dwc_bias: Optional[Tensor] = None,
+    shortcut: float = 0.0,
+    scale: Optional[float] = None,
+    broadcast_scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    upcast: Optional[bool] = None,
+) -> Tensor:
+    """Agent attention on projected tokens: pool agents → heads → padding → two softmaxes → local term.
+
+    ``q`` holds P prefix tokens followed by the layout's N - P tokens; keys and values are the same
+    tokens (self-attention) or another sequence (cross-attention: no layout, no local term)::
+
+        A   = pool(Q[P:] laid out as ``layout``) to ``agent_grid``   (or the given ``agents``)
+        O   = softmax(bs·Q Aᵀ + B2) · softmax(s·A Kᵀ + B1) · V     per head
+        O  += DWC(V[P:]) + shortcut · V                            (local term, self-attention)
+
+    Padding: padded keys get -inf in B1 (their K and V are zeroed, so no value they hold reaches a
+    real output); padded queries are left out of the agent pooling (masked means); an agent that
+    pooled only padding gets -inf in B2, so no query reads it; V is zeroed at padded positions before
+    the depthwise conv. Outputs at padded query positions are unspecified (finite).
+
+    Args:
+        q: queries (B, N, C), C = num_heads · d.
+        k: keys (B, M, C).
+        v: values (B, M, C).
+        num_heads: heads H.
+        layout: the layout of the N - P query tokens: [L], [h, w] or [t, h, w] ([] with given agents
+            and no conv: tokens with no layout).
+        agent_grid: the pooling grid (same rank as ``layout``); unused when ``agents`` is given.
+        agents: (B, n, C) or learned (n, C) agent tokens; None pools them from ``q``.
+        num_prefix_tokens: P tokens before the layout (not pooled, not convolved).
+        agent_bias: B1 broadcastable to (B, H, n, M), or None.
+        query_bias: B2 broadcastable to (B, H, N, n), or None.
+        key_padding_mask: (B, M) bool, True at padded keys, or None.
+        query_padding_mask: (B, N) bool, True at padded queries (left out of the pooling), or None.
+        dwc_weight: depthwise conv weight (C, 1, k, …) of the layout's rank, applied to V when M == N.
+        dwc_bias: its bias (C,) or None.
+        shortcut: weight of a ``shortcut · V`` term (AgentSD's training-free stand-in for the conv).
+        scale: s, defaults to d^-0.5.
+        broadcast_scale: bs, defaults to ``scale``.
+        dropout_p: attention dropout on both softmax maps (pass 0 in eval).
+        upcast: as :func:`agent_attention` (eager only; TorchScript runs in the input dtype).
+
+    Returns:
+        (B, N, C).
+    """
+    if not torch.jit.is_scripting():
+        _check_tokens(q, k, v, num_heads, layout, agent_grid, agents, num_prefix_tokens, key_padding_mask,
+                      query_padding_mask, dwc_weight, shortcut)
+    B, N, C = q.shape
+    M = k.shape[1]
+    H, P = num_heads, num_prefix_tokens
+    d = C // H
+    empty_agents: Optional[Tensor] = None
+    if agents is None:
+        query_pad: Optional[Tensor] = None
+        if query_padding_mask is not None:
+            query_pad = query_padding_mask[:, P:]
+        agents, empty_agents = pool_agents(q[:, P:], layout, agent_grid, query_pad)
+    elif agents.dim() == 2:  # learned agents, shared by the batch
+        agents = agents.unsqueeze(0).expand(B, agents.shape[0], C)
+    n = agents.shape[1]
+    if key_padding_mask is not None:
+        key_pad = _real_padding(key_padding_mask)
+        k = k.masked_fill(key_pad.unsqueeze(-1), 0.0)
+        v = v.masked_fill(key_pad.unsqueeze(-1), 0.0)
+        agent_bias = _padding_bias(agent_bias, key_pad, q)
+    if empty_agents is not None:
+        query_bias = _padding_bias(query_bias, empty_agents, q)
+
+    # heads: (B, T, C) -> (B, H, T, d)
+    qh = q.reshape(B, N, H, d).transpose(1, 2)
+    kh = k.reshape(B, M, H, d).transpose(1, 2)
+    vh = v.reshape(B, M, H, d).transpose(1, 2)
+    ah = agents.reshape(B, n, H, d).transpose(1, 2)
+    s = d**-0.5 if scale is None else scale
+    bs = s if broadcast_scale is None else broadcast_scale
+    if torch.jit.is_scripting():  # no shape checks / fp16 upcast context in TorchScript
+        out = agent_attention_sdpa(qh, kh, vh, ah, agent_bias, query_bias, s, bs, dropout_p)
+    else:
+        out = _eager_agent_attention(qh, kh, vh, ah, agent_bias, query_bias, s, bs, dropout_p, upcast)
+    out = out.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
+
+    if dwc_weight is not None:
+        local = depthwise_local(v[:, P:], layout, dwc_weight, dwc_bias)  # (B, N - P, C)
+        out = torch.cat([out[:, :P], out[:, P:] + local], dim=1) if P > 0 else out + local
+    if shortcut != 0.0:
+        out = out + shortcut * v
+    return out
+
+
+@torch.jit.unused
+def _eager_agent_attention(
+    q: Tensor, k: Tensor, v: Tensor, agents: Tensor, agent_bias: Optional[Tensor], query_bias: Optional[Tensor],
+    scale: float, broadcast_scale: float, dropout_p: float, upcast: Optional[bool],
+) -> Tensor:
+    return agent_attention(q, k, v, agents, agent_bias=agent_bias, query_bias=query_bias, scale=scale,
+                           broadcast_scale=broadcast_scale, dropout_p=dropout_p, upcast=upcast)
+
+
+@torch.jit.unused
+def _check_tokens(
+    q: Tensor, k: Tensor, v: Tensor, num_heads: int, layout: List[int], agent_grid: List[int],
+    agents: Optional[Tensor], num_prefix_tokens: int, key_padding_mask: Optional[Tensor],
+    query_padding_mask: Optional[Tensor], dwc_weight: Optional[Tensor], shortcut: float,
+) -> None:
+    where = "agent_attention_tokens"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"{where}: {name} must be (B, tokens, C), got shape {tuple(t.shape)}")
+    B, N, C = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[2] != C:
+        raise ValueError(f"{where}: k {tuple(k.shape)} and v {tuple(v.shape)} must be (B={B}, M, C={C})")
+    if C % num_heads:
+        raise ValueError(f"{where}: width C={C} is not divisible by num_heads={num_heads}")
+    n_layout = N - num_prefix_tokens
+    if (agents is None or dwc_weight is not None) and math.prod(layout) != n_layout:
+        raise ValueError(
+            f"{where}: {N} tokens with {num_prefix_tokens} prefix tokens do not fit the layout {list(layout)} "
+            f"({math.prod(layout)} tokens); pass the layout the tokens form"
+        )
+    if agents is None and len(agent_grid) != len(layout):
+        raise ValueError(f"{where}: agent grid {list(agent_grid)} and layout {list(layout)} must have the same rank")
+    if agents is not None and (agents.shape[-1] != C or agents.dim() not in (2, 3)
+                               or (agents.dim() == 3 and agents.shape[0] != B)):
+        raise ValueError(f"{where}: agents must be (B={B}, n, C={C}) or (n, C={C}), got {tuple(agents.shape)}")
+    for name, mask, length in (("key_padding_mask", key_padding_mask, k.shape[1]),
+                               ("query_padding_mask", query_padding_mask, N)):
+        if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (B, length)):
+            raise ValueError(
+                f"{where}: {name} must be a bool tensor of shape (B={B}, {length}) with True at padded "
+                f"tokens, got {mask.dtype} {tuple(mask.shape)}"
+            )
+    if (dwc_weight is not None or shortcut != 0.0) and k.shape[1] != N:
+        raise ValueError(
+            f"{where}: the local term (depthwise conv / V shortcut) needs keys on the query tokens "
+            f"(M = N = {N}), got M = {k.shape[1]}; cross-attention has no local term"
+        )

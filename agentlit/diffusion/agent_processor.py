@@ -25,12 +25,13 @@ import math
 import re
 from typing import Any, Iterable
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import AgentPositionBias, agent_attention, to_grid
+from ..core import AgentPositionBias, agent_attention_tokens, pool_agents, to_grid
 
-__all__ = ["AgentAttnProcessor", "ATTENTION_TYPES", "agent_processors", "attention_levels", "set_agent_attention"]
+__all__ = [
+    "AgentAttnProcessor", "ATTENTION_TYPES", "agent_processors", "attention_levels", "head_norm", "set_agent_attention",
+]
 
 ATTENTION_TYPES = ("agent", "softmax")
 
@@ -140,37 +141,33 @@ class AgentAttnProcessor(AgentPositionBias):
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)  # (B, N, C)
-        C = q.shape[-1]
-        H, d = attn.heads, C // attn.heads
-        # Agents: queries pooled over the latent map, before the head split (as in the paper).
-        q_map = q.transpose(1, 2).reshape(B, C, h, w)
-        agents = F.adaptive_avg_pool2d(q_map, self.agent_grid).flatten(2).transpose(1, 2)  # (B, n, C)
-
-        def heads(t: Tensor) -> Tensor:  # (B, T, C) -> (B, H, T, d)
-            return t.reshape(B, -1, H, d).transpose(1, 2)
-
-        qh, kh, vh, ah = heads(q), heads(k), heads(v), heads(agents)
-        if attn.norm_q is not None:
-            qh, ah = attn.norm_q(qh), attn.norm_q(ah)
+        layout, grid = [h, w], list(self.agent_grid)
+        agents = None
+        if attn.norm_q is not None:  # agents: queries pooled before the head norm, then normed as queries
+            agents = head_norm(attn.norm_q, pool_agents(q, layout, grid)[0], attn.heads)
+            q = head_norm(attn.norm_q, q, attn.heads)
         if attn.norm_k is not None:
-            kh = attn.norm_k(kh)
-        agent_bias, query_bias = self.position_biases(h, w)  # (1, H, n, N), (1, H, N, n)
+            k = head_norm(attn.norm_k, k, attn.heads)
+        agent_bias, query_bias = self.position_biases(layout)  # (1, H, n, N), (1, H, N, n)
+        dwc = self.dwc
         scale = attn.scale
-        out = agent_attention(
-            qh, kh, vh, ah, agent_bias=agent_bias, query_bias=query_bias,
-            scale=scale, broadcast_scale=scale**self.broadcast_scale_exp,
-        )  # (B, H, N, d)
-        out = out.transpose(1, 2).reshape(B, h * w, C)
-        if self.dwc is not None:
-            out = out + self.dwc(v.transpose(1, 2).reshape(B, C, h, w)).flatten(2).transpose(1, 2)
-        if self.shortcut:
-            out = out + self.shortcut * v
+        out = agent_attention_tokens(
+            q, k, v, attn.heads, layout, grid, agents=agents, agent_bias=agent_bias, query_bias=query_bias,
+            dwc_weight=None if dwc is None else dwc.weight, dwc_bias=None if dwc is None else dwc.bias,
+            shortcut=self.shortcut, scale=scale, broadcast_scale=scale**self.broadcast_scale_exp,
+        )  # (B, N, C)
         out = attn.to_out[1](attn.to_out[0](out.to(q.dtype)))  # linear, dropout
         if input_ndim == 4:
             out = out.transpose(1, 2).reshape(B, -1, h, w)
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+def head_norm(norm: nn.Module, t: Tensor, heads: int) -> Tensor:
+    """A per-head norm (diffusers' ``norm_q`` / ``norm_k``, over the head dim) on (B, T, C) tokens."""
+    B, T, C = t.shape
+    return norm(t.reshape(B, T, heads, C // heads)).reshape(B, T, C)
 
 
 def check_agent_grid(agent_grid: tuple[int, int], size: tuple[int, int]) -> None:

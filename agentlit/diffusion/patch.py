@@ -17,7 +17,7 @@ forward hooks on the block's ``ff``. Inside ``attn1``:
 
     y (B, N, C) --merge--> y_m (B, N - r, C), agent tokens y_a (B, n, C)
     Q, K, V = to_q(y_m), to_k(y_m), to_v(y_m);   A = to_q(y_a)
-    O = agent_attention(Q, K, V, A, scale=s, broadcast_scale=s ** k_scale2) + k_shortcut · V
+    O = agent_attention_tokens(Q, K, V, agents=A, scale=s, broadcast_scale=s ** k_scale2, shortcut=k_shortcut)
     out = unmerge(to_out(O))                                          # (B, N, C)
 
 with agents only while 2·n < N - r; otherwise plain softmax attention on the merged tokens.
@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import agent_attention
+from ..core import agent_attention_tokens
+from .agent_processor import head_norm
 from .merge import TokenMatching, bipartite_soft_matching_random2d
 
 __all__ = ["AgentSDAttnProcessor", "AgentSDConfig", "AgentSDState", "apply_patch", "get_state", "remove_patch"]
@@ -283,19 +284,13 @@ class AgentSDAttnProcessor:
         if getattr(attn, "fused_projections", False) and getattr(attn, "to_qkv", None) is not None:
             q, k, v = attn.to_qkv(x).chunk(3, dim=-1)  # one matmul (after pipe.fuse_qkv_projections())
         else:
-            q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
-        d = q.shape[-1] // heads
-
-        def split(t: Tensor) -> Tensor:  # (B, L, H·d) -> (B, H, L, d)
-            return t.view(B, -1, heads, d).transpose(1, 2)
-
-        q, k, v = split(q), split(k), split(v)
-        a = split(attn.to_q(agents)) if agents is not None else None
+            q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)  # (B, M, C)
+        a = attn.to_q(agents) if agents is not None else None  # (B, n, C)
         if attn.norm_q is not None:
-            q = attn.norm_q(q)
-            a = attn.norm_q(a) if a is not None else None
+            q = head_norm(attn.norm_q, q, heads)
+            a = head_norm(attn.norm_q, a, heads) if a is not None else None
         if attn.norm_k is not None:
-            k = attn.norm_k(k)
+            k = head_norm(attn.norm_k, k, heads)
         dtype = q.dtype
         scale = attn.scale
         fp32 = c.attn_precision == "fp32"
@@ -305,14 +300,16 @@ class AgentSDAttnProcessor:
                 a = a.float() if a is not None else None
             if a is not None:
                 # fp16 logits overflow only where the model says so (SD 2.x: upcast_attention, or
-                # attn_precision="fp32" above); otherwise no upcast (the SDPA kernels accumulate in fp32)
+                # attn_precision="fp32" above); otherwise no upcast (the SDPA kernels accumulate in fp32).
+                # The V shortcut is the training-free stand-in for the DWC term.
                 upcast = bool(getattr(attn, "upcast_attention", False)) and not fp32 and dtype == torch.float16
-                o = agent_attention(q, k, v, a, scale=scale, broadcast_scale=scale ** c.k_scale2, upcast=upcast)
-                o = o + c.k_shortcut * v  # the training-free stand-in for the DWC term
+                o = agent_attention_tokens(q, k, v, heads, [], [], agents=a, shortcut=c.k_shortcut, scale=scale,
+                                           broadcast_scale=scale ** c.k_scale2, upcast=upcast)  # (B, M, C)
             else:
-                o = F.scaled_dot_product_attention(q, k, v, scale=scale)
-        o = o.to(dtype).transpose(1, 2).reshape(B, M, heads * d)
-        o = attn.to_out[1](attn.to_out[0](o))  # linear, dropout
+                d = q.shape[-1] // heads
+                q, k, v = (t.view(B, -1, heads, d).transpose(1, 2) for t in (q, k, v))  # (B, H, M, d)
+                o = F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(B, M, heads * d)
+        o = attn.to_out[1](attn.to_out[0](o.to(dtype)))  # linear, dropout
         if attn.residual_connection:
             o = o + x
         return o / attn.rescale_output_factor

@@ -3,12 +3,12 @@
 The agent models' training code (inherited from the DeiT, Swin, PVT and CSWin code bases) decays
 no position information and nothing one-dimensional:
 
-- agent position biases (``an_bias``, ``na_bias``, ``ah/aw/ha/wa_bias``, ``ac/ca_bias``), found by
-  module type (:class:`~agentlit.core.AgentPositionBias`), so a renamed attribute cannot escape;
+- agent position biases (``an_bias``, ``na_bias``, ``ah/aw/ha/wa_bias``, ``ac/ca_bias``; ``al/la_bias``
+  of sequences, ``ad/da_bias`` of volumes), found by module type (:class:`~agentlit.core.AgentPositionBias`), so a renamed attribute cannot escape;
 - position embeddings / relative-position tables and class / distillation / register tokens, found
   by parameter name (timm's and the official releases' names: ``pos_embed``, ``pos_embed1``..,
   ``absolute_pos_embed``, ``relative_position_bias_table``, ``cls_token``, ``dist_token``,
-  ``reg_token``);
+  ``reg_token``) and learned agents (``agent_tokens``);
 - norms' weights and every bias: one-dimensional, excluded by timm's rule
   (``param.ndim <= 1 or name.endswith(".bias")``, see :func:`agentlit.tasks.optim.param_groups`).
 
@@ -23,13 +23,13 @@ import re
 from torch import nn
 
 from ..core import AgentPositionBias
-from ..core.bias import AGENT_BIAS_AXES
+from ..core.bias import AGENT_BIAS_NAMES
 
 __all__ = ["NO_DECAY_NAME", "agent_bias_names", "no_weight_decay_names"]
 
 #: The last component of a parameter name that is never decayed (position information, extra tokens).
 NO_DECAY_NAME = re.compile(
-    r"^(pos_embed\d*|absolute_pos_embed|relative_position_bias_table|cls_token|dist_token|reg_token)$"
+    r"^(pos_embed\d*|absolute_pos_embed|relative_position_bias_table|cls_token|dist_token|reg_token|agent_tokens)$"
 )
 
 
@@ -43,7 +43,7 @@ def agent_bias_names(model: nn.Module) -> set[str]:
         f"{name}.{k}" if name else k
         for name, m in model.named_modules()
         if isinstance(m, AgentPositionBias)
-        for k in AGENT_BIAS_AXES
+        for k in AGENT_BIAS_NAMES
         if isinstance(getattr(m, k, None), nn.Parameter)
     }
 

@@ -7,7 +7,7 @@ cross-shaped-window attention everywhere, depths 1-2-21-1 / 2-4-32-2 / 2-4-32-2,
 Every block owns the ``qkv`` / ``proj`` linears; its attention branches (``attns.B``) receive
 q, k, v and own only the locally-enhanced positional encoding ``get_v`` (a 3×3 depthwise conv on V):
 - agent blocks: one branch over the full map with all heads — agent attention
-  (:func:`agentlit.core.agent_attention` with :class:`~agentlit.core.AgentPositionBias` biases),
+  (:func:`agentlit.core.agent_attention_tokens` with :class:`~agentlit.core.AgentPositionBias` biases),
   LePE playing the role of the DWC;
 - CSWin blocks: two half-width branches attending inside vertical / horizontal stripes of width
   ``split_size`` (one full-map branch in the last stage), LePE computed per stripe.
@@ -24,9 +24,7 @@ from timm.layers import DropPath, Mlp, register_notrace_module, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ..core import AgentPositionBias, to_grid
-from ..core.attention import _eager_agent_attention  # one eager path for scripting guards
-from ..core.functional import agent_attention_sdpa
+from ..core import AgentPositionBias, agent_attention_tokens, as_sizes, to_grid
 from ._helpers import adapt_agent_biases, pretrained_cfg, unwrap_checkpoint
 from ._policy import no_weight_decay_names
 from ._stages import expand_attn_types, per_stage
@@ -60,22 +58,13 @@ class AgentBranch(AgentPositionBias):
         self._init_biases(num_heads, self.agent_grid, self.feat_size, num_prefix_tokens=0)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, feat_size: Tuple[int, int]) -> Tensor:
-        B, N, C = q.shape
-        h, w = feat_size[0], feat_size[1]
-        agents = F.adaptive_avg_pool2d(q.transpose(1, 2).reshape(B, C, h, w), self.agent_grid)  # (B, C, ph, pw)
-        agents = agents.flatten(2).transpose(1, 2)  # (B, n, C)
-        agent_bias, query_bias = self.position_biases(h, w)
-        H = self.num_heads
-        dropout_p = self.attn_drop if self.training else 0.0
-        if torch.jit.is_scripting():  # no shape checks / fp16 upcast context in TorchScript
-            out = agent_attention_sdpa(_heads(q, H), _heads(k, H), _heads(v, H), _heads(agents, H),
-                                       agent_bias, query_bias, self.scale, self.scale, dropout_p)
-        else:
-            out = _eager_agent_attention(_heads(q, H), _heads(k, H), _heads(v, H), _heads(agents, H),
-                                         agent_bias, query_bias, self.scale, dropout_p)
-        # out: (B, H, N, d)
-        lepe = self.get_v(v.transpose(1, 2).reshape(B, C, h, w)).flatten(2).transpose(1, 2)  # (B, N, C)
-        return out.transpose(1, 2).reshape(B, N, C) + lepe
+        layout = [feat_size[0], feat_size[1]]
+        agent_bias, query_bias = self.position_biases(layout)
+        return agent_attention_tokens(
+            q, k, v, self.num_heads, layout, as_sizes(self.agent_grid), agent_bias=agent_bias, query_bias=query_bias,
+            dwc_weight=self.get_v.weight, dwc_bias=self.get_v.bias, scale=self.scale,
+            dropout_p=self.attn_drop if self.training else 0.0,
+        )  # (B, h·w, C)
 
 
 def _stripes(t: Tensor, h: int, w: int, hs: int, ws: int, ph: int, pw: int) -> Tensor:
