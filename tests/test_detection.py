@@ -308,6 +308,39 @@ def test_exact_resume_mid_epoch(tmp_path):
         assert torch.equal(a, b), k
 
 
+@pytest.mark.parametrize("detector", ["faster_rcnn", "mask_rcnn", "retinanet"])
+def test_two_ranks_sample_what_one_process_samples(detector):
+    """Each image's RPN / RoI sampling depends on (seed, step, its place in the global batch) only:
+    ranks 0 and 1 of 2, with rows 0::2 and 1::2 of a batch of 4, draw what one process draws for
+    the 4, so every loss that averages over a fixed number of samples per image (the RPN's, the
+    box head's; RetinaNet's per-image losses) is the mean of the ranks' (what DDP's gradient average
+    takes), and for Faster R-CNN and RetinaNet so is the gradient. Mask R-CNN's mask loss averages
+    over the positive RoIs of a process's batch, a count that differs between ranks (torchvision's
+    and mmdet's normalisation; docs/detection.md)."""
+    L.seed_everything(0)
+    m = tiny_module(detector).train()
+    data = InstanceShapesDataModule(num_train=4, num_val=1, img_size=64, classes=list(CLASSES), batch_size=4, seed=0)
+    data.setup("fit")
+    batch = [data.train_set[(0, i)] for i in range(4)]
+
+    def losses_and_grads(samples, shard):
+        m.zero_grad()
+        m.seed_samplers(len(samples), step=3, shard=shard)
+        torch.manual_seed(shard[0])  # the global RNG differs per rank (StepSeed) and must not matter
+        losses = m.model(m._images(samples), m._train_targets(samples))
+        sum(losses.values()).backward()
+        return {k: v.detach() for k, v in losses.items()}, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    one, one_grads = losses_and_grads(batch, (0, 1))
+    ranks = [losses_and_grads(batch[r::2], (r, 2)) for r in range(2)]
+    assert len(one) >= 2
+    for k in one.keys() - {"loss_mask"}:
+        torch.testing.assert_close((ranks[0][0][k] + ranks[1][0][k]) / 2, one[k], rtol=1e-5, atol=1e-6, msg=k)
+    if detector != "mask_rcnn":
+        for n, g in one_grads.items():
+            torch.testing.assert_close((ranks[0][1][n] + ranks[1][1][n]) / 2, g, rtol=1e-4, atol=1e-6, msg=n)
+
+
 # ----------------------------------------------------------------------------- bad input
 def _one_line(err) -> str:
     msg = str(err.value)

@@ -12,15 +12,17 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-__all__ = ["DETECTORS", "DetectionBackbone", "build_detector", "default_out_indices"]
+__all__ = ["DETECTORS", "DetectionBackbone", "SeededSampler", "build_detector", "default_out_indices", "seeded_samplers"]
 
 DETECTORS = ("mask_rcnn", "faster_rcnn", "retinanet")
 
@@ -89,6 +91,55 @@ class DetectionBackbone(nn.Module):
 
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.features(x))))
+
+
+class SeededSampler(BalancedPositiveNegativeSampler):
+    """torchvision's positive / negative sampler of the RPN and the RoI heads (per image: up to
+    ``positive_fraction`` of ``batch_size_per_image`` positives, negatives for the rest), with image
+    i's picks drawn from a CPU generator seeded with ``seeds[i]`` when the caller sets ``seeds``
+    before a training forward: an image then draws the same whichever images share its batch or
+    process, and on any device. ``seeds`` None: torchvision's draws from the global RNG.
+
+    Args:
+        batch_size_per_image: anchors / proposals sampled per image.
+        positive_fraction: the largest share of positives among them.
+    """
+
+    def __init__(self, batch_size_per_image: int, positive_fraction: float) -> None:
+        super().__init__(batch_size_per_image, positive_fraction)
+        self.seeds: list[int] | None = None
+
+    def __call__(self, matched_idxs: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """matched_idxs: per image (A_i,) labels (≥ 1 positive, 0 negative, < 0 ignored) →
+        (positive masks, negative masks), per image (A_i,) uint8."""
+        if self.seeds is None:
+            return super().__call__(matched_idxs)
+        if len(self.seeds) != len(matched_idxs):
+            raise ValueError(f"{len(self.seeds)} sampling seeds for {len(matched_idxs)} images")
+        pos_masks, neg_masks = [], []
+        for seed, matched in zip(self.seeds, matched_idxs):
+            g = torch.Generator().manual_seed(seed)
+            positive, negative = torch.where(matched >= 1)[0], torch.where(matched == 0)[0]
+            num_pos = min(positive.numel(), int(self.batch_size_per_image * self.positive_fraction))
+            num_neg = min(negative.numel(), self.batch_size_per_image - num_pos)
+            masks = []
+            for idx, num in ((positive, num_pos), (negative, num_neg)):
+                mask = torch.zeros_like(matched, dtype=torch.uint8)
+                mask[idx[torch.randperm(idx.numel(), generator=g)[:num].to(idx.device)]] = 1
+                masks.append(mask)
+            pos_masks.append(masks[0])
+            neg_masks.append(masks[1])
+        return pos_masks, neg_masks
+
+
+def seeded_samplers(model: nn.Module) -> list[SeededSampler]:
+    """The samplers of a :func:`build_detector` model, RPN first, then the RoI heads (RetinaNet: none).
+
+    Args:
+        model: a detector from :func:`build_detector`.
+    """
+    owners = (getattr(model, "rpn", None), getattr(model, "roi_heads", None))
+    return [o.fg_bg_sampler for o in owners if isinstance(getattr(o, "fg_bg_sampler", None), SeededSampler)]
 
 
 def _anchors(sizes: Sequence[int], detector: str) -> AnchorGenerator:
@@ -167,8 +218,12 @@ def build_detector(
     common.update(rpn_anchor_generator=_anchors(sizes, detector), box_head=box_head,
                   box_predictor=FastRCNNPredictor(representation_size, num_classes + 1))
     if detector == "faster_rcnn":
-        return FasterRCNN(backbone, None, **common, **{**args, **kwargs})
-    mask_head = MaskRCNNHeads(backbone.out_channels, (mask_head_channels,) * 4, 1)
-    return MaskRCNN(backbone, None, mask_head=mask_head,
-                    mask_predictor=MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes + 1),
-                    **common, **{**args, **kwargs})
+        model = FasterRCNN(backbone, None, **common, **{**args, **kwargs})
+    else:
+        mask_head = MaskRCNNHeads(backbone.out_channels, (mask_head_channels,) * 4, 1)
+        model = MaskRCNN(backbone, None, mask_head=mask_head,
+                         mask_predictor=MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes + 1),
+                         **common, **{**args, **kwargs})
+    for owner in (model.rpn, model.roi_heads):  # same sampling rule, drawn per image when seeded
+        owner.fg_bg_sampler = SeededSampler(owner.fg_bg_sampler.batch_size_per_image, owner.fg_bg_sampler.positive_fraction)
+    return model

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from ..models import build_backbone
 from ..models._helpers import load_checkpoint_file
-from ..models.detection import DetectionBackbone, build_detector, default_out_indices
+from ..data.sampling import default_seed, mix_seed
+from ..models.detection import DetectionBackbone, build_detector, default_out_indices, seeded_samplers
 from .base import TaskModule
 
 __all__ = ["DetectionModule", "coco_results", "warmup_step_decay"]
@@ -296,8 +297,31 @@ class DetectionModule(TaskModule):
         return type(self)(**hp)
 
     # -- training -----------------------------------------------------------------------------
+    def seed_samplers(self, n: int, step: int, micro: int = 0, shard: tuple[int, int] = (0, 1)) -> None:
+        """Seed the RPN / RoI positive-negative sampling of the next training forward per image:
+        image k of this process's ``n`` draws from (seed, step, micro-batch, sampler, its position
+        ``rank + world·k`` in the global batch, the rows the training sampler dealt this rank), so
+        every image draws the same on any number of processes and after a resume.
+
+        Args:
+            n: images in this process's batch.
+            step: the global step.
+            micro: the micro-batch within the step (gradient accumulation).
+            shard: ``(rank, world size)``.
+        """
+        rank, world = shard
+        for which, sampler in enumerate(seeded_samplers(self.model)):
+            sampler.seeds = [mix_seed(default_seed(), step, micro, which, rank + world * k) for k in range(n)]
+
     def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> Tensor:
-        losses = self.model(self._images(batch), self._train_targets(batch))
+        trainer = self.trainer
+        self.seed_samplers(len(batch), self.global_step, batch_idx % max(1, trainer.accumulate_grad_batches),
+                           (trainer.global_rank, trainer.world_size))
+        try:
+            losses = self.model(self._images(batch), self._train_targets(batch))
+        finally:
+            for sampler in seeded_samplers(self.model):
+                sampler.seeds = None  # only this forward's images
         loss = sum(losses.values())
         for name, value in losses.items():
             self.log(f"train/{name}", value, batch_size=len(batch))
