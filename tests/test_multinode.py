@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -47,6 +48,7 @@ DIFFUSION_SMALL = ["fit", "--config", str(ROOT / "configs" / "generation" / "dig
                    "--model.ema_decay", "0.9", "--model.cfg_dropout", "0.5", "--trainer.enable_progress_bar", "false"]
 TASKS = {"classification": CLASSIFICATION, "diffusion": DIFFUSION_SMALL}
 STEPS, TRAIN_SIZE = 22, 89
+PER_EPOCH = TRAIN_SIZE // GLOBAL_BATCH * GLOBAL_BATCH  # 88 samples in 11 steps
 
 RECORDER = textwrap.dedent(
     """
@@ -116,9 +118,9 @@ def assert_every_sample_once_per_epoch(trained: dict[int, list[tuple[int, int]]]
     ``TRAIN_SIZE mod GLOBAL_BATCH`` of an incomplete last global batch."""
     assert sorted(trained) == list(range(STEPS))
     assert all(len(v) == GLOBAL_BATCH for v in trained.values()), {s: len(v) for s, v in trained.items()}
-    for epoch in range(STEPS * GLOBAL_BATCH // (TRAIN_SIZE // GLOBAL_BATCH * GLOBAL_BATCH)):
+    for epoch in range(STEPS * GLOBAL_BATCH // PER_EPOCH):
         seen = [i for v in trained.values() for e, i in v if e == epoch]
-        assert len(seen) == len(set(seen)) == TRAIN_SIZE // GLOBAL_BATCH * GLOBAL_BATCH, f"epoch {epoch}"
+        assert len(seen) == len(set(seen)) == PER_EPOCH, f"epoch {epoch}: {len(seen)} trained, {len(set(seen))} distinct"
         assert set(seen) <= set(range(TRAIN_SIZE))
 
 
@@ -167,16 +169,24 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _wait_all(procs: list[subprocess.Popen], timeout: float = 600) -> None:
-    """Wait for every launched node; on a failure or a hang, stop the others and show the output."""
-    try:
-        outs = [p.communicate(timeout=timeout) for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            os.killpg(p.pid, signal.SIGKILL)
-        raise AssertionError("a node did not finish:\n" + "\n".join((p.communicate()[1] or "")[-3000:] for p in procs))
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, f"{shlex.join(p.args)} failed ({p.returncode}):\n{out[-2000:]}\n{err[-4000:]}"
+def _run_together(tmp_path: Path, name: str, launches: list[tuple[list[str], dict[str, str]]], timeout: float = 600) -> None:
+    """Start every (command, environment) at once in ``tmp_path`` (output in ``<name>.<i>.log``) and wait
+    for all; when one fails or time runs out, stop the others (they would wait for it) and show the logs."""
+    logs = [tmp_path / f"{name}.{i}.log" for i in range(len(launches))]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                              start_new_session=True) for (cmd, env), log in zip(launches, logs)]
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs):
+        if any(p.returncode for p in procs) or time.monotonic() > deadline:
+            time.sleep(3)  # let the others print why they stop
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+            break
+        time.sleep(0.2)
+    failed = [(p, log) for p, log in zip(procs, logs) if p.returncode != 0]
+    assert not failed, "\n".join(f"{shlex.join(p.args)} ended with {p.returncode}:\n{log.read_text()[-4000:]}" for p, log in failed)
 
 
 def _config_and_overrides(args: list[str]) -> tuple[str, list[str]]:
@@ -189,13 +199,11 @@ def launch_torchrun(tmp_path: Path, args: list[str], nodes: int, per_node: int) 
     """``scripts/torchrun.sh CONFIG overrides…`` once per node, NODE_RANK 0..nodes-1, on 127.0.0.1."""
     config, overrides = _config_and_overrides(args)
     port = str(_free_port())
-    procs = [subprocess.Popen(
-        [str(ROOT / "scripts" / "torchrun.sh"), config, *overrides], cwd=tmp_path, text=True, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=_env(NNODES=str(nodes), NODE_RANK=str(node), GPUS_PER_NODE=str(per_node), MASTER_ADDR="127.0.0.1",
-                 MASTER_PORT=port, PYTHONPATH=pythonpath(tmp_path)),
-    ) for node in range(nodes)]
-    _wait_all(procs)
+    _run_together(tmp_path, "torchrun", [
+        ([str(ROOT / "scripts" / "torchrun.sh"), config, *overrides],
+         _env(NNODES=str(nodes), NODE_RANK=str(node), GPUS_PER_NODE=str(per_node), MASTER_ADDR="127.0.0.1",
+              MASTER_PORT=port, PYTHONPATH=pythonpath(tmp_path)))
+        for node in range(nodes)])
 
 
 def slurm_command(args: list[str], nodes: int, per_node: int) -> list[str]:
@@ -217,12 +225,10 @@ def launch_slurm(tmp_path: Path, args: list[str], nodes: int, per_node: int) -> 
     job_id = str(_free_port(15000, 25000) - 15000)  # Lightning's SLURM port: 15000 + the job id's last 4 digits
     common = dict(SLURM_JOB_ID=job_id, SLURM_NNODES=str(nodes), SLURM_NTASKS_PER_NODE=str(per_node),
                   SLURM_NTASKS=str(nodes * per_node), SLURM_NODELIST="127.0.0.1", PYTHONPATH=pythonpath(tmp_path))
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "agentlit", *cmd[1:]], cwd=tmp_path, text=True, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=_env(**common, SLURM_NODEID=str(node), SLURM_LOCALID=str(local), SLURM_PROCID=str(node * per_node + local)),
-    ) for node in range(nodes) for local in range(per_node)]
-    _wait_all(procs)
+    _run_together(tmp_path, "slurm", [
+        ([sys.executable, "-m", "agentlit", *cmd[1:]],
+         _env(**common, SLURM_NODEID=str(node), SLURM_LOCALID=str(local), SLURM_PROCID=str(node * per_node + local)))
+        for node in range(nodes) for local in range(per_node)])
 
 
 # ------------------------------------------------------------------------------------------ tests
@@ -237,7 +243,7 @@ def test_slurm_dry_run_prints_the_per_node_command():
 @pytest.mark.parametrize("task,launcher,per_node", [
     ("classification", "slurm", 1),
     ("classification", "torchrun", 2),
-    ("diffusion", "torchrun", 2),
+    ("diffusion", "slurm", 2),
 ])
 def test_two_nodes_train_what_one_process_trains(tmp_path, one_process, task, launcher, per_node):
     reference, reference_samples = one_process(task)
