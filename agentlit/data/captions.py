@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .base import ResumableDataModule
-from .classification import IMG_EXTENSIONS
+from .io import IMG_EXTENSIONS, image_files
 from .sampling import EpochSeededDataset
 
 __all__ = ["CaptionFolderDataModule", "find_caption_pairs"]
@@ -24,7 +24,7 @@ def find_caption_pairs(root: str | Path) -> list[tuple[Path, str]]:
     if not root.is_dir():
         raise FileNotFoundError(f"image-caption folder {root} does not exist; expected {root}/<name>.png + <name>.txt")
     pairs = []
-    for img in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS):
+    for img in image_files(root):
         txt = img.with_suffix(".txt")
         if txt.is_file() and txt.read_text(encoding="utf-8").strip():
             pairs.append((img, txt.read_text(encoding="utf-8").strip()))

@@ -9,10 +9,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .base import ResumableDataModule
-from .io import IMG_EXTENSIONS
+from .io import IMG_EXTENSIONS, BadImageError, image_files, load_rgb
 from .sampling import EpochSeededDataset
 
-__all__ = ["DigitsDataModule", "ImageFolderDataModule", "IMG_EXTENSIONS", "PredictImages", "find_images"]
+__all__ = ["DigitsDataModule", "ImageFolderDataModule", "IMG_EXTENSIONS", "LabeledImages", "PredictImages", "find_images"]
 
 
 class DigitsDataModule(ResumableDataModule):
@@ -127,22 +127,44 @@ class DigitsDataModule(ResumableDataModule):
         return [f"val/{i:04d}" for i in range(len(self.val_set))]
 
 
-def _class_folders(split_dir: Path) -> list[str]:
-    """Class names (sub-folder names) of one split, checked for the ImageFolder layout."""
+def _class_folders(split_dir: Path) -> dict[str, list[Path]]:
+    """Class name (sub-folder name) → its images (walked recursively, :func:`~agentlit.data.io.image_files`)
+    for one split, checked for the ImageFolder layout."""
     if not split_dir.is_dir():
         raise FileNotFoundError(
             f"{split_dir} is not a folder; ImageFolderDataModule expects root/train/<class>/<image> and "
             "root/val/<class>/<image> (the ImageNet layout)"
         )
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise FileNotFoundError(f"{split_dir} has no class sub-folders; expected {split_dir}/<class>/<image>")
-    empty = [c for c in classes if not any(f.suffix.lower() in IMG_EXTENSIONS for f in (split_dir / c).iterdir())]
+    files = {c: image_files(split_dir / c) for c in classes}
+    empty = [c for c in classes if not files[c]]
     if empty:
         raise FileNotFoundError(
             f"class folder(s) {empty} in {split_dir} hold no images with extensions {IMG_EXTENSIONS}"
         )
-    return classes
+    return files
+
+
+class LabeledImages(Dataset):
+    """``(RGB image, class index)`` items of an ImageFolder-layout split (what torchvision's
+    ``ImageFolder`` gives, from agentlit's one folder walker).
+
+    Args:
+        root: the split folder.
+        samples: (image path, class index) pairs.
+    """
+
+    def __init__(self, root: Path, samples: list[tuple[Path, int]]) -> None:
+        self.root, self.samples = root, samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, label = self.samples[index]
+        return load_rgb(path), label
 
 
 class ImageFolderDataModule(ResumableDataModule):
@@ -210,6 +232,7 @@ class ImageFolderDataModule(ResumableDataModule):
         self.interpolation, self.crop_pct, self.mean, self.std = interpolation, crop_pct, tuple(mean), tuple(std)
         self.pin_memory = pin_memory
         self.classes: list[str] | None = None
+        self._walked: dict[str, dict[str, list[Path]]] = {}
 
     @property
     def num_classes(self) -> int:
@@ -230,8 +253,8 @@ class ImageFolderDataModule(ResumableDataModule):
                     f"dataset root {self.root} does not exist; expected {self.root}/train/<class>/<image> and "
                     f"{self.root}/val/<class>/<image>"
                 )
-            train = _class_folders(self.root / self.splits["train"])
-            val = _class_folders(self.root / self.splits["val"])
+            train = list(self._walk(self.splits["train"]))
+            val = list(self._walk(self.splits["val"]))
             if train != val:
                 only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
                 raise ValueError(
@@ -242,23 +265,30 @@ class ImageFolderDataModule(ResumableDataModule):
             self.classes = train
         return self.classes
 
+    def _walk(self, split: str) -> dict[str, list[Path]]:
+        """Class name → images of ``split`` (the folder is walked once per data module)."""
+        if split not in self._walked:
+            self._walked[split] = _class_folders(self.root / split)
+        return self._walked[split]
+
+    def _files(self, split: str) -> LabeledImages:
+        """The (image, class index) items of ``split``; its class folders must be the training ones."""
+        classes = self._check_layout()
+        split_dir = self.root / split
+        files = self._walk(split)
+        if list(files) != classes:
+            raise ValueError(f"{split_dir} classes {list(files)} differ from the training classes {classes}")
+        return LabeledImages(split_dir, [(p, k) for k, c in enumerate(classes) for p in files[c]])
+
     def _dataset(self, split: str, train: bool) -> Dataset:
         from timm.data import create_transform
-        from torchvision.datasets import ImageFolder
 
-        from .io import load_rgb
-
-        classes = self._check_layout()
         transform = create_transform(
             self.img_size, is_training=train, auto_augment=self.auto_augment if train else None,
             re_prob=self.re_prob if train else 0.0, color_jitter=self.color_jitter, interpolation=self.interpolation,
             crop_pct=self.crop_pct, mean=self.mean, std=self.std,
         )
-        split_dir = self.root / split
-        folder = ImageFolder(str(split_dir), loader=load_rgb, is_valid_file=_is_image)
-        if folder.classes != classes:
-            raise ValueError(f"{split_dir} classes {folder.classes} differ from the training classes {classes}")
-        files = _CheckedFiles(folder, skip_bad=self.skip_bad_images)
+        files = _CheckedFiles(self._files(split), skip_bad=self.skip_bad_images)
         return EpochSeededDataset(files, transform, self.seed)
 
     def setup(self, stage: str | None = None) -> None:
@@ -294,20 +324,14 @@ class ImageFolderDataModule(ResumableDataModule):
         """One name per predict item: paths relative to ``predict_root`` (or to the predict split)."""
         if self.predict_root is not None:
             return self._predict_images().names
-        split_dir = self.root / self.splits["predict"]
-        from torchvision.datasets import ImageFolder
-
-        folder = ImageFolder(str(split_dir), is_valid_file=_is_image)
-        return [str(Path(p).relative_to(split_dir)) for p, _ in folder.samples]
-
-
-def _is_image(path: str) -> bool:
-    return path.lower().endswith(IMG_EXTENSIONS)
+        folder = self._files(self.splits["predict"])
+        return [str(p.relative_to(folder.root)) for p, _ in folder.samples]
 
 
 def find_images(root: str | Path) -> list[Path]:
     """Every image under ``root`` (recursively, any layout, extensions in :data:`IMG_EXTENSIONS`,
-    any case), sorted by path; hidden files and folders are skipped.
+    any case), sorted by path; hidden files and folders are skipped, links followed once
+    (:func:`~agentlit.data.io.image_files`).
 
     Args:
         root: the folder to search.
@@ -317,11 +341,7 @@ def find_images(root: str | Path) -> list[Path]:
         raise FileNotFoundError(
             f"predict_root {root} is not a folder; give a folder of images (searched recursively, any layout)"
         )
-    files = sorted(
-        p for p in root.rglob("*")
-        if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
+    files = image_files(root)
     if not files:
         raise FileNotFoundError(f"predict_root {root} holds no images with extensions {IMG_EXTENSIONS} (searched recursively)")
     return files
@@ -350,8 +370,6 @@ class PredictImages(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from .io import BadImageError, load_rgb
-
         try:
             image = self.transform(load_rgb(self.files[index]))
         except BadImageError as err:
@@ -387,7 +405,7 @@ class _Indexed(Dataset):
 
 
 class _CheckedFiles(Dataset):
-    """An ImageFolder whose unreadable files raise an error naming the file, or — when the user
+    """:class:`LabeledImages` whose unreadable files raise an error naming the file, or — when the user
     opted in with ``skip_bad_images`` — are logged once and replaced by the next readable one."""
 
     def __init__(self, folder: Any, skip_bad: bool) -> None:
@@ -397,8 +415,6 @@ class _CheckedFiles(Dataset):
         return len(self.folder)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        from .io import BadImageError
-
         for offset in range(len(self.folder)):
             i = (index + offset) % len(self.folder)
             try:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -31,12 +32,13 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
+from torchvision.datasets import CocoDetection
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from .base import ResumableDataModule
 from .instances import INSTANCE_CLASSES, InstanceShapesDataset
-from .io import IMG_EXTENSIONS, load_rgb
+from .io import IMG_EXTENSIONS, image_files, load_rgb, unique_names
 from .sampling import EpochSeededDataset
 
 __all__ = [
@@ -152,6 +154,7 @@ def check_coco_annotations(data: dict[str, Any], ann_file: Path, image_dir: Path
             raise _fail(ann_file, f"image {img['file_name']!r} (id {img['id']}) does not exist in {image_dir}; "
                                   "add the file or remove the image and its annotations")
     cat_ids = {c["id"] for c in data["categories"]}
+    degenerate: list[Any] = []
     for ann in data["annotations"]:
         aid = ann.get("id", "?")
         if ann.get("image_id") not in images:
@@ -172,8 +175,22 @@ def check_coco_annotations(data: dict[str, Any], ann_file: Path, image_dir: Path
         if x < -t or y < -t or x + w > W + t or y + h > H + t:
             raise _fail(ann_file, f"annotation {aid} (image {img['file_name']}, {W}x{H}) has bbox {box} outside the image; "
                                   f"boxes [x, y, w, h] must lie within 0..{W} x 0..{H}")
-        if "segmentation" not in ann:
+        seg = ann.get("segmentation")
+        if isinstance(seg, list):  # polygons (RLE dicts are pycocotools' own and checked by it)
+            if not all(isinstance(poly, list) and len(poly) % 2 == 0
+                       and all(isinstance(v, (int, float)) for v in poly) for poly in seg):
+                raise _fail(ann_file, f"annotation {aid} (image {img['file_name']}) has a segmentation that is not a "
+                                      "list of polygons [x1, y1, x2, y2, ...] with an even number of coordinates")
+            kept = [poly for poly in seg if len(poly) >= 6]
+            if len(kept) < len(seg):  # fewer than 3 points: no area (pycocotools would fail on it)
+                degenerate.append(aid)
+                ann["segmentation"] = kept or None
+        if not ann.get("segmentation"):
             ann["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]  # box-only annotation: the box as mask
+    if degenerate:
+        warnings.warn(f"{ann_file}: dropped polygons with fewer than 3 points from {len(degenerate)} annotation(s) "
+                      f"(e.g. annotation {degenerate[0]}); an annotation left without a polygon uses its box as mask",
+                      stacklevel=2)
 
 
 def read_coco(ann_file: str | Path, image_dir: str | Path) -> dict[str, Any]:
@@ -202,6 +219,14 @@ def read_coco(ann_file: str | Path, image_dir: str | Path) -> dict[str, Any]:
     return data
 
 
+class _CocoImages(CocoDetection):
+    """torchvision's CocoDetection reading its images through :func:`~agentlit.data.io.load_rgb`: a
+    truncated, corrupt or oversized file is a one-line error naming it."""
+
+    def _load_image(self, id: int) -> Any:  # noqa: A002  (torchvision's signature)
+        return load_rgb(Path(self.root) / self.coco.loadImgs(id)[0]["file_name"], skippable=False)
+
+
 class COCOInstances(Dataset):
     """One COCO split through torchvision's ``CocoDetection`` wrapped for ``transforms.v2``.
 
@@ -214,14 +239,14 @@ class COCOInstances(Dataset):
 
     def __init__(self, image_dir: str | Path, data: dict[str, Any], category_ids: Sequence[int], transform: Any = None) -> None:
         from pycocotools.coco import COCO
-        from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
+        from torchvision.datasets import wrap_dataset_for_transforms_v2
 
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             coco = COCO()
             coco.dataset = data
             coco.createIndex()
         # CocoDetection would parse the JSON a second time: hand it the already checked index instead.
-        base = CocoDetection.__new__(CocoDetection)
+        base = _CocoImages.__new__(_CocoImages)
         base.root, base.coco, base.ids = str(image_dir), coco, sorted(coco.imgs.keys())
         base.transform = base.target_transform = base.transforms = None
         self.base = base
@@ -231,6 +256,8 @@ class COCOInstances(Dataset):
         self.label_of = {int(c): k + 1 for k, c in enumerate(category_ids)}
         self.transform = transform
         self.ids = base.ids
+        files = [coco.imgs[i]["file_name"] for i in self.ids]
+        self.names = unique_names(files, ".")  # a.jpg and a.png in one split: distinct prediction files
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -240,7 +267,7 @@ class COCOInstances(Dataset):
         image = TF.to_image(image)  # PIL RGB (grayscale files converted by CocoDetection) → uint8 (3, H, W)
         H, W = image.shape[-2:]
         info = self.base.coco.imgs[self.ids[i]]
-        sample: dict[str, Any] = {"image": image, "image_id": int(self.ids[i]), "name": Path(info["file_name"]).stem}
+        sample: dict[str, Any] = {"image": image, "image_id": int(self.ids[i]), "name": self.names[i]}
         if "boxes" in target:
             sample["boxes"] = target["boxes"]
             sample["masks"] = tv_tensors.Mask(target["masks"].to(torch.uint8))
@@ -268,16 +295,17 @@ class ImageFolderInstances(Dataset):
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"predict_dir {folder} does not exist; give a folder of images ({', '.join(IMG_EXTENSIONS)})")
-        self.files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
+        self.files = image_files(folder, recursive=False)
         if not self.files:
             raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) in predict_dir {folder}")
+        self.names = unique_names(self.files, folder)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        image = TF.to_image(load_rgb(self.files[i]))
-        return {"image": image, "image_id": i, "name": self.files[i].stem}
+        image = TF.to_image(load_rgb(self.files[i], skippable=False))
+        return {"image": image, "image_id": i, "name": self.names[i]}
 
 
 # ----------------------------------------------------------------------------- data modules

@@ -14,12 +14,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .base import ResumableDataModule
-from .io import IMG_EXTENSIONS, load_rgb
+from .io import IMG_EXTENSIONS, image_files, load_rgb, open_image, unique_names
 from .sampling import EpochSeededDataset
 from .seg_transforms import build_eval_transform, build_train_transform
 from .shapes import SHAPE_CLASSES, render_shapes
@@ -60,19 +59,20 @@ ADE20K_CLASSES = (
 def read_image(path: str | Path) -> Tensor:
     """Any common image mode (see :func:`~agentlit.data.io.load_rgb`) → float (3, H, W) in [0, 255];
     an unreadable file raises an error naming it."""
-    arr = np.asarray(load_rgb(path), dtype=np.float32)
+    arr = np.asarray(load_rgb(path, skippable=False), dtype=np.float32)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """Label PNG (mode L, P or I) → int64 (H, W) of raw label values (a palette PNG gives its indices)."""
-    with Image.open(path) as im:
-        if im.mode not in ("L", "P", "I", "I;16", "1"):
-            raise ValueError(
-                f"mask {path} has mode {im.mode!r}; expected a single-channel label image (mode L, P or I) "
-                "whose pixel values are class indices"
-            )
-        return np.asarray(im, dtype=np.int64)
+    """Label PNG (mode L, P or I) → int64 (H, W) of raw label values (a palette PNG gives its indices);
+    an unreadable file raises an error naming it."""
+    im = open_image(path, "mask")
+    if im.mode not in ("L", "P", "I", "I;16", "1"):
+        raise ValueError(
+            f"mask {path} has mode {im.mode!r}; expected a single-channel label image (mode L, P or I) "
+            "whose pixel values are class indices"
+        )
+    return np.asarray(im, dtype=np.int64)
 
 
 def check_mask_labels(
@@ -100,10 +100,12 @@ def check_mask_labels(
 
 
 def list_images(folder: str | Path) -> list[Path]:
+    """The images directly in ``folder`` (:func:`~agentlit.data.io.image_files`, not recursive: images
+    pair with masks by file stem), or an error naming the folder when there are none."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
+    files = image_files(folder, recursive=False)
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) in {folder}")
     return files
@@ -125,7 +127,9 @@ def seg_collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- datasets
 class SegFolderDataset(Dataset):
     """Images in ``image_dir`` paired by file stem with label PNGs in ``mask_dir`` (``mask_dir=None``:
-    images only, for prediction)."""
+    images only, for prediction). Samples are named by their stem; images whose stems collide
+    (``a.png`` / ``a.jpg``) are named by their file name instead, so predictions never overwrite
+    each other (with masks such a pair is an error: both would pair with the same mask)."""
 
     def __init__(
         self,
@@ -138,8 +142,17 @@ class SegFolderDataset(Dataset):
         mask_suffix: str = ".png",
     ) -> None:
         self.images = list_images(image_dir)
+        self.names = unique_names(self.images, image_dir)
         self.masks: list[Path] | None = None
         if mask_dir is not None:
+            stems: dict[str, Path] = {}
+            for p in self.images:
+                if p.stem in stems:
+                    raise ValueError(
+                        f"images {stems[p.stem].name} and {p.name} in {image_dir} share the stem '{p.stem}', so both "
+                        f"would pair with the mask {p.stem}{mask_suffix}; rename or remove one of them"
+                    )
+                stems[p.stem] = p
             mask_dir = Path(mask_dir)
             if not mask_dir.is_dir():
                 raise FileNotFoundError(f"mask folder {mask_dir} does not exist (images are in {image_dir})")
@@ -158,7 +171,7 @@ class SegFolderDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         image = read_image(self.images[i])
-        sample: dict[str, Any] = {"image": image, "name": self.images[i].stem, "orig_size": tuple(image.shape[-2:])}
+        sample: dict[str, Any] = {"image": image, "name": self.names[i], "orig_size": tuple(image.shape[-2:])}
         if self.masks is not None:
             raw = read_mask(self.masks[i])
             if raw.shape != tuple(image.shape[-2:]):

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..data.io import IMG_EXTENSIONS
+from ..data.io import IMG_EXTENSIONS, image_files, load_rgb
 from ..diffusion import AgentSDConfig, build_tiny_pipeline, remove_patch
 from ..utils.paths import ensure_writable_dir, fresh_dir
 from .base import TaskModule
@@ -382,21 +382,19 @@ def _make_scheduler(name: str, config: Any):
 
 def _iter_reference_images(folder: str, size: tuple[int, int], batch: int = 16):
     """Real images from ``folder`` (recursive) as uint8 (B, 3, H, W): resized to cover (H, W), centre crop."""
-    from PIL import Image
     from torchvision.transforms import functional as TF
 
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"fid_reference_dir is not a folder: {root}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+    files = image_files(root)
     if len(files) < 2:
         raise ValueError(
             f"fid_reference_dir {root} holds {len(files)} images ({', '.join(IMG_EXTENSIONS)}); FID needs >= 2"
         )
     chunk: list[Tensor] = []
     for f in files:
-        with Image.open(f) as im:
-            img = TF.pil_to_tensor(im.convert("RGB"))
+        img = TF.pil_to_tensor(load_rgb(f, skippable=False))
         scale = max(size[0] / img.shape[1], size[1] / img.shape[2])
         cover = [max(size[0], round(img.shape[1] * scale)), max(size[1], round(img.shape[2] * scale))]
         img = TF.resize(img, cover, antialias=True)
