@@ -9,7 +9,13 @@ A task is a LightningModule that also says
 - which sub-modules are called once per "step" of a multi-step inference, e.g. the UNet in a
   denoising loop (``timed_modules``), so per-step time and MACs can be reported;
 - its input size, and how to rebuild itself at another one (``input_size``, ``at_input_size``);
-- which networks ``compile: true`` hands to ``torch.compile`` (``compiled_modules``).
+- which networks ``compile: true`` hands to ``torch.compile`` (``compiled_modules``);
+- which of its settings shape the network (``network_settings``: a checkpoint's stored value and a
+  different one given by the user are a conflict, see :mod:`agentlit.stored_settings`).
+
+Every task also shares one policy on divergence: a non-finite training loss stops training with
+one line naming the step and the last good checkpoint (before the update it would cause), and
+non-finite weights are never written to a checkpoint.
 
 :class:`TaskModule` gives defaults for everything but ``example_batch``; a new task subclasses it
 (or implements the same methods: :class:`Task` is a ``typing.Protocol``) and gets ``agentlit
@@ -19,9 +25,11 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
+import torch
 from torch import Tensor, nn
 
 __all__ = ["COMPILE_KEYS", "Task", "TaskModule", "compile_options", "pair"]
@@ -58,6 +66,10 @@ def pair(value: int | tuple[int, int] | list[int] | None) -> tuple[int, int] | N
     return int(value), int(value)
 
 
+_DIVERGED_HINT = ("Lower the learning rate, enable gradient clipping (--trainer.gradient_clip_val) "
+                  "or use bf16 instead of fp16.")
+
+
 @runtime_checkable
 class Task(Protocol):
     """What ``agentlit profile`` / ``export`` / the CLI need from a task module."""
@@ -92,6 +104,34 @@ class TaskModule(L.LightningModule):
     #: the metric the default checkpoint callback monitors, and its direction
     monitor: str | None = None
     monitor_mode: str = "min"
+    #: the ``__init__`` settings that shape the network (classes, architecture, sizes); None: all of them
+    network_settings: tuple[str, ...] | None = None
+
+    # ------------------------------------------------------------------ divergence
+    def on_before_backward(self, loss: Tensor) -> None:
+        """Lightning hook: stop on a non-finite loss before its gradients reach the weights."""
+        if not bool(torch.isfinite(loss.detach()).all()):
+            raise FloatingPointError(
+                f"non-finite training loss ({float(loss.detach().float().sum())}) at global step {self.global_step}, "
+                f"epoch {self.current_epoch}; the last good checkpoint is {self._last_checkpoint()}. " + _DIVERGED_HINT)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Lightning hook: refuse to write non-finite weights (a diverged run keeps its last good
+        checkpoints; the new file is not written). Subclasses that override it call ``super()``."""
+        state = checkpoint.get("state_dict") or self.state_dict()  # parameters and buffers (BatchNorm statistics …)
+        bad = next((name for name, t in state.items()
+                    if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+        if bad is not None:
+            raise FloatingPointError(
+                f"non-finite weights ({bad}) at global step {self.global_step}, epoch {self.current_epoch}: the checkpoint "
+                f"was not written; the last good checkpoint is {self._last_checkpoint()}. " + _DIVERGED_HINT)
+
+    def _last_checkpoint(self) -> str:
+        trainer = self._trainer
+        paths = {p for cb in (trainer.checkpoint_callbacks if trainer is not None else [])
+                 for p in (getattr(cb, "last_model_path", ""), getattr(cb, "best_model_path", "")) if p}
+        existing = [Path(p) for p in paths if Path(p).is_file()]
+        return str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else "none written yet"
 
     # ------------------------------------------------------------------ protocol
     def example_batch(self, batch_size: int, img_size: tuple[int, int] | None = None) -> Any:

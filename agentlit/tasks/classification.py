@@ -14,7 +14,6 @@ from ..models import create_model, load_weights
 from ._ema import ema_update
 from ._schedule import warmup_cosine
 from .optim import create_optimizer, param_groups
-from ._util import latest_checkpoint
 from .base import TaskModule
 
 __all__ = ["ClassificationModule"]
@@ -53,6 +52,7 @@ class ClassificationModule(TaskModule):
     task_name = "classification"
     monitor = "val/acc1"
     monitor_mode = "max"
+    network_settings = ("model_name", "num_classes", "img_size", "model_kwargs")
 
     def __init__(
         self,
@@ -137,18 +137,8 @@ class ClassificationModule(TaskModule):
             loss = torch.sum(-soft * F.log_softmax(self(x), dim=-1), dim=-1).mean()
         else:
             loss = F.cross_entropy(self(x), y, label_smoothing=self.hparams.label_smoothing)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(self._non_finite_message(loss))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
-        return loss
-
-    def _non_finite_message(self, loss: Tensor) -> str:
-        ckpt = latest_checkpoint(self.trainer) or "none written yet"
-        return (
-            f"non-finite training loss ({loss.item()}) at global step {self.global_step}, epoch {self.current_epoch}; "
-            f"the last good checkpoint is {ckpt}. Lower the learning rate, enable gradient clipping "
-            "(--trainer.gradient_clip_val) or use bf16 instead of fp16."
-        )
+        return loss  # a non-finite loss stops training in TaskModule.on_before_backward
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -249,6 +239,7 @@ class ClassificationModule(TaskModule):
             self.class_names = [str(n) for n in names]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)  # refuses non-finite weights
         if self.class_names:
             checkpoint["class_names"] = list(self.class_names)  # plain strings: loads with weights_only
 

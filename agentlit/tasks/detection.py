@@ -127,6 +127,8 @@ class DetectionModule(TaskModule):
     task_name = "detection"
     monitor = "val/bbox_mAP"
     monitor_mode = "max"
+    network_settings = ("backbone", "num_classes", "detector", "backbone_kwargs", "out_indices", "out_norm", "fpn_channels",
+                        "anchor_sizes", "representation_size", "mask_head_channels", "detector_kwargs")
 
     def __init__(
         self,

@@ -131,6 +131,8 @@ class DiffusionModule(TaskModule):
     # is logged by every configuration (conditional accuracy only by class-labelled ones).
     monitor = "val/loss"
     monitor_mode = "min"
+    network_settings = ("unet", "unet_class", "pipeline", "img_size", "num_classes", "attention", "agent_downsample",
+                        "agent_num", "dwc_kernel")
 
     def __init__(
         self,
@@ -364,12 +366,7 @@ class DiffusionModule(TaskModule):
         micro = batch_idx % max(1, trainer.accumulate_grad_batches)
         g = torch.Generator().manual_seed(mix_seed(default_seed(), self.global_step, micro))
         losses = self.diffusion_losses(batch, generator=g, shard=(trainer.global_rank, trainer.world_size))
-        loss = losses["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss ({loss.item()}) at global step {self.global_step}; lower the learning "
-                "rate or enable gradient clipping (--trainer.gradient_clip_val)"
-            )
+        loss = losses["loss"]  # a non-finite loss stops training in TaskModule.on_before_backward
         images, _, prompts = self._unpack(batch)
         bs = len(images) if images is not None else len(prompts)
         for k, v in losses.items():

@@ -82,6 +82,8 @@ class SegmentationModule(TaskModule):
     task_name = "segmentation"
     monitor = "val/mIoU"
     monitor_mode = "max"
+    network_settings = ("backbone", "num_classes", "head", "backbone_kwargs", "out_indices", "head_channels", "neck_channels",
+                        "pool_scales", "simple_pyramid", "aux_weight", "aux_index", "aux_channels")
 
     def __init__(
         self,
