@@ -14,22 +14,24 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
+from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.callbacks import ModelSummary as _LightningModelSummary
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from .callbacks import ModelSummary, SafeInterrupt, StepSeed
+from . import runs
+from .callbacks import LastModelCheckpoint, ModelSummary, SafeInterrupt, StepSeed
+from .checkpoint import NoCheckpointError, ResolvedCheckpoint, resolve
 from .cli import unwrap_error_text
+from .runs import CREATED_RUN_DIRS  # noqa: F401  (re-exported: the tests reset it between in-process runs)
+from .stored_settings import check_plain_settings, check_stored, merge_stored
 from .utils.paths import ensure_writable_dir
 
 __all__ = ["AgentLitCLI", "ConfigError", "build_cli", "default_checkpoints", "latest_last_checkpoint"]
 
-_VERSION_ENV = "AGENTLIT_RUN_VERSION"
-#: run folders this process created; the error handler removes them again when they stay empty
-CREATED_RUN_DIRS: list[Path] = []
 #: ``--ckpt_path none``: run validate/test/predict with the weights the config builds
 UNTRAINED = "none"
 
@@ -64,29 +66,10 @@ def quiet_library_noise() -> None:
 
 
 # ------------------------------------------------------------------------------------ run folders
-def _run_version(root: Path) -> int:
-    """Next free ``version_N`` under ``root``; fixed once per job so every logger and every
-    spawned DDP worker agrees on the same folder."""
-    version = _peek_version(root)
-    os.environ[_VERSION_ENV] = str(version)
-    return version
-
-
 def latest_last_checkpoint(root: Path) -> Path | None:
-    """The newest ``last*.ckpt`` of any run folder under ``root`` (``<root>/version_N/checkpoints``)."""
-    found = [p for p in Path(root).glob("version_*/checkpoints/last*.ckpt") if p.is_file()]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
-
-
-def _run_of_checkpoint(ckpt: Path, root: Path) -> int | None:
-    """``N`` when ``ckpt`` lies in ``<root>/version_N/checkpoints/``, else None."""
-    try:
-        run = ckpt.resolve().parent.parent
-        if ckpt.resolve().parent.name == "checkpoints" and run.parent == root.resolve() and run.name.startswith("version_"):
-            return int(run.name.split("_", 1)[1])
-    except (OSError, ValueError):
-        pass
-    return None
+    """The newest ``last*.ckpt`` of any run folder under ``root`` (``<root>/version_N/checkpoints``);
+    ``--ckpt_path last`` itself takes the newest *readable* checkpoint (:func:`agentlit.checkpoint.resolve`)."""
+    return next((p for p in runs.checkpoints_newest_first(root) if p.name.startswith("last")), None)
 
 
 def _rows_before(metrics_csv: Path, step: int) -> tuple[list[str], list[dict[str, str]]]:
@@ -114,7 +97,8 @@ def _carry_over(logger: CSVLogger, fields: list[str], rows: list[dict[str, str]]
 
 # -------------------------------------------------------------------------------------- defaults
 def default_checkpoints(monitor: str | None, mode: str) -> list[ModelCheckpoint]:
-    """The best checkpoint by the task's metric, and ``last.ckpt`` rewritten at every save.
+    """The best checkpoint by the task's metric, and ``last.ckpt`` rewritten at every save and at the
+    end of ``fit`` (:class:`~agentlit.callbacks.LastModelCheckpoint`).
 
     Two callbacks because a monitored ModelCheckpoint only refreshes its ``last.ckpt`` when the
     metric improved; resuming needs the latest state whatever the metric did.
@@ -127,7 +111,7 @@ def default_checkpoints(monitor: str | None, mode: str) -> list[ModelCheckpoint]
 
 
 def _checkpoint_specs(monitor: str | None, mode: str) -> list[tuple[type, dict[str, Any]]]:
-    last = (ModelCheckpoint, dict(monitor=None, save_top_k=1, filename=ModelCheckpoint.CHECKPOINT_NAME_LAST))
+    last = (LastModelCheckpoint, {})
     if not monitor:
         return [last]
     best = (ModelCheckpoint, dict(
@@ -150,6 +134,7 @@ class AgentLitCLI(LightningCLI):
     argv: list[str] = []
     resume_version: int | None = None  # the run folder a resumed fit continues in
     untrained_ok = False  # --ckpt_path none
+    resolved: ResolvedCheckpoint | None = None  # --ckpt_path, read once
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -162,6 +147,7 @@ class AgentLitCLI(LightningCLI):
         print_config = next((a for a in args if a == "--print_config" or a.startswith("--print_config=")), None)
         if print_config:
             args.remove(print_config)
+        self._args = args
         try:
             super().parse_arguments(parser, args)
         except argparse.ArgumentError as err:
@@ -174,8 +160,9 @@ class AgentLitCLI(LightningCLI):
             sys.exit(0)
 
     def _resolve_ckpt_path(self, sub: str) -> None:
-        """``last`` → the newest run's ``last.ckpt``; ``none`` → no checkpoint (opt-in to
-        evaluate configured weights); a named file must exist and be a file."""
+        """``--ckpt_path``, resolved and read once (:func:`agentlit.checkpoint.resolve`): ``last`` → the
+        newest readable checkpoint of the runs folder; ``none`` → no checkpoint (opt-in to evaluate
+        configured weights); a named file must be a readable Lightning checkpoint."""
         cfg = self.config[sub]
         ckpt = cfg.get("ckpt_path")
         if ckpt is None:
@@ -184,61 +171,51 @@ class AgentLitCLI(LightningCLI):
         if ckpt == UNTRAINED and sub in ("validate", "test", "predict"):
             cfg.ckpt_path, self.untrained_ok = None, True
             return
-        if ckpt == "last":
-            found = latest_last_checkpoint(root)
-            if found is None:
-                if sub == "fit":
-                    warnings.warn(f"--ckpt_path last: no last.ckpt under {root}; starting fresh", stacklevel=1)
-                    cfg.ckpt_path = None
-                    return
-                raise ConfigError(f"--ckpt_path last: no run under {root} has a checkpoints/last.ckpt; "
-                                  f"train one with `agentlit fit` or pass a .ckpt file")
-            cfg.ckpt_path = ckpt = str(found)
-        elif ckpt in ("best", "hpc", "registry") or ckpt.startswith("registry:"):
+        if ckpt in ("best", "hpc", "registry") or ckpt.startswith("registry:"):
             return  # Lightning's own meanings
-        path = Path(ckpt)
-        if not path.exists():
-            near = latest_last_checkpoint(root)
-            raise ConfigError(f"--ckpt_path {ckpt} does not exist; pass a .ckpt file"
-                              + (f" (e.g. {near})" if near else "") + " or 'last' for the newest run's last.ckpt")
-        if path.is_dir():
-            inside = sorted(path.glob("**/last*.ckpt"))
-            raise ConfigError(f"--ckpt_path {ckpt} is a folder; pass a checkpoint file"
-                              + (f" such as {inside[0]}" if inside else " (runs/…/version_N/checkpoints/last.ckpt)"))
-        if sub == "fit":  # a resumed run continues in the folder of the checkpoint it resumes
-            self.resume_version = _run_of_checkpoint(path, root)
+        try:
+            self.resolved = resolve(ckpt, root)
+        except NoCheckpointError:
+            if sub != "fit":
+                raise
+            warnings.warn(f"--ckpt_path last: no checkpoint under {root}; starting fresh", stacklevel=1)
+            cfg.ckpt_path = None
+            return
+        cfg.ckpt_path = str(self.resolved.path)
+        if sub == "fit" and self.resolved.run_dir is not None:  # a resumed run continues in its own folder
+            self.resume_version = int(self.resolved.run_dir.name[8:])
 
     def _parse_ckpt_path(self) -> None:
+        """The checkpoint's stored settings, checked before anything is parsed from them
+        (:mod:`agentlit.stored_settings`): they fill in only what the user left unset."""
         sub = self.config.get("subcommand")
-        ckpt = self.config[sub].get("ckpt_path") if sub else None
-        if ckpt and Path(ckpt).is_file():
-            self._check_checkpoint_content(sub, ckpt)
-            try:
-                super()._parse_ckpt_path()
-            except (argparse.ArgumentError, SystemExit) as err:
-                model = self.config[sub].get("model")
-                wanted = getattr(model, "class_path", None) or "the configured model"
-                raise ConfigError(
-                    f"checkpoint {ckpt} does not fit {wanted}: {explain_parse_error(str(err), self.parser, [])}"
-                    "; use a checkpoint written by `agentlit fit` with this config") from err
-
-    def _check_checkpoint_content(self, sub: str, ckpt: str) -> None:
-        """A Lightning checkpoint of the configured task, or one sentence saying what it is instead."""
-        from .checkpoint import load_checkpoint  # data only; unreadable or unsafe files → one-line CheckpointError
-
-        data = load_checkpoint(ckpt, "--ckpt_path")
-        if not isinstance(data, dict) or "state_dict" not in data:
-            kind = "a plain state dict" if isinstance(data, dict) and data and all(
-                isinstance(v, torch.Tensor) for v in data.values()) else "not a Lightning checkpoint"
-            raise ConfigError(
-                f"--ckpt_path {ckpt} is {kind}; --ckpt_path takes a checkpoint written by `agentlit fit` "
-                "(to start from these weights, set the model's checkpoint_path, e.g. --model.checkpoint_path)")
-        saved = (data.get("hyper_parameters") or {}).get("_class_path")
+        if not sub or self.resolved is None:
+            return
         model = self.config[sub].get("model")
         wanted = getattr(model, "class_path", None)
-        if saved and wanted and saved != wanted:
-            raise ConfigError(f"checkpoint {ckpt} was written by {saved}, but the config builds {wanted}; "
-                              "use the config the checkpoint was trained with")
+        cls, stored = check_stored(self.resolved.settings, self.resolved.path, wanted)
+        cls = cls or _import_class(wanted)
+        if cls is None or not stored:
+            return
+        given = self.parser.parse_args(self._args, defaults=False)[sub].get("model")
+        given_args = getattr(given, "init_args", None) if given is not None else None
+        fill = merge_stored(stored, cls, given_args.as_dict() if given_args is not None else {}, self.resolved.path)
+        if not fill:
+            return
+        try:
+            self.config = self.parser.parse_object({sub: {"model": {"class_path": wanted, "init_args": fill}}}, self.config)
+        except (argparse.ArgumentError, SystemExit) as err:
+            raise ConfigError(
+                f"checkpoint {self.resolved.path} does not fit {wanted}: {explain_parse_error(str(err), self.parser, [])}"
+                "; use a checkpoint written by `agentlit fit` with this config") from err
+
+    def before_instantiate_classes(self) -> None:
+        """Mapping-typed settings (``model_kwargs`` …) hold plain values: a ``class_path`` inside one,
+        from a config file or the command line, is refused before anything is built."""
+        sub = self.config.get("subcommand")
+        cfg = self.config[sub] if sub else self.config
+        for group in ("model", "data"):
+            check_plain_settings(cfg.get(group), f"--{group}")
 
     def _print_effective_config(self, sub: str | None, flag: str) -> None:
         """``--print_config``: the resolved config with the loggers and callbacks agentlit adds
@@ -301,15 +278,15 @@ class AgentLitCLI(LightningCLI):
         loggers, extra = self.default_specs(sub, config, type(self.model), configured)
         if loggers:
             root = ensure_writable_dir(config.get("default_root_dir") or "runs", "--trainer.default_root_dir")
-            version = self.resume_version if self.resume_version is not None else _run_version(root)
-            os.environ[_VERSION_ENV] = str(version)
-            run_dir = root / f"version_{version}"
-            if not run_dir.exists():
-                CREATED_RUN_DIRS.append(run_dir)
-            resumed_step = None
             if self.resume_version is not None:
-                resumed_step = int(torch.load(self.config[sub].ckpt_path, map_location="cpu", weights_only=True,
-                                              mmap=True).get("global_step", 0))
+                version = self.resume_version
+                os.environ[runs.VERSION_ENV] = str(version)  # the other ranks' processes inherit it
+            else:
+                version = runs.run_version(root, rank_zero_only.rank)  # rank 0 claims a new folder atomically
+            run_dir = root / f"version_{version}"
+            resumed_step = None
+            if self.resume_version is not None and self.resolved is not None:
+                resumed_step = self.resolved.global_step
                 carried = _rows_before(run_dir / "metrics.csv", resumed_step)
                 warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
@@ -324,7 +301,10 @@ class AgentLitCLI(LightningCLI):
         if any(cls is ModelSummary for cls, _ in extra):
             config["enable_model_summary"] = False  # ours replaces Lightning's default (no "already configured" note)
         callbacks.extend(cls(**kwargs) for cls, kwargs in extra)
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        if self.resolved is not None and hasattr(trainer, "preload_checkpoint"):
+            trainer.preload_checkpoint(self.resolved)  # Lightning's restore takes what resolve() read
+        return trainer
 
     # ---------------------------------------------------------------------------- sub-commands
     def _require_weights(self) -> None:
@@ -346,11 +326,9 @@ class AgentLitCLI(LightningCLI):
 
 
 def _peek_version(root: Path) -> int:
-    """The run version this job uses or will use (``_run_version`` without fixing it)."""
-    if _VERSION_ENV in os.environ:
-        return int(os.environ[_VERSION_ENV])
-    taken = [int(p.name.split("_", 1)[1]) for p in root.glob("version_*") if p.name.split("_", 1)[1].isdigit()]
-    return max(taken, default=-1) + 1
+    """The run version this job would use (what ``--print_config`` shows); nothing is created."""
+    inherited = os.environ.get(runs.VERSION_ENV, "")
+    return int(inherited) if inherited.isdigit() else runs.next_version(root)
 
 
 def _as_list(value: Any) -> list:
@@ -520,6 +498,11 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> AgentLitCLI:
     from .trainer import AgentTrainer
 
     quiet_library_noise()
+    # Values typed Any / dict[str, Any] are data: jsonargparse's coming default (v5) keeps a class_path
+    # inside them as a mapping instead of building the class, and the import paths it denies by default
+    # (os, subprocess …) are refused rather than warned about. before_instantiate_classes then refuses
+    # such a value in one line.
+    set_parsing_settings(instantiate_subclass_spec_in_any=False, import_path_denylist=[])
     parser_kwargs: dict[str, Any] = {"exit_on_error": False}
     try:
         import omegaconf  # noqa: F401

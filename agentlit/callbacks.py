@@ -1,6 +1,7 @@
 """Callbacks the CLI adds to every run."""
 from __future__ import annotations
 
+import os
 import random
 import shlex
 import signal
@@ -11,13 +12,52 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.callbacks import ModelSummary as _LightningModelSummary
 from lightning.pytorch.utilities.model_summary.model_summary import get_formatted_model_size, get_human_readable_count
 
 from .data.sampling import default_seed, mix_seed
 
-__all__ = ["ModelSummary", "SafeInterrupt", "StepSeed", "TrainingInterrupted"]
+__all__ = ["LastModelCheckpoint", "ModelSummary", "SafeInterrupt", "StepSeed", "TrainingInterrupted"]
+
+
+class LastModelCheckpoint(ModelCheckpoint):
+    """``last.ckpt``, the run's latest state: rewritten at every save, and written once more when
+    ``fit`` ends with trained steps not yet saved, however it ended (a step or time limit, early
+    stopping, or the last epoch coming before the first validation). Always the one file
+    ``last.ckpt`` (no ``last-v1.ckpt`` after a resume): the new state replaces it atomically.
+
+    Args:
+        dirpath: the folder (None: the run folder's ``checkpoints/``, as for any ModelCheckpoint).
+    """
+
+    def __init__(self, dirpath: str | None = None) -> None:
+        super().__init__(dirpath=dirpath, monitor=None, save_top_k=1, filename=self.CHECKPOINT_NAME_LAST,
+                         enable_version_counter=False)
+        self._start_step = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start_step = trainer.global_step  # a resumed run's steps so far are in its checkpoint already
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if trainer.global_step > self._start_step and not self._should_skip_saving_checkpoint(trainer):
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def _continue_last(trainer: L.Trainer) -> None:
+    """After a resume from a ModelCheckpoint's own ``last.ckpt``, make that callback overwrite it
+    rather than write ``last-v1.ckpt`` beside it (it only knows the file when the checkpoint it
+    resumed from recorded it, which a checkpoint written at an interrupt does not)."""
+    if not trainer.ckpt_path or "://" in str(trainer.ckpt_path):
+        return
+    resumed = Path(trainer.ckpt_path).resolve()
+    for cb in trainer.checkpoint_callbacks:
+        if not (isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath) or "{" in cb.CHECKPOINT_NAME_LAST:
+            continue
+        last = os.path.join(cb.dirpath, cb.CHECKPOINT_NAME_LAST + cb.FILE_EXTENSION)
+        if Path(last).resolve() == resumed and cb.last_model_path != last:
+            cb.last_model_path = last
 
 
 class StepSeed(Callback):
@@ -58,7 +98,8 @@ class SafeInterrupt(Callback):
 
     The checkpoint is written in ``on_train_batch_end``, where Lightning's own step checkpoints
     are written, so resuming from it is as exact as resuming from those. Under DDP the ranks agree
-    on the stop (one all-reduce of a flag per step) so all of them save the same step.
+    on the stop (one all-reduce of a flag per step) so all of them save the same step. After a
+    resume from a ModelCheckpoint's ``last.ckpt`` it makes that callback keep writing that file.
 
     Args:
         signals: the signal names to handle.
@@ -72,6 +113,7 @@ class SafeInterrupt(Callback):
     # Lightning registers its own SIGTERM handler when fit starts; ours goes in afterwards so a
     # SIGTERM does not abort the loop before the checkpoint is written.
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _continue_last(trainer)  # the resumed run goes on writing the last.ckpt it was resumed from
         self._received = None
         for name in self.signals:
             signum = getattr(signal, name)

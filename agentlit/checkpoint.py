@@ -13,6 +13,11 @@ tensors, so :func:`register_safe_globals` (run at ``import agentlit``, which mak
 
 None of these run code when rebuilt. A file that needs any other global is refused with one line
 naming the file and the globals, and how to turn it into a plain weights file.
+
+A ``--ckpt_path`` argument is resolved once, by :func:`resolve`: the file (``last``: the newest
+readable checkpoint of the runs folder) is read once through :func:`load_checkpoint` into a
+:class:`ResolvedCheckpoint` that the CLI, the trainer and Lightning's restore then share.
+Checkpoints are written by :func:`atomic_save`: a failed write never replaces or truncates one.
 """
 from __future__ import annotations
 
@@ -20,7 +25,10 @@ import argparse
 import os
 import pickle
 import re
+import tempfile
+import warnings
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +36,17 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "CheckpointError", "ConfigNode", "check_checkpoint_file", "load_checkpoint", "load_state_dict_file",
-    "register_safe_globals", "unwrap_checkpoint",
+    "CheckpointError", "ConfigNode", "NoCheckpointError", "ResolvedCheckpoint", "atomic_save", "check_checkpoint_file",
+    "file_mode", "load_checkpoint", "load_state_dict_file", "register_safe_globals", "resolve", "unwrap_checkpoint",
 ]
 
 
 class CheckpointError(ValueError):
     """A weights file that cannot be read, or that needs Python objects a weights file must not hold."""
+
+
+class NoCheckpointError(CheckpointError):
+    """``--ckpt_path last`` found no checkpoint at all under the runs folder."""
 
 
 class ConfigNode(dict):
@@ -263,6 +275,194 @@ def load_state_dict_file(path: str | os.PathLike[str], use_ema: bool = False, wh
             "{'model': state_dict} or a Lightning checkpoint"
         )
     return state
+
+
+# ------------------------------------------------------------------------------------- writing
+def file_mode() -> int:
+    """The permission bits a new file gets from the process umask (``0o666 & ~umask``)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+class _Writes:
+    """A file's ``write`` that remembers the OSError it raised (torch.save turns it into a RuntimeError)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save(obj)`` to ``path`` without ever leaving a partial file there: written to a hidden
+    temporary file in the same folder, synced to disk, then renamed over ``path``. A failed write
+    (disk full, quota, interrupt) removes the temporary file and leaves an existing ``path`` as it was.
+
+    Args:
+        obj: what to save (a Lightning checkpoint dict, a state dict …).
+        path: the file to write; its folder is created if needed.
+
+    Raises:
+        CheckpointError: the write failed; one line naming the file and the reason.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    except OSError as err:
+        raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
+    writer = _Writes(None)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            writer.f = f
+            torch.save(obj, writer)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())  # mkstemp makes it owner-only; a checkpoint is an ordinary file
+        os.replace(tmp, path)
+    except BaseException as err:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        err = writer.error or err  # torch reports a failed write as its own RuntimeError
+        if isinstance(err, OSError):
+            kept = "the previous file is unchanged" if path.exists() else "nothing was written"
+            raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}; {kept}") from None
+        raise
+    try:  # the rename itself survives a power cut only once the folder entry is on disk
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+# ------------------------------------------------------------------------------------- resolving
+@dataclass
+class ResolvedCheckpoint:
+    """A ``--ckpt_path`` argument, resolved and read once (:func:`resolve`).
+
+    Attributes:
+        path: the checkpoint file.
+        task: the task class path the checkpoint was written by (``hyper_parameters._class_path``), if stored.
+        settings: the stored ``hyper_parameters`` as written (``_class_path`` and Lightning's ``_instantiator``
+            included), unchecked: :mod:`agentlit.stored_settings` decides what of it may be used.
+        global_step: the optimizer steps the checkpoint was trained for.
+        run_dir: ``<root>/version_N`` when the file lies in that run's ``checkpoints/`` folder, else None.
+        skipped: unreadable checkpoints ``last`` passed over (newest first), with the reason.
+        data: the whole loaded checkpoint, handed to Lightning's restore instead of reading the file again.
+    """
+
+    path: Path
+    task: str | None
+    settings: dict[str, Any]
+    global_step: int
+    run_dir: Path | None
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    data: dict[str, Any] | None = field(default=None, repr=False)
+
+    def take_data(self) -> dict[str, Any] | None:
+        """The loaded checkpoint, once (later calls return None, so its memory can be freed)."""
+        data, self.data = self.data, None
+        return data
+
+
+def _lightning_checkpoint(path: Path, what: str) -> dict[str, Any]:
+    """``path`` loaded as data, or a one-line error saying what it is instead of a Lightning checkpoint."""
+    data = load_checkpoint(path, what)
+    if not isinstance(data, dict) or "state_dict" not in data:
+        kind = "a plain state dict" if isinstance(data, dict) and data and all(
+            isinstance(v, Tensor) for v in data.values()) else "not a Lightning checkpoint"
+        raise CheckpointError(
+            f"{what} {path} is {kind}; {what} takes a checkpoint written by `agentlit fit` "
+            "(to start from these weights, set the model's checkpoint_path, e.g. --model.checkpoint_path)")
+    return data
+
+
+def _newest_readable(root: Path, what: str) -> tuple[Path, dict[str, Any], list[tuple[Path, str]]]:
+    from .runs import checkpoints_newest_first
+
+    skipped: list[tuple[Path, str]] = []
+    for candidate in checkpoints_newest_first(root):
+        try:
+            return candidate, _lightning_checkpoint(candidate, "checkpoint"), skipped
+        except (CheckpointError, OSError) as err:
+            skipped.append((candidate, str(err)))
+    if skipped:
+        raise CheckpointError(f"{what} last: no checkpoint under {root} is readable ({skipped[0][1]}"
+                                + (f"; and {len(skipped) - 1} more" if len(skipped) > 1 else "") + ")")
+    raise NoCheckpointError(f"{what} last: no run under {root} has a checkpoint ({root}/version_N/checkpoints/*.ckpt); "
+                            "train one with `agentlit fit` or pass a .ckpt file")
+
+
+def resolve(arg: str | os.PathLike[str], root: str | os.PathLike[str] = "runs", what: str = "--ckpt_path") -> ResolvedCheckpoint:
+    """Resolve a ``--ckpt_path`` argument and read the checkpoint once, as data only.
+
+    ``last`` is the most recently written readable checkpoint of any ``<root>/version_N/checkpoints/``
+    (``last.ckpt`` normally; when that is truncated or corrupt, the newest intact one beside or
+    before it, and a warning names what was skipped and what was taken).
+
+    Args:
+        arg: ``last`` or the path of a checkpoint written by ``agentlit fit``.
+        root: the runs folder (``--trainer.default_root_dir``).
+        what: how errors name the argument.
+
+    Raises:
+        NoCheckpointError: ``last`` found no checkpoint (CheckpointError: none of them is readable).
+        FileNotFoundError / CheckpointError: a missing file, a folder, an unreadable or unsafe file, or
+            not a Lightning checkpoint; one line each.
+    """
+    from .runs import run_of_checkpoint
+
+    root = Path(root)
+    skipped: list[tuple[Path, str]] = []
+    if str(arg) == "last":
+        path, data, skipped = _newest_readable(root, what)
+        if skipped:
+            warnings.warn(f"{what} last: skipped {', '.join(str(p) for p, _ in skipped)} (unreadable: "
+                          f"{skipped[0][1]}); using {path}, the newest readable checkpoint", stacklevel=2)
+    else:
+        path = Path(arg)
+        if not path.exists():
+            near = _first_or_none(root)
+            raise FileNotFoundError(f"{what} {path} does not exist; pass a .ckpt file" + (f" (e.g. {near})" if near else "")
+                                    + " or 'last' for the newest run's last.ckpt")
+        if path.is_dir():
+            inside = sorted(path.glob("**/last*.ckpt"))
+            raise CheckpointError(f"{what} {path} is a folder; pass a checkpoint file"
+                                  + (f" such as {inside[0]}" if inside else " (runs/…/version_N/checkpoints/last.ckpt)"))
+        data = _lightning_checkpoint(path, what)
+    hparams = data.get("hyper_parameters") or {}
+    if not isinstance(hparams, dict):
+        raise CheckpointError(f"{what} {path} stores hyper_parameters as a {type(hparams).__name__}, not a mapping "
+                              "of settings; use a checkpoint written by `agentlit fit`")
+    task = hparams.get("_class_path")
+    step = data.get("global_step", 0)
+    version = run_of_checkpoint(path, root)
+    return ResolvedCheckpoint(
+        path=path, task=task if task is None else str(task), settings=dict(hparams),
+        global_step=int(step) if isinstance(step, int) else 0,
+        run_dir=root / f"version_{version}" if version is not None else None, skipped=skipped, data=data,
+    )
+
+
+def _first_or_none(root: Path) -> Path | None:
+    from .runs import checkpoints_newest_first
+
+    found = checkpoints_newest_first(root)
+    return found[0] if found else None
 
 
 register_safe_globals()  # at import: timm's own loader (pretrained_cfg_overlay=dict(file=...)) benefits too

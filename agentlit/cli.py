@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -167,7 +166,7 @@ def describe_error(err: BaseException, argv: list[str] | None = None) -> str | N
     names = {k.__name__ for k in type(err).__mro__}
     text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
     ckpt = _arg_value(argv or [], "--ckpt_path") or ""
-    if "CheckpointError" in names or "ConfigError" in names:  # already phrased for the user
+    if names & {"CheckpointError", "ConfigError", "SettingsError", "BadImageError"}:  # already phrased for the user
         return unwrap_error_text(text)
     if "No supported gpu backend found" in text or re.search(r"CUDA.*(not available|can not run)", text):
         return _GPU_HINT
@@ -197,15 +196,10 @@ def describe_error(err: BaseException, argv: list[str] | None = None) -> str | N
 
 def _discard_empty_runs() -> None:
     """Remove the run folders this process created when the failed command left nothing in them
-    worth keeping (no checkpoint, no logged metrics)."""
-    mod = sys.modules.get("agentlit._lightning_cli")
-    for run in list(getattr(mod, "CREATED_RUN_DIRS", [])):
-        if not run.is_dir() or any(run.rglob("*.ckpt")):
-            continue
-        metrics = run / "metrics.csv"
-        if metrics.is_file() and len(metrics.read_text().splitlines()) > 1:
-            continue
-        shutil.rmtree(run, ignore_errors=True)
+    worth keeping (no checkpoint, no logged metrics, no predictions)."""
+    from .runs import discard_empty_runs
+
+    discard_empty_runs()
 
 
 def _plot_curves(run: Path) -> None:
