@@ -8,6 +8,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+SEG_CONFIG = str(ROOT / "configs" / "segmentation" / "quickstart.yaml")
+# The segmentation quickstart on 8 training and 4 validation images, 4 a batch.
+SEG_TINY = ["--data.num_train", "8", "--data.num_val", "4", "--data.batch_size", "4", "--data.val_batch_size", "4",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 # A much smaller network than the quickstart's so the suite stays fast; same code path.
 TINY = [
     "--model.model_kwargs", "{patch_size: 8, depth: 1, agent_num: 4, embed_dim: 32, num_heads: 2}",
@@ -20,11 +24,17 @@ def pythonpath(cwd: Path) -> str:
     return os.pathsep.join([str(cwd), str(ROOT)])
 
 
+def agentlit_env(cwd: Path) -> dict[str, str]:
+    """The environment of an ``agentlit`` subprocess of this checkout: offline, no inherited run version."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": pythonpath(cwd)}
+    env.pop("AGENTLIT_RUN_VERSION", None)
+    return env
+
+
 def run_agentlit(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     """``python -m agentlit ARGS`` of this checkout in ``cwd`` (importable there, e.g. for test-only
     callbacks), offline, with a fresh run-folder version; raises with the output tail when ``check`` and it fails."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": pythonpath(cwd)}
-    env.pop("AGENTLIT_RUN_VERSION", None)
+    env = agentlit_env(cwd)
     proc = subprocess.run([sys.executable, "-m", "agentlit", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
@@ -62,3 +72,15 @@ def run_main(*args: str, cwd: Path | None = None) -> tuple[int, str, str]:
         os.environ.pop("AGENTLIT_RUN_VERSION", None)
     shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, "") for w in seen)
     return code, out.getvalue(), err.getvalue() + shown
+
+
+def assert_one_line_error(code: int, stderr: str, expected: str) -> None:
+    """The CLI's promise for a mistake: exit status 2, at most three lines on stderr, no traceback, the
+    expected message, and never the advice to load untrusted pickles."""
+    import re
+
+    assert code == 2, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert len(stderr.strip().splitlines()) <= 3, stderr[-3000:]
+    assert re.search(expected, stderr), stderr[-3000:]
+    assert "weights_only" not in stderr  # never advice to load untrusted pickles

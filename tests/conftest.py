@@ -14,3 +14,27 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """``last.ckpt`` of a real 2-step ``agentlit fit`` of the tiny quickstart classifier (read-only)."""
+    from cli_helpers import QUICKSTART, TINY, run_main
+
+    root = tmp_path_factory.mktemp("tiny_checkpoint")
+    code, _, err = run_main("fit", "--config", QUICKSTART, *TINY, "--trainer.max_steps", "2", "--trainer.limit_val_batches",
+                            "0", "--trainer.default_root_dir", str(root / "runs"))
+    assert code == 0, err[-3000:]
+    return root / "runs" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def seg_checkpoint(tmp_path_factory):
+    """``last.ckpt`` of a real 2-step ``agentlit fit`` of the segmentation quickstart, 4 images a batch (read-only)."""
+    from cli_helpers import SEG_CONFIG, SEG_TINY, run_main
+
+    root = tmp_path_factory.mktemp("seg_checkpoint")
+    code, _, err = run_main("fit", "--config", SEG_CONFIG, *SEG_TINY, "--trainer.max_steps", "2",
+                            "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(root / "runs"))
+    assert code == 0, err[-3000:]
+    return root / "runs" / "version_0" / "checkpoints" / "last.ckpt"

@@ -128,3 +128,15 @@ def test_repository_stands_on_its_own():
                     hits.append(f"{path.relative_to(ROOT)}:{lineno}: {needle}")
     assert not hits, "files that point outside the repository (put the facts in docs/reference.md or tests/data/):\n" \
                      + "\n".join(hits[:20])
+
+
+def test_every_bad_input_row_names_test_files_that_exist():
+    """Each row of the README's "Bad input" table names the test file(s) that try it."""
+    section = (ROOT / "README.md").read_text().split("## Bad input", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith(("| input", "|---"))]
+    assert len(rows) > 40, rows
+    for row in rows:
+        named = re.findall(r"`(test_\w+\.py)`", row.rsplit("|", 2)[1])
+        assert named, f"row names no test file: {row[:80]}"
+        for name in named:
+            assert (ROOT / "tests" / name).is_file(), f"{name} (named in the README's Bad input table) does not exist"
