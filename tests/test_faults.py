@@ -302,7 +302,7 @@ def test_decompression_bomb_is_one_line_naming_the_file(tmp_path, monkeypatch):
                                             r"decompression bomb"):
         load_rgb(bomb)
     code, out, err = run_main("fit", "--config", QUICKSTART, *TINY, "--data", "agentlit.data.ImageFolderDataModule",
-                              "--data.root", str(tmp_path / "data"), "--data.img_size", "16", "--data.batch_size", "10",
+                              "--data.root", str(tmp_path / "data"), "--data.img_size", "16", "--data.batch_size", "4",
                               "--data.num_workers", "0", "--model.num_classes", "2", "--trainer.max_steps", "1",
                               "--trainer.default_root_dir", "runs", cwd=tmp_path)
     assert_one_line_error(code, err, r"cannot read image .*bomb.png: .*decompression bomb")

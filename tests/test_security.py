@@ -113,7 +113,7 @@ def test_user_value_conflicting_with_a_stored_network_setting_is_an_error(option
 def test_stored_settings_fill_in_only_what_the_user_left_unset(tiny_checkpoint, tmp_path):
     bare = tmp_path / "bare.yaml"  # the task with no settings: everything the network needs comes from the checkpoint
     bare.write_text("model:\n  class_path: agentlit.tasks.ClassificationModule\n"
-                    "data:\n  class_path: agentlit.data.DigitsDataModule\n  init_args: {img_size: 16}\n")
+                    "data:\n  class_path: agentlit.data.DigitsDataModule\n  init_args: {img_size: 16, batch_size: 32}\n")
     code, out, err = run_main("test", "--config", str(bare), "--ckpt_path", str(tiny_checkpoint), "--model.lr", "0.5",
                               "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false",
                               "--trainer.default_root_dir", "runs", cwd=tmp_path)
