@@ -14,6 +14,12 @@ tensors, so :func:`register_safe_globals` (run at ``import agentlit``, which mak
 None of these run code when rebuilt. A file that needs any other global is refused with one line
 naming the file and the globals, and how to turn it into a plain weights file.
 
+Whether weights fit a network is decided by one rule, :func:`check_fit` (:func:`load_fitting` loads
+under it), for initial weights, backbone weights, a restored ``--ckpt_path`` and ``export`` alike:
+every weight of the network comes from the file with its shape, and every weight of the file is
+used; only parts a caller names as kept fresh (a classifier of another class count) may be absent.
+Anything else is one line naming the keys.
+
 A ``--ckpt_path`` argument is resolved once, by :func:`resolve`: the file (``last``: the newest
 readable checkpoint of the runs folder) is read once through :func:`load_checkpoint` into a
 :class:`ResolvedCheckpoint` that the CLI, the trainer and Lightning's restore then share.
@@ -28,16 +34,18 @@ import re
 import tempfile
 import warnings
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "CheckpointError", "ConfigNode", "NoCheckpointError", "ResolvedCheckpoint", "atomic_save", "check_checkpoint_file",
-    "file_mode", "load_checkpoint", "load_state_dict_file", "register_safe_globals", "resolve", "unwrap_checkpoint",
+    "check_fit", "file_mode", "load_checkpoint", "load_fitting", "load_state_dict_file", "register_safe_globals", "resolve",
+    "state_dict_mismatch", "unwrap_checkpoint",
 ]
 
 
@@ -275,6 +283,71 @@ def load_state_dict_file(path: str | os.PathLike[str], use_ema: bool = False, wh
             "{'model': state_dict} or a Lightning checkpoint"
         )
     return state
+
+
+# ------------------------------------------------------------------------------------- fitting
+def state_dict_mismatch(expected: Mapping[str, Any], found: Mapping[str, Any], limit: int = 8) -> str:
+    """A short description of how ``found`` (a file's weights) differs from ``expected`` (a network's).
+
+    Args:
+        expected: the network's state dict.
+        found: the weights read from the file.
+        limit: names listed per kind of difference.
+    """
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [f"{k}: checkpoint {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in expected if k in found and hasattr(found[k], "shape") and found[k].shape != expected[k].shape]
+
+    def head(items: list[str]) -> str:
+        return ", ".join(items[:limit]) + (f", … ({len(items)} in all)" if len(items) > limit else "")
+
+    parts = [f"{name} ({len(items)}): {head(items)}" for name, items in
+             (("missing from the checkpoint", missing), ("not in the model", unexpected), ("shape mismatches", shapes))
+             if items]
+    return "; ".join(parts) or "no key differences"
+
+
+def check_fit(expected: Mapping[str, Any], found: Mapping[str, Any], what: str, fresh: tuple[str, ...] = (),
+              hint: str = "") -> None:
+    """The one rule by which weights fit a network: every weight of ``expected`` is in ``found`` with
+    its shape (except names under ``fresh``, which the network keeps), and every weight of ``found`` is
+    used.
+
+    Args:
+        expected: the network's state dict (names → tensors).
+        found: the weights from the file, after the model family's ``checkpoint_filter_fn`` if it has one.
+        what: the start of the message, e.g. ``checkpoint x.pth does not fit AgentPVT``.
+        fresh: name prefixes the network may keep its own values for (a classifier of another class count).
+        hint: what to do about it, appended to the message.
+
+    Raises:
+        CheckpointError: one line: ``"{what}: missing from the checkpoint (n): …; not in the model (n): …;
+            shape mismatches (n): name: checkpoint (…) vs model (…)"`` and the hint.
+    """
+    kept = tuple(f"{p}." for p in fresh)
+    missing = any(k not in found and not k.startswith(kept) for k in expected)
+    bad = any(k not in expected or getattr(v, "shape", None) != expected[k].shape for k, v in found.items())
+    if missing or bad:
+        shown = {k: v for k, v in expected.items() if k in found or not k.startswith(kept)}
+        raise CheckpointError(f"{what}: {state_dict_mismatch(shown, found)}" + (f"; {hint}" if hint else ""))
+
+
+def load_fitting(model: nn.Module, state: Mapping[str, Tensor], what: str, fresh: tuple[str, ...] = ()) -> nn.Module:
+    """Load ``state`` into ``model`` under :func:`check_fit` (nothing is loaded when it does not fit).
+
+    Args:
+        model: the network.
+        state: its weights from a file (after the family's ``checkpoint_filter_fn``).
+        what: the start of the error message (``checkpoint x.pth does not fit AgentPVT``).
+        fresh: name prefixes the model keeps its own values for when ``state`` lacks them.
+
+    Returns:
+        ``model``, loaded.
+    """
+    check_fit(model.state_dict(), state, what, fresh)
+    model.load_state_dict(state, strict=not fresh)
+    return model
 
 
 # ------------------------------------------------------------------------------------- writing

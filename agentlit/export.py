@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint
-from .models import state_dict_mismatch
+from .checkpoint import CheckpointError, check_fit, file_mode, load_checkpoint
 from .utils.paths import ensure_writable_dir
 
 __all__ = ["export_weights", "load_exported", "read_export_metadata"]
@@ -68,18 +68,13 @@ def _data_config(net: nn.Module, kwargs: dict[str, Any], datamodule: Any, class_
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
 
 
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def export_weights(
     module: L.LightningModule,
     ckpt_path: str,
     output: str | Path,
     use_ema: bool = True,
     datamodule: L.LightningDataModule | None = None,
+    checkpoint: Mapping[str, Any] | None = None,
 ) -> Path:
     """Load ``ckpt_path`` into ``module`` and write its network (EMA copy if kept) to ``output``.
 
@@ -89,6 +84,8 @@ def export_weights(
         output: the ``.safetensors`` file to write (atomically; mode follows the umask).
         use_ema: export the EMA weights when the run kept them.
         datamodule: the run's data, for mean/std/interpolation (None: the model family's defaults).
+        checkpoint: the checkpoint's contents when the caller has read them already (``agentlit export``
+            hands over what it read once for ``--ckpt_path``); None: ``ckpt_path`` is read here.
 
     Returns:
         The written path.
@@ -101,13 +98,11 @@ def export_weights(
             f"export writes a timm classifier; {type(module).__name__} has no timm `model` to export "
             "(use agentlit.tasks.ClassificationModule checkpoints)"
         )
-    ckpt = load_checkpoint(ckpt_path, what="--ckpt_path")
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"--ckpt_path {ckpt_path} holds a {type(ckpt).__name__}, not a Lightning checkpoint")
+    ckpt = load_checkpoint(ckpt_path, what="--ckpt_path") if checkpoint is None else checkpoint
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"--ckpt_path {ckpt_path} holds a {type(ckpt).__name__}, not a Lightning checkpoint")
     state = ckpt.get("state_dict", ckpt)
-    expected = module.state_dict()
-    if state.keys() != expected.keys() or any(getattr(state[k], "shape", None) != expected[k].shape for k in expected):
-        raise ValueError(f"checkpoint {ckpt_path} does not fit the configured model: {state_dict_mismatch(expected, state)}")
+    check_fit(module.state_dict(), state, f"checkpoint {ckpt_path} does not fit the configured model")
     module.load_state_dict(state)
     ema = getattr(module, "ema", None)
     if use_ema and ema is not None:
@@ -127,7 +122,7 @@ def export_weights(
     }
     partial = output.with_name(output.name + ".partial")
     save_file(weights, str(partial), metadata=metadata)
-    os.chmod(partial, _umask_mode())  # like any file the user writes (the writer may create it owner-only)
+    os.chmod(partial, file_mode())  # like any file the user writes (the writer may create it owner-only)
     partial.replace(output)  # atomic: an interrupted export never leaves a half-written file behind
     print(f"wrote {output} ({len(weights)} tensors, {metadata['architecture']}, ema={metadata['ema']})")
     return output

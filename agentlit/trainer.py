@@ -142,7 +142,9 @@ class AgentTrainer(Trainer):
         """
         from .export import export_weights
 
-        return str(export_weights(model, ckpt_path, output, use_ema=use_ema, datamodule=datamodule))
+        io = self.strategy.checkpoint_io  # serves the --ckpt_path the CLI has read, instead of reading it again
+        data = io.load_checkpoint(ckpt_path) if isinstance(io, SafeCheckpointIO) and _local(ckpt_path) else None
+        return str(export_weights(model, ckpt_path, output, use_ema=use_ema, datamodule=datamodule, checkpoint=data))
 
     def _run(self, model: L.LightningModule, ckpt_path: Any = None, weights_only: bool | None = None) -> Any:
         # Every --ckpt_path (fit/validate/test/predict, resume) is loaded as data only: a checkpoint

@@ -340,9 +340,9 @@ def test_segmentation_hparams_are_plain_data(tmp_path):
     assert torch.serialization.get_unsafe_globals_in_checkpoint(str(tmp_path / "seg.ckpt")) == []
 
 
-def test_ckpt_path_is_read_once_by_a_resumed_fit_and_by_test(tiny_checkpoint, tmp_path, monkeypatch):
-    """agentlit.checkpoint.resolve reads --ckpt_path once; Lightning's restore takes that data (no
-    second torch.load, no separate safety scan)."""
+def test_ckpt_path_is_read_once_by_a_resumed_fit_test_and_export(tiny_checkpoint, tmp_path, monkeypatch):
+    """agentlit.checkpoint.resolve reads --ckpt_path once; Lightning's restore and export take that
+    data (no second torch.load, no separate safety scan)."""
     import shutil
 
     from cli_helpers import QUICKSTART, TINY, run_main
@@ -355,10 +355,12 @@ def test_ckpt_path_is_read_once_by_a_resumed_fit_and_by_test(tiny_checkpoint, tm
     monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(str(f)) or load(f, *a, **k))
     monkeypatch.setattr(torch.serialization, "get_unsafe_globals_in_checkpoint", lambda f: reads.append(f"scan {f}") or scan(f))
     for sub, extra in [("fit", ["--trainer.max_steps", "3", "--trainer.limit_val_batches", "0"]),
-                       ("test", ["--trainer.limit_test_batches", "1"])]:
+                       ("test", ["--trainer.limit_test_batches", "1"]),
+                       ("export", ["--output", "model.safetensors"])]:
         reads.clear()
         code, out, err = run_main(sub, "--config", QUICKSTART, *TINY, *extra, "--ckpt_path", "last",
                                   "--trainer.default_root_dir", "runs", cwd=tmp_path)
         assert code == 0, err[-3000:]
         assert reads == [str(Path("runs") / "version_0" / "checkpoints" / "last.ckpt")], (sub, reads)
     assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 3  # the resume really ran
+    assert (tmp_path / "model.safetensors").is_file()  # the export really ran

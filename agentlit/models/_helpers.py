@@ -7,11 +7,11 @@ from typing import Any
 import timm
 from torch import Tensor, nn
 
-from ..checkpoint import load_state_dict_file, unwrap_checkpoint
+from ..checkpoint import load_fitting, load_state_dict_file, state_dict_mismatch, unwrap_checkpoint
 from ..core import AgentPositionBias, adapt_agent_bias
 from ..core.bias import AGENT_BIAS_AXES
 
-__all__ = ["adapt_agent_biases", "create_model", "pretrained_cfg", "load_checkpoint_file", "load_weights", "state_dict_mismatch", "unwrap_checkpoint"]
+__all__ = ["adapt_agent_biases", "create_model", "pretrained_cfg", "load_weights", "state_dict_mismatch", "unwrap_checkpoint"]
 
 
 def adapt_agent_biases(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
@@ -34,8 +34,6 @@ def adapt_agent_biases(state_dict: dict[str, Tensor], model: nn.Module) -> dict[
 
 def create_model(model_name: str, **kwargs: Any) -> nn.Module:
     """``timm.create_model`` with a helpful error for unknown names (closest registered names)."""
-    import agentlit.models  # noqa: F401  (registers our models)
-
     base = model_name.split(".", 1)[0]
     if not timm.is_model(base) and not model_name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
         close = difflib.get_close_matches(base, timm.list_models(), n=5, cutoff=0.5)
@@ -45,32 +43,6 @@ def create_model(model_name: str, **kwargs: Any) -> nn.Module:
             f"agentlit models: {ours}"
         )
     return timm.create_model(model_name, **kwargs)
-
-
-def state_dict_mismatch(expected: dict[str, Tensor], found: dict[str, Tensor], limit: int = 8) -> str:
-    """A short description of how ``found`` (a checkpoint) differs from ``expected`` (a model)."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    shapes = [f"{k}: checkpoint {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in expected if k in found and hasattr(found[k], "shape") and found[k].shape != expected[k].shape]
-
-    def head(items: list[str]) -> str:
-        return ", ".join(items[:limit]) + (f", … ({len(items)} in all)" if len(items) > limit else "")
-
-    parts = [f"{name} ({len(items)}): {head(items)}" for name, items in
-             (("missing from the checkpoint", missing), ("not in the model", unexpected), ("shape mismatches", shapes))
-             if items]
-    return "; ".join(parts) or "no key differences"
-
-
-def load_checkpoint_file(path: str, use_ema: bool = False) -> dict[str, Tensor]:
-    """The state dict inside a .pth/.ckpt/.safetensors file, loaded as data only.
-
-    Args:
-        path: the weights file (official ``{'model': …}`` layout, a Lightning checkpoint or a bare state dict).
-        use_ema: prefer the EMA weights when the file has them.
-    """
-    return load_state_dict_file(path, use_ema=use_ema)
 
 
 def load_weights(model: nn.Module, path: str, use_ema: bool = False) -> nn.Module:
@@ -86,7 +58,7 @@ def load_weights(model: nn.Module, path: str, use_ema: bool = False) -> nn.Modul
     """
     import sys
 
-    state = load_checkpoint_file(path, use_ema=use_ema)
+    state = load_state_dict_file(path, use_ema=use_ema)
     filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
         state = filter_fn(state, model)
@@ -97,12 +69,7 @@ def load_weights(model: nn.Module, path: str, use_ema: bool = False) -> nn.Modul
         for key in (f"{head}.weight", f"{head}.bias"):
             if key in state and key in expected and state[key].shape != expected[key].shape:
                 del state[key]  # another class count: fine-tuning keeps the fresh head
-    missing = [k for k in expected if k not in state and not k.startswith(tuple(f"{h}." for h in heads))]
-    bad = [k for k in state if k not in expected or state[k].shape != expected[k].shape]
-    if missing or bad:
-        raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: {state_dict_mismatch(expected, state)}")
-    model.load_state_dict(state, strict=False)
-    return model
+    return load_fitting(model, state, f"checkpoint {path} does not fit {type(model).__name__}", fresh=heads)
 
 
 def pretrained_cfg(first_conv: str, **kwargs: Any) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import torch
 from timm.models._features import FeatureGetterNet
 from torch import Tensor, nn
 
+from ..checkpoint import load_fitting
 from ._helpers import create_model
 from .heads import FCNHead, SemanticFPNHead, SimplePyramid, UperNetHead
 
@@ -68,11 +69,12 @@ def build_backbone(
 
 
 def _load_backbone_state(model: nn.Module, name: str, state_dict: dict[str, Tensor], kwargs: dict[str, Any]) -> None:
-    """Load classification weights into a feature extractor, warning about keys that did not match.
+    """Load classification weights into a feature extractor under the package's one fit rule
+    (:func:`agentlit.checkpoint.check_fit`).
 
     The family's filter needs the full classifier (position grids, agent grids, head), so it runs
-    against a weight-less copy on the meta device; the filtered weights then go into the wrapped
-    network, whose pruned parts (classifier, final norm) are expected leftovers, not errors.
+    against a weight-less copy on the meta device; of the filtered weights, the parts the feature
+    wrapper pruned (classifier, final norm …) are left out on purpose, everything else must fit.
     """
     plain_kwargs = {k: v for k, v in kwargs.items() if k not in _FEATURE_ONLY_KWARGS}
     with torch.device("meta"):
@@ -81,36 +83,10 @@ def _load_backbone_state(model: nn.Module, name: str, state_dict: dict[str, Tens
     state = dict(state_dict)
     if filter_fn is not None:
         state = filter_fn(state, full)
-    full_keys = set(full.state_dict())
-    cfg = getattr(full, "pretrained_cfg", None) or {}
-    classifier = cfg.get("classifier") or ()
-    classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-    # the classifier is dropped on purpose: a segmentation backbone has no class head
-    state = {k: v for k, v in state.items() if not any(k.startswith(c + ".") for c in classifier)}
     target = model.model if isinstance(model, FeatureGetterNet) else model
-    own = target.state_dict()
-    shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-              for k, v in state.items() if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
-    if shapes:
-        raise ValueError(
-            f"backbone checkpoint does not fit {name} with {plain_kwargs or 'default arguments'}: {len(shapes)} shape "
-            f"mismatches, e.g. {shapes[0]}; build the backbone with the arguments the checkpoint was trained with"
-        )
-    result = target.load_state_dict(state, strict=False)
-    loaded = set(state) - set(result.unexpected_keys)
-    if not loaded:
-        raise ValueError(
-            f"backbone checkpoint shares no weight names with {name} (e.g. checkpoint has {sorted(state)[:3]}, "
-            f"the model has {sorted(target.state_dict())[:3]}); pass a checkpoint of a {name} classifier"
-        )
-    # left over on purpose: the parts the feature wrapper pruned (final norm, pooling …)
-    unexpected = [k for k in result.unexpected_keys if k not in full_keys]
-    problems = [f"{label}: {keys[:8]}{' …' if len(keys) > 8 else ''}" for label, keys in
-                (("missing from the checkpoint", list(result.missing_keys)), ("not in the model", unexpected)) if keys]
-    if problems:
-        from lightning.pytorch.utilities import rank_zero_warn
-
-        rank_zero_warn(f"backbone checkpoint for {name}: " + "; ".join(problems))
+    own, full_keys = target.state_dict(), set(full.state_dict())
+    state = {k: v for k, v in state.items() if k in own or k not in full_keys}  # pruned parts: dropped on purpose
+    load_fitting(target, state, f"backbone checkpoint does not fit {name} with {plain_kwargs or 'default arguments'}")
 
 
 def _raise_if_no_features(name: str, kwargs: dict[str, Any], err: Exception | None) -> None:

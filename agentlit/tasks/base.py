@@ -32,6 +32,8 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint import check_fit
+
 __all__ = ["COMPILE_KEYS", "Task", "TaskModule", "compile_options", "pair"]
 
 #: the ``torch.compile`` arguments a task's ``compile: {...}`` may set
@@ -68,6 +70,14 @@ def pair(value: int | tuple[int, int] | list[int] | None) -> tuple[int, int] | N
 
 _DIVERGED_HINT = ("Lower the learning rate, enable gradient clipping (--trainer.gradient_clip_val) "
                   "or use bf16 instead of fp16.")
+
+
+def _restores_whole_module(trainer: Any) -> bool:
+    """Whether the trainer's strategy restores the module's own ``state_dict()`` (one process or DDP);
+    sharded strategies (FSDP, DeepSpeed) check their own shards."""
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    return trainer is not None and isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy))
 
 
 @runtime_checkable
@@ -125,6 +135,17 @@ class TaskModule(L.LightningModule):
             raise FloatingPointError(
                 f"non-finite weights ({bad}) at global step {self.global_step}, epoch {self.current_epoch}: the checkpoint "
                 f"was not written; the last good checkpoint is {self._last_checkpoint()}. " + _DIVERGED_HINT)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Lightning hook, before a checkpoint's weights are restored: weights that do not fit the
+        configured network are one line naming the keys (the package's one fit rule,
+        :func:`agentlit.checkpoint.check_fit`). Subclasses that override it call ``super()``."""
+        state, trainer = checkpoint.get("state_dict"), self._trainer
+        if not isinstance(state, Mapping) or not self.strict_loading or not _restores_whole_module(trainer):
+            return
+        path = getattr(trainer, "ckpt_path", None) or "(restored)"
+        check_fit(self.state_dict(), state, f"checkpoint {path} does not fit the configured {type(self).__name__}",
+                  hint="it was written for another architecture or task — use the config it was trained with")
 
     def _last_checkpoint(self) -> str:
         trainer = self._trainer

@@ -244,6 +244,7 @@ class ClassificationModule(TaskModule):
             checkpoint["class_names"] = list(self.class_names)  # plain strings: loads with weights_only
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # the weights must fit the configured network
         names = checkpoint.get("class_names")
         if names and len(names) == self.hparams.num_classes:
             self.class_names = [str(n) for n in names]

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint import load_state_dict_file
 from ..models import build_backbone
-from ..models._helpers import load_checkpoint_file
 from ..data.sampling import default_seed, mix_seed
 from ..models.detection import DetectionBackbone, build_detector, default_out_indices, seeded_samplers
 from .base import TaskModule
@@ -171,7 +171,7 @@ class DetectionModule(TaskModule):
             raise ValueError(f"class_names has {len(class_names)} names but num_classes={num_classes}")
         kwargs = dict(backbone_kwargs or {})
         indices = tuple(out_indices) if out_indices is not None else default_out_indices(detector)
-        state_dict = load_checkpoint_file(backbone_checkpoint) if backbone_checkpoint else None
+        state_dict = load_state_dict_file(backbone_checkpoint, what="backbone checkpoint") if backbone_checkpoint else None
         body = build_backbone(backbone, indices, state_dict, pretrained, **kwargs)
         cfg = getattr(body, "pretrained_cfg", None) or {}
         mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))

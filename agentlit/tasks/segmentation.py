@@ -21,19 +21,7 @@ from .base import TaskModule, pair
 from .optim import create_optimizer, param_groups
 from .seg_metrics import SegmentationMetrics, format_iou_table
 
-__all__ = ["SegmentationModule", "SegmentationModel", "build_backbone", "load_checkpoint_file", "palette", "slide_inference"]
-
-
-
-def load_checkpoint_file(path: str | Path) -> dict[str, Tensor]:
-    """Weights of a backbone checkpoint file: official ``{'model': …}``, a Lightning checkpoint of
-    ours (``state_dict`` with the ``model.`` prefix) or a bare state dict (``.safetensors`` too),
-    loaded as data only (:mod:`agentlit.checkpoint`).
-
-    Args:
-        path: the weights file.
-    """
-    return load_state_dict_file(path, what="backbone checkpoint")
+__all__ = ["SegmentationModule", "SegmentationModel", "build_backbone", "palette", "slide_inference"]
 
 
 class SegmentationModule(TaskModule):
@@ -126,7 +114,7 @@ class SegmentationModule(TaskModule):
             raise ValueError(f"inference={inference!r} must be 'whole' or 'slide'")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} names but num_classes={num_classes}")
-        state_dict = load_checkpoint_file(backbone_checkpoint) if backbone_checkpoint else None
+        state_dict = load_state_dict_file(backbone_checkpoint, what="backbone checkpoint") if backbone_checkpoint else None
         net = build_backbone(backbone, out_indices, state_dict, pretrained, **(backbone_kwargs or {}))
         self.model = SegmentationModel(
             net, num_classes, head, head_channels, neck_channels, tuple(pool_scales), dropout,
