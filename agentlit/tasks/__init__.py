@@ -1,8 +1,9 @@
 """LightningModules: one per task, all built on the shared agent-attention core."""
 from .classification import ClassificationModule
 from .diffusion import DiffusionModule
-from .detection import DetectionModule  # noqa: F401  (object detection / instance segmentation)
+from .detection import DetectionModule
 from .generation import GenerationModule, RandomConvFeatures
 from .segmentation import SegmentationModule
 
-__all__ = ["ClassificationModule", "DiffusionModule", "GenerationModule", "RandomConvFeatures", "SegmentationModule"]
+__all__ = ["ClassificationModule", "DetectionModule", "DiffusionModule", "GenerationModule", "RandomConvFeatures",
+           "SegmentationModule"]
