@@ -30,18 +30,20 @@ import statistics
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
+from .errors import check_choice
 from .utils.flops import count_macs, mac_breakdown
 from .utils.measure import machine_info, peak_memory_report, sync, time_calls
 
 __all__ = ["machine_info", "mac_breakdown", "format_report", "profile_module"]
 
-MODES = ("inference", "train", "both")
+#: what ``agentlit profile --mode`` measures (the trainer's ``profile`` is typed with it)
+Mode = Literal["inference", "train", "both"]
 _PROTOCOL = ("example_batch", "example_input", "inference_step", "training_loss", "timed_modules", "input_size",
              "at_input_size", "describe")
 
@@ -263,7 +265,7 @@ def profile_module(
     *,
     batch_size: int | None = None,
     img_size: int | tuple[int, int] | None = None,
-    mode: str = "both",
+    mode: Mode = "both",
     steps: int | None = None,
     warmup: int | None = None,
     threads: int | None = None,
@@ -290,8 +292,7 @@ def profile_module(
         the report dict (keys: task, module, model, model_kwargs, input, precision, params, macs,
         macs_breakdown, inference, train, machine, wall_time_s).
     """
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} must be one of {MODES}")
+    check_choice("mode", mode, Mode)
     size = None if img_size is None else (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     for name, value, low in (("batch_size", batch_size, 1), ("img_size", min(size) if size else None, 1),
                              ("steps", steps, 1), ("warmup", warmup, 0), ("threads", threads, 1)):

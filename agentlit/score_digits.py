@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Print :func:`agentlit.tasks.diffusion.score_generation` of the file named in ``argv``.
+    """Print :func:`agentlit.tasks.metrics.score_generation` of the file named in ``argv``.
 
     Args:
         argv: command-line arguments (default ``sys.argv[1:]``): one path to a ``generation.json``.
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     if not Path(argv[0]).is_file():
         sys.exit(f"agentlit.score_digits: {argv[0]} does not exist; give the generation.json that "
                  "`agentlit predict --config configs/generation/digits.yaml` wrote")
-    from .tasks.diffusion import score_generation
+    from .tasks.metrics import score_generation
 
     print(json.dumps(score_generation(argv[0]), indent=2))
 

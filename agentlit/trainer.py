@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import lightning as L
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
 
 from .checkpoint import ResolvedCheckpoint, atomic_save, check_checkpoint_file, load_checkpoint
+from .profiling import Mode
 
 __all__ = ["AgentTrainer", "SafeCheckpointIO"]
 
@@ -95,7 +96,7 @@ class AgentTrainer(Trainer):
         datamodule: L.LightningDataModule | None = None,
         batch_size: int | None = None,
         img_size: int | None = None,
-        mode: Literal["inference", "train", "both"] = "both",
+        mode: Mode = "both",
         steps: int | None = None,
         warmup: int | None = None,
         threads: int | None = None,

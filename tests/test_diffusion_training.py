@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from agentlit.diffusion import AgentAttnProcessor, agent_processors, build_tiny_pipeline, set_agent_attention
-from agentlit.tasks.diffusion import DiffusionModule, score_digits
+from agentlit.tasks.diffusion import DiffusionModule
+from agentlit.errors import UserError
+from agentlit.tasks.metrics import classify_digits
 
 # A UNet small enough for CPU tests: 8x8 images, self-attention at 8x8 (64 tokens) and 4x4.
 TINY_UNET = dict(
@@ -201,7 +203,7 @@ def test_sampling_is_seeded_and_guided():
     for name in ("dpm", "ddpm"):
         m.hparams.scheduler = name
         assert torch.isfinite(m.sample(labels=y)).all()
-    assert score_digits(a).shape == (3,)
+    assert classify_digits(a).shape == (3,)
 
 
 def test_predict_writes_pngs_grid_and_json(tmp_path, capsys):
@@ -294,9 +296,9 @@ def test_distillation_beats_training_free_agentsd():
 
 # ----------------------------------------------------------------------------- bad inputs
 def test_bad_inputs(tmp_path):
-    with pytest.raises(ValueError, match=r"scheduler must be one of \['ddim', 'dpm', 'ddpm'\], got 'plms'"):
+    with pytest.raises(UserError, match=r"scheduler='plms' must be one of \['ddim', 'dpm', 'ddpm'\]"):
         tiny_module(scheduler="plms")
-    with pytest.raises(ValueError, match=r"attention must be one of \['agent', 'softmax'\], got 'linear'"):
+    with pytest.raises(UserError, match=r"attention='linear' must be one of \['agent', 'softmax'\]"):
         tiny_module(attention="linear")
     with pytest.raises(ValueError, match=r"agent grid 8x8 cannot be pooled from a 4x4 latent map; use at most"):
         tiny_module(agent_downsample=[2], agent_num=64)

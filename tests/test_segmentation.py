@@ -18,7 +18,7 @@ from agentlit.data.segmentation import (
     seg_collate,
 )
 from agentlit.data.shapes import SHAPE_CLASSES, render_shapes
-from agentlit.tasks.seg_metrics import SegmentationMetrics, format_iou_table
+from agentlit.tasks.metrics import SegmentationMetrics, format_iou_table
 from agentlit.tasks.segmentation import SegmentationModule, build_backbone, palette, slide_inference
 
 # A reduced Agent-PVT: one block per stage, 64-px inputs (maps 16/8/4/2).

@@ -20,7 +20,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-__all__ = ["EpochSeededDataset", "EvalDistributedSampler", "ResumableDistributedSampler", "default_seed", "mix_seed"]
+__all__ = [
+    "EpochSeededDataset", "EvalDistributedSampler", "ResumableDistributedSampler", "default_seed", "mix_seed",
+    "seeded_generator",
+]
 
 
 def default_seed() -> int:
@@ -35,6 +38,16 @@ def mix_seed(*parts: int) -> int:
         x = (x ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
         x = (x ^ (x >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
     return x & 0x7FFFFFFFFFFFFFFF
+
+
+def seeded_generator(*parts: int) -> torch.Generator:
+    """A CPU generator whose stream is a pure function of ``parts`` (:func:`mix_seed`), e.g. (run seed,
+    global step, micro-batch): what a task draws with it is the same after a resume and on any device.
+
+    Args:
+        parts: the integers that identify the draw.
+    """
+    return torch.Generator().manual_seed(mix_seed(*parts))
 
 
 class ResumableDistributedSampler(DistributedSampler):

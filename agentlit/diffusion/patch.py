@@ -50,9 +50,17 @@ from ..core import agent_attention_tokens
 from .agent_processor import head_norm
 from .merge import TokenMatching, bipartite_soft_matching_random2d
 
-__all__ = ["AgentSDAttnProcessor", "AgentSDConfig", "AgentSDState", "apply_patch", "get_state", "remove_patch"]
+__all__ = [
+    "AGENTSD_BROADCAST_SCALE_EXP", "AGENTSD_SHORTCUT", "AgentSDAttnProcessor", "AgentSDConfig", "AgentSDState",
+    "apply_patch", "get_state", "remove_patch",
+]
 
 _STATE_ATTR = "_agentsd_state"
+
+#: AgentSD's training-free agent attention: the broadcast softmax uses ``scale ** 0.3`` (sharper than
+#: the agent softmax) and a fixed ``0.075 · V`` shortcut stands in for the DWC term
+AGENTSD_BROADCAST_SCALE_EXP = 0.3
+AGENTSD_SHORTCUT = 0.075
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +96,8 @@ class AgentSDConfig:
     sy: int = 4
     max_downsample: int | None = None
     use_rand: bool = True
-    k_scale2: float = 0.3
-    k_shortcut: float = 0.075
+    k_scale2: float = AGENTSD_BROADCAST_SCALE_EXP
+    k_shortcut: float = AGENTSD_SHORTCUT
     attn_precision: str | None = None
     agent_steps: int = 20
     late_sx: int = 2

@@ -21,12 +21,15 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint import load_state_dict_file
+from ..errors import check_choice
 from ..models import build_backbone
 from ..data.sampling import default_seed, mix_seed
 from ..models.detection import DetectionBackbone, build_detector, default_out_indices, seeded_samplers
 from .base import TaskModule
 
 __all__ = ["DetectionModule", "coco_results", "warmup_step_decay"]
+
+Detector = Literal["mask_rcnn", "faster_rcnn", "retinanet"]
 
 _METRIC_KEYS = {"map": "mAP", "map_50": "mAP50", "map_75": "mAP75", "map_small": "mAP_s", "map_medium": "mAP_m",
                 "map_large": "mAP_l"}
@@ -134,7 +137,7 @@ class DetectionModule(TaskModule):
         self,
         backbone: str = "agent_pvt_tiny",
         num_classes: int = 80,
-        detector: Literal["mask_rcnn", "faster_rcnn", "retinanet"] = "mask_rcnn",
+        detector: Detector = "mask_rcnn",
         backbone_kwargs: dict[str, Any] | None = None,
         out_indices: tuple[int, ...] | None = None,
         pretrained: bool = False,
@@ -165,8 +168,7 @@ class DetectionModule(TaskModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if detector not in ("mask_rcnn", "faster_rcnn", "retinanet"):
-            raise ValueError(f"detector={detector!r} is not one of 'mask_rcnn', 'faster_rcnn', 'retinanet'")
+        check_choice("detector", detector, Detector)
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} names but num_classes={num_classes}")
         kwargs = dict(backbone_kwargs or {})

@@ -22,58 +22,32 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.sampling import default_seed, mix_seed
+from ..data.sampling import default_seed, seeded_generator
 from ..diffusion.agent_processor import ATTENTION_TYPES, set_agent_attention
+from ..diffusion.patch import AGENTSD_BROADCAST_SCALE_EXP, AGENTSD_SHORTCUT
+from ..diffusion.pipelines import load_pipeline, scheduler_from_config
+from ..errors import UserError, check_choice
 from ..utils.paths import ensure_writable_dir, fresh_dir
 from ._schedule import warmup_cosine
 from .base import TaskModule, pair
-from .generation import RandomConvFeatures
+from .metrics import classify_digits, fid_metric, to_uint8
 
-__all__ = ["DiffusionModule", "digits_classifier", "score_digits"]
+__all__ = ["DiffusionModule", "make_grid"]
 
-SCHEDULERS = ("ddim", "dpm", "ddpm")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-TRAINABLE = ("all", "attention", "agent")
-
-
-# ---------------------------------------------------------------------------------- evaluation
-_SVM: Any = None
-
-
-def digits_classifier():
-    """An RBF SVM fit on scikit-learn's 8×8 digits (all 1,797 of them).
-
-    Independent of every model trained here: it is the yardstick for conditional accuracy.
-    """
-    global _SVM
-    if _SVM is None:
-        from sklearn.datasets import load_digits
-        from sklearn.svm import SVC
-
-        digits = load_digits()
-        _SVM = SVC(gamma=0.001, C=10.0).fit(digits.data, digits.target)
-    return _SVM
-
-
-def score_digits(images: Tensor) -> Tensor:
-    """Digit classes (B,) the SVM of :func:`digits_classifier` sees in images (B, C, H, W) in [-1, 1]:
-    channels averaged to grey, area-downsampled to 8×8 and scaled to 0..16 like the SVM's training data."""
-    grey = images.float().mean(1, keepdim=True).clamp(-1, 1) * 0.5 + 0.5  # (B, 1, H, W) in [0, 1]
-    small = F.adaptive_avg_pool2d(grey, 8) * 16.0  # (B, 1, 8, 8)
-    pred = digits_classifier().predict(small.flatten(1).cpu().double().numpy())
-    return torch.as_tensor(pred, dtype=torch.long)
-
-
-def _to_uint8(images: Tensor) -> Tensor:
-    """(B, C, H, W) in [-1, 1] → uint8 (B, 3, H, W) (grey replicated), as torchmetrics' FID takes."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x[:, :3]
+Scheduler = Literal["ddim", "dpm", "ddpm"]
+PredictionType = Literal["epsilon", "v_prediction"]
+Trainable = Literal["all", "attention", "agent"]
+AgentInit = Literal["default", "zero"]
+UNetClass = Literal["UNet2DModel", "UNet2DConditionModel"]
+Classifier = Literal["digits_svm"]
+#: the seed stream of the fixed evaluation noise (beside the training steps' (seed, step, micro-batch))
+_EVAL_STREAM = 1
 
 
 # ---------------------------------------------------------------------------------- the module
@@ -137,7 +111,7 @@ class DiffusionModule(TaskModule):
     def __init__(
         self,
         unet: dict[str, Any] | None = None,
-        unet_class: str = "UNet2DModel",
+        unet_class: UNetClass = "UNet2DModel",
         pipeline: str | None = None,
         pipeline_seed: int = 0,
         img_size: int = 16,
@@ -147,12 +121,12 @@ class DiffusionModule(TaskModule):
         agent_downsample: list[int] | None = None,
         agent_num: int = 16,
         dwc_kernel: int = 3,
-        agent_init: str = "default",
-        trainable: str = "all",
-        prediction_type: str = "epsilon",
+        agent_init: AgentInit = "default",
+        trainable: Trainable = "all",
+        prediction_type: PredictionType = "epsilon",
         num_train_timesteps: int = 1000,
         beta_schedule: str = "squaredcos_cap_v2",
-        scheduler: str = "ddim",
+        scheduler: Scheduler = "ddim",
         num_inference_steps: int = 25,
         guidance_scale: float = 1.0,
         cfg_dropout: float = 0.1,
@@ -164,7 +138,7 @@ class DiffusionModule(TaskModule):
         min_lr_ratio: float = 0.1,
         ema_decay: float | None = 0.999,
         eval_samples_per_class: int = 10,
-        classifier: str | None = "digits_svm",
+        classifier: Classifier | None = "digits_svm",
         fid_feature: int | nn.Module | None = None,
         output_dir: str = "outputs/diffusion",
         predict_repeats: int = 1,
@@ -173,20 +147,20 @@ class DiffusionModule(TaskModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["fid_feature"])
-        _check_choice("attention", attention, ATTENTION_TYPES)
-        _check_choice("scheduler", scheduler, SCHEDULERS)
-        _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        _check_choice("trainable", trainable, TRAINABLE)
-        _check_choice("agent_init", agent_init, ("default", "zero"))
-        _check_choice("unet_class", unet_class, ("UNet2DModel", "UNet2DConditionModel"))
-        _check_choice("classifier", classifier, ("digits_svm", None))
+        check_choice("attention", attention, ATTENTION_TYPES)
+        check_choice("scheduler", scheduler, Scheduler)
+        check_choice("prediction_type", prediction_type, PredictionType)
+        check_choice("trainable", trainable, Trainable)
+        check_choice("agent_init", agent_init, AgentInit)
+        check_choice("unet_class", unet_class, UNetClass)
+        check_choice("classifier", classifier, Classifier | None)
         if distill_weight > 0 and pipeline is None:
-            raise ValueError("distill_weight > 0 needs a pretrained `pipeline` (its UNet is the teacher)")
+            raise UserError("distill_weight > 0 needs a pretrained `pipeline` (its UNet is the teacher)")
         from diffusers import DDPMScheduler
 
         self.vae = self.text_encoder = self.tokenizer = self.teacher = None
         if pipeline is not None:
-            pipe = _load_pipeline(pipeline, pipeline_seed)
+            pipe = load_pipeline(pipeline, seed=pipeline_seed)
             self.vae = pipe.vae.requires_grad_(False).eval()
             self.text_encoder = pipe.text_encoder.requires_grad_(False).eval()
             self.tokenizer = pipe.tokenizer
@@ -200,7 +174,7 @@ class DiffusionModule(TaskModule):
                 self.unet = _build_unet(unet_class, unet)
         else:
             if unet is None:
-                raise ValueError("give `unet` (UNet keyword arguments) or a `pipeline` to fine-tune")
+                raise UserError("give `unet` (UNet keyword arguments) or a `pipeline` to fine-tune")
             self.vae_scale = 1
             self.unet = _build_unet(unet_class, unet)
             self.train_scheduler = DDPMScheduler(
@@ -209,18 +183,18 @@ class DiffusionModule(TaskModule):
             )
         self.text_conditioned = type(self.unet).__name__ == "UNet2DConditionModel"
         if self.text_conditioned and self.text_encoder is None:
-            raise ValueError("a UNet2DConditionModel needs a text encoder: set `pipeline` (e.g. tiny)")
+            raise UserError("a UNet2DConditionModel needs a text encoder: set `pipeline` (e.g. tiny)")
         if not self.text_conditioned and num_classes is not None:
             embeds = self.unet.config.get("num_class_embeds")
             if embeds != num_classes + 1:
-                raise ValueError(
+                raise UserError(
                     f"num_classes={num_classes} needs unet num_class_embeds={num_classes + 1} (one more for the "
                     f"'no class' of classifier-free guidance), got {embeds}"
                 )
         zero = agent_init == "zero"
         self.agent_layers = set_agent_attention(
             self.unet, attention, agent_downsample or [1], agent_num=agent_num, dwc_kernel=dwc_kernel, zero_init=zero,
-            broadcast_scale_exp=0.3 if zero else 1.0, shortcut=0.075 if zero else 0.0,
+            broadcast_scale_exp=AGENTSD_BROADCAST_SCALE_EXP if zero else 1.0, shortcut=AGENTSD_SHORTCUT if zero else 0.0,
         )
         self._select_trainable(trainable)
         self.ema = copy.deepcopy(self.unet).requires_grad_(False).eval() if ema_decay is not None else None
@@ -355,7 +329,7 @@ class DiffusionModule(TaskModule):
                 teacher = self._call(self.teacher, x_t, t, cond)
             losses["distill"] = F.mse_loss(pred.float(), teacher.float())
         if not losses:
-            raise ValueError("nothing to train on: the batch has no images and distill_weight is 0")
+            raise UserError("nothing to train on: the batch has no images and distill_weight is 0")
         losses["loss"] = hp.denoise_weight * losses.get("denoise", 0.0) + hp.distill_weight * losses.get("distill", 0.0)
         return losses
 
@@ -364,7 +338,7 @@ class DiffusionModule(TaskModule):
         # resumed mid-epoch and a DDP run draw what the uninterrupted one-process run draws.
         trainer = self.trainer
         micro = batch_idx % max(1, trainer.accumulate_grad_batches)
-        g = torch.Generator().manual_seed(mix_seed(default_seed(), self.global_step, micro))
+        g = seeded_generator(default_seed(), self.global_step, micro)
         losses = self.diffusion_losses(batch, generator=g, shard=(trainer.global_rank, trainer.world_size))
         loss = losses["loss"]  # a non-finite loss stops training in TaskModule.on_before_backward
         images, _, prompts = self._unpack(batch)
@@ -400,12 +374,9 @@ class DiffusionModule(TaskModule):
     # ------------------------------------------------------------------ sampling
     def make_scheduler(self, name: str | None = None):
         """A fresh sampling scheduler ("ddim", "dpm", "ddpm") sharing the training noise schedule."""
-        from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-
         name = name or self.hparams.scheduler
-        _check_choice("scheduler", name, SCHEDULERS)
-        table = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "ddpm": DDPMScheduler}
-        return table[name].from_config(self.train_scheduler.config)
+        check_choice("scheduler", name, Scheduler)
+        return scheduler_from_config(name, self.train_scheduler.config)
 
     @torch.no_grad()
     def sample(
@@ -434,7 +405,8 @@ class DiffusionModule(TaskModule):
         guidance = hp.guidance_scale if guidance_scale is None else guidance_scale
         sched = self.make_scheduler()
         sched.set_timesteps(num_inference_steps or hp.num_inference_steps)
-        # Noise drawn on the CPU from per-sample generators: the same image on any device and batching.
+        # Noise drawn on the CPU from per-sample generators seeded with the sample's own seed (diffusers'
+        # convention, as GenerationModule): the same image on any device and batching.
         x = torch.stack([torch.randn(self.sample_shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
         x = x.to(self.device) * sched.init_noise_sigma
         cond = self.condition(labels, prompts)
@@ -450,8 +422,7 @@ class DiffusionModule(TaskModule):
                 out = uncond + guidance * (cnd - uncond)
             else:
                 out = self._call(unet, inp, tt, cond)
-            kwargs = {"generator": gen} if isinstance(sched, _ddpm()) else {}
-            x = sched.step(out, t, x, **kwargs).prev_sample
+            x = sched.step(out, t, x, generator=gen).prev_sample  # DDPM's noise; DDIM (eta 0) and DPM++ draw none
         return self.decode(x)
 
     # ------------------------------------------------------------------ the task protocol
@@ -493,29 +464,19 @@ class DiffusionModule(TaskModule):
         if stage == "predict":
             self.output_dir = ensure_writable_dir(fresh_dir(self.hparams.output_dir), "--model.output_dir")
         if stage in ("fit", "validate", "test") and self.fid is None:
-            from torchmetrics.image.fid import FrechetInceptionDistance
-
-            feature = self.fid_feature if self.fid_feature is not None else RandomConvFeatures()
-            try:
-                fid = FrechetInceptionDistance(feature=feature, normalize=False)
-            except ModuleNotFoundError as err:
-                raise ModuleNotFoundError(
-                    f"FID with Inception features needs torch-fidelity and its weights; leave `fid_feature` unset for "
-                    f"the local extractor ({err})"
-                ) from err
             # Kept out of the module tree: no checkpoint entries, and it stays on the CPU.
-            self.__dict__["fid"] = fid
+            self.__dict__["fid"] = fid_metric(self.fid_feature)
 
     def _eval_step(self, batch: Any, batch_idx: int, prefix: str) -> None:
         images, labels, prompts = self._unpack(batch)
         # Fixed noise and timesteps per batch: the loss is comparable from one validation to the next.
-        g = torch.Generator().manual_seed(10_000 + batch_idx)
+        g = seeded_generator(default_seed(), _EVAL_STREAM, batch_idx)
         losses = self.diffusion_losses(batch, generator=g)
         bs = len(images) if images is not None else len(prompts)
         for k, v in losses.items():
             self.log(f"{prefix}/{k}", v, prog_bar=k == "loss", on_epoch=True, batch_size=bs, sync_dist=True)
         if images is not None and self.fid is not None:
-            self.fid.update(_to_uint8(images).cpu(), real=True)
+            self.fid.update(to_uint8(images).cpu(), real=True)
         if prompts is not None and labels is None:
             self._val_prompts.extend(prompts)
 
@@ -553,9 +514,9 @@ class DiffusionModule(TaskModule):
         ])
         metrics: dict[str, float] = {}
         if labels is not None and hp.classifier == "digits_svm":
-            metrics[f"{prefix}/cond_acc"] = (score_digits(images) == labels).float().mean().item()
+            metrics[f"{prefix}/cond_acc"] = (classify_digits(images) == labels).float().mean().item()
         if self.fid is not None and self.fid.real_features_num_samples > 1 and len(images) > 1:
-            self.fid.update(_to_uint8(images).cpu(), real=False)
+            self.fid.update(to_uint8(images).cpu(), real=False)
             metrics[f"{prefix}/fid"] = float(self.fid.compute())
         for k, v in metrics.items():
             self.log(k, v, prog_bar=True, sync_dist=True)
@@ -640,53 +601,10 @@ def make_grid(images: Tensor, labels: Tensor | None, num_classes: int | None, pe
     return tv_grid(images.float() * 0.5 + 0.5, nrow=per_row, padding=1).clamp(0, 1)
 
 
-def _ddpm():
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler
-
-
-def _check_choice(key: str, value: Any, valid: tuple) -> None:
-    if value not in valid:
-        raise ValueError(f"{key} must be one of {list(valid)}, got {value!r}")
-
-
 def _build_unet(unet_class: str, kwargs: dict[str, Any]) -> nn.Module:
     import diffusers
 
     try:
         return getattr(diffusers, unet_class)(**kwargs)
     except TypeError as err:
-        raise ValueError(f"unet: {err}; see diffusers' {unet_class} for the valid keyword arguments") from err
-
-
-def _load_pipeline(pipeline: str, seed: int):
-    from ..diffusion import build_tiny_pipeline
-
-    if pipeline == "tiny":
-        return build_tiny_pipeline(seed=seed)
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(pipeline, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def score_generation(json_path: str) -> dict[str, Any]:
-    """Conditional accuracy of a predict run's ``generation.json`` by the digits SVM.
-
-    Args:
-        json_path: the ``generation.json`` written by ``agentlit predict``.
-    """
-    from PIL import Image
-    from torchvision.transforms.functional import pil_to_tensor
-
-    path = Path(json_path)
-    entries = json.loads(path.read_text())
-    images = torch.stack([pil_to_tensor(Image.open(path.parent / e["file"]).convert("L")).float() / 127.5 - 1
-                          for e in entries])
-    labels = torch.tensor([e["label"] for e in entries])
-    pred = score_digits(images)
-    per_class = {int(c): (pred[labels == c] == c).float().mean().item() for c in labels.unique()}
-    return {"samples": len(entries), "classes": len(per_class), "cond_acc": (pred == labels).float().mean().item(),
-            "per_class": per_class}
+        raise UserError(f"unet: {err}; see diffusers' {unet_class} for the valid keyword arguments") from err

@@ -15,48 +15,27 @@ import json
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..data.io import IMG_EXTENSIONS, image_files, load_rgb
-from ..diffusion import AgentSDConfig, build_tiny_pipeline, remove_patch
+from ..diffusion import AgentSDConfig, remove_patch
+from ..diffusion.pipelines import load_pipeline, scheduler_from_config
+from ..errors import UserError, check_choice
 from ..utils.paths import ensure_writable_dir, fresh_dir
 from .base import TaskModule
+from .metrics import RandomConvFeatures, fid_metric
 
 __all__ = ["GenerationModule", "RandomConvFeatures"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class RandomConvFeatures(nn.Module):
-    """A small fixed random-conv feature extractor for FID where Inception weights are unavailable.
-
-    Takes uint8 images (B, 3, H, W) as torchmetrics passes them and returns (B, num_features). Its
-    distances are only comparable with each other, never with published (Inception) FID numbers.
-    """
-
-    def __init__(self, num_features: int = 64, size: int = 64, seed: int = 0) -> None:
-        super().__init__()
-        self.num_features, self.size = num_features, size
-        g = torch.Generator().manual_seed(seed)
-        self.conv1 = nn.Conv2d(3, 32, 4, stride=2)
-        self.conv2 = nn.Conv2d(32, num_features, 4, stride=2)
-        with torch.no_grad():
-            for conv in (self.conv1, self.conv2):
-                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) / conv.weight[0].numel() ** 0.5)
-                conv.bias.zero_()
-        self.requires_grad_(False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
-        x = F.relu(self.conv1(x * 2 - 1))
-        return F.relu(self.conv2(x)).mean((2, 3))  # (B, num_features)
+DType = Literal["float32", "float16", "bfloat16"]
+Scheduler = Literal["ddim", "pndm", "euler"]
+TinyKind = Literal["sd", "sdxl"]
 
 
 class GenerationModule(TaskModule):
@@ -91,8 +70,8 @@ class GenerationModule(TaskModule):
     def __init__(
         self,
         pretrained_model_name_or_path: str | None = None,
-        torch_dtype: str = "float32",
-        scheduler: str | None = None,
+        torch_dtype: DType = "float32",
+        scheduler: Scheduler | None = None,
         safety_checker: bool = True,
         agentsd: AgentSDConfig | None = None,
         num_inference_steps: int = 50,
@@ -104,7 +83,7 @@ class GenerationModule(TaskModule):
         save_images: bool = True,
         warmup: bool = True,
         tiny_seed: int = 0,
-        tiny_kind: str = "sd",
+        tiny_kind: TinyKind = "sd",
         fid_reference_dir: str | None = None,
         fid_feature: int | nn.Module = 2048,
         clip_model_name_or_path: str | None = None,
@@ -112,21 +91,15 @@ class GenerationModule(TaskModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["fid_feature"])
-        if torch_dtype not in _DTYPES:
-            raise ValueError(f"torch_dtype must be one of {sorted(_DTYPES)}, got {torch_dtype!r}")
+        check_choice("torch_dtype", torch_dtype, DType)
+        check_choice("scheduler", scheduler, Scheduler | None)
+        check_choice("tiny_kind", tiny_kind, TinyKind)
         if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        dtype = _DTYPES[torch_dtype]
-        if pretrained_model_name_or_path is None:
-            pipe = build_tiny_pipeline(seed=tiny_seed, torch_dtype=dtype, kind=tiny_kind)
-        else:
-            from diffusers import AutoPipelineForText2Image  # SD 1.x/2.x or SDXL, from model_index.json
-
-            extra = {} if safety_checker else dict(safety_checker=None, requires_safety_checker=False)
-            pipe = AutoPipelineForText2Image.from_pretrained(pretrained_model_name_or_path, torch_dtype=dtype, **extra)
-            pipe.set_progress_bar_config(disable=True)
+            raise UserError(f"num_inference_steps={num_inference_steps} must be >= 1")
+        pipe = load_pipeline(pretrained_model_name_or_path, seed=tiny_seed, torch_dtype=_DTYPES[torch_dtype],
+                             tiny_kind=tiny_kind, safety_checker=safety_checker)
         if scheduler is not None:
-            pipe.scheduler = _make_scheduler(scheduler, pipe.scheduler.config)
+            pipe.scheduler = scheduler_from_config(scheduler, pipe.scheduler.config)
         if agentsd is not None:
             if isinstance(agentsd, dict):
                 agentsd = AgentSDConfig(**agentsd)
@@ -317,15 +290,7 @@ class GenerationModule(TaskModule):
         if stage != "test":
             return
         if self.hparams.fid_reference_dir is not None and self.fid is None:
-            from torchmetrics.image.fid import FrechetInceptionDistance
-
-            try:
-                self.fid = FrechetInceptionDistance(feature=self.fid_feature, normalize=False)
-            except ModuleNotFoundError as err:
-                raise ModuleNotFoundError(
-                    f"FID with Inception features needs torch-fidelity (pip install torch-fidelity) and its "
-                    f"weights; or set `fid_feature` to a feature module ({err})"
-                ) from err
+            self.fid = fid_metric(self.fid_feature)
         if self.hparams.clip_model_name_or_path is not None and self.clip_score is None:
             from torchmetrics.multimodal.clip_score import CLIPScore
 
@@ -369,15 +334,6 @@ class GenerationModule(TaskModule):
         """Remove AgentSD from the pipeline (the baseline from then on)."""
         remove_patch(self.pipe)
         self.agentsd = None
-
-
-def _make_scheduler(name: str, config: Any):
-    from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
-
-    table = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "euler": EulerDiscreteScheduler}
-    if name not in table:
-        raise ValueError(f"scheduler must be one of {sorted(table)} or null, got {name!r}")
-    return table[name].from_config(config)
 
 
 def _iter_reference_images(folder: str, size: tuple[int, int], batch: int = 16):

@@ -15,13 +15,17 @@ from PIL import Image
 from torch import Tensor
 
 from ..checkpoint import load_state_dict_file
+from ..errors import check_choice
 from ..models.segmentation import SegmentationModel, build_backbone, palette, slide_inference
 from ._schedule import warmup_poly
 from .base import TaskModule, pair
 from .optim import create_optimizer, param_groups
-from .seg_metrics import SegmentationMetrics, format_iou_table
+from .metrics import SegmentationMetrics, format_iou_table
 
 __all__ = ["SegmentationModule", "SegmentationModel", "build_backbone", "palette", "slide_inference"]
+
+Head = Literal["fpn", "upernet"]
+Inference = Literal["whole", "slide"]
 
 
 class SegmentationModule(TaskModule):
@@ -77,7 +81,7 @@ class SegmentationModule(TaskModule):
         self,
         backbone: str = "agent_pvt_tiny",
         num_classes: int = 150,
-        head: Literal["fpn", "upernet"] = "fpn",
+        head: Head = "fpn",
         backbone_kwargs: dict[str, Any] | None = None,
         out_indices: tuple[int, ...] | None = None,
         pretrained: bool = False,
@@ -99,7 +103,7 @@ class SegmentationModule(TaskModule):
         power: float = 0.9,
         min_lr: float = 0.0,
         max_iters: int | None = None,
-        inference: Literal["whole", "slide"] = "whole",
+        inference: Inference = "whole",
         crop_size: int | tuple[int, int] = 512,
         stride: int | tuple[int, int] = 341,
         flip: bool = False,
@@ -110,8 +114,8 @@ class SegmentationModule(TaskModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if inference not in ("whole", "slide"):
-            raise ValueError(f"inference={inference!r} must be 'whole' or 'slide'")
+        check_choice("head", head, Head)
+        check_choice("inference", inference, Inference)
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} names but num_classes={num_classes}")
         state_dict = load_state_dict_file(backbone_checkpoint, what="backbone checkpoint") if backbone_checkpoint else None
