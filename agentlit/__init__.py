@@ -15,17 +15,24 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["AgentAttention", "agent_attention", "load_exported", "models", "__version__"]
+__all__ = [
+    "AgentAttention", "AgentMultiheadAttention", "agent_attention", "agent_attention_tokens", "convert", "load_exported",
+    "models", "__version__",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import models
-    from .core import AgentAttention, agent_attention
+    from .conversion import convert
+    from .core import AgentAttention, AgentMultiheadAttention, agent_attention, agent_attention_tokens
     from .export import load_exported
 
 # public name -> (module, attribute or None for the module itself), imported on first access
 _LAZY = {
     "AgentAttention": (".core", "AgentAttention"),
+    "AgentMultiheadAttention": (".core", "AgentMultiheadAttention"),
     "agent_attention": (".core", "agent_attention"),
+    "agent_attention_tokens": (".core", "agent_attention_tokens"),
+    "convert": (".conversion", "convert"),
     "load_exported": (".export", "load_exported"),
     "models": (".models", None),
 }

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .bias import AgentPositionBias, to_grid
 from .functional import LayoutSize, agent_attention_tokens, as_sizes
 
-__all__ = ["AgentAttention"]
+__all__ = ["AgentAttention", "AgentMultiheadAttention"]
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -100,6 +100,18 @@ class AgentAttention(AgentPositionBias):
         self.attn_drop = attn_drop
         self.context_dim = context_dim
 
+        self._init_projections(dim, context_dim, qkv_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.dwc = None
+        if dwc_kernel and context_dim is None:
+            self.dwc = _CONV[self.rank](dim, dim, dwc_kernel, padding=dwc_kernel // 2, groups=dim)
+        if position_bias:
+            self._init_biases(num_heads, self.agent_num, self.feat_size, num_prefix_tokens,
+                              key_side=context_dim is None)
+
+    def _init_projections(self, dim: int, context_dim: int | None, qkv_bias: bool) -> None:
+        # self-attention: one fused ``qkv`` (the official name); cross-attention: ``q`` from x, ``kv``
+        # from the context. Subclasses with another parameter layout override this.
         if context_dim is None:
             self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
             self.q = self.kv = None
@@ -108,13 +120,6 @@ class AgentAttention(AgentPositionBias):
             self.q = nn.Linear(dim, dim, bias=qkv_bias)
             self.kv = nn.Linear(context_dim, dim * 2, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-        self.dwc = None
-        if dwc_kernel and context_dim is None:
-            self.dwc = _CONV[self.rank](dim, dim, dwc_kernel, padding=dwc_kernel // 2, groups=dim)
-        if position_bias:
-            self._init_biases(num_heads, self.agent_num, self.feat_size, num_prefix_tokens,
-                              key_side=context_dim is None)
 
     def extra_repr(self) -> str:
         kind = "learned" if self.agent_tokens is not None else "pooled"
@@ -149,11 +154,7 @@ class AgentAttention(AgentPositionBias):
             query_padding_mask: (B, P + N) bool, padded queries of a cross-attention layer (left
                 out of the agent pooling).
         """
-        if attn_mask is not None or is_causal:
-            raise ValueError(
-                "AgentAttention does not support attn_mask or is_causal: agents pool every query, "
-                "so masked or future positions would leak through them; use softmax attention there"
-            )
+        _refuse_masks(attn_mask, is_causal)
         B, L, C = x.shape
         P = self.num_prefix_tokens
         if feat_size is not None:
@@ -166,26 +167,53 @@ class AgentAttention(AgentPositionBias):
             self._check_input(x, layout, context, key_padding_mask, query_padding_mask)
         if self.qkv is not None:  # self-attention: padded tokens are padded keys and padded queries
             q, k, v = self.qkv(x).reshape(B, L, 3, C).unbind(2)  # each (B, L, C)
-            query_padding_mask = key_padding_mask
+            out = self.attend(q, k, v, layout, key_padding_mask, key_padding_mask, False)
         else:
             assert self.q is not None and self.kv is not None and context is not None
             q = self.q(x)
             k, v = self.kv(context).reshape(B, context.shape[1], 2, C).unbind(2)  # each (B, M, C)
+            out = self.attend(q, k, v, layout, key_padding_mask, query_padding_mask, True)
+        return self.proj_drop(self.proj(out))
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        layout: List[int],
+        key_padding_mask: Optional[Tensor],
+        query_padding_mask: Optional[Tensor],
+        cross: bool,
+    ) -> Tensor:
+        """The agent step on projected tokens with this layer's agents, biases and conv (no projections).
+
+        Args:
+            q: queries (B, P + N, C), the N layout tokens after P prefix tokens.
+            k: keys (B, M, C).
+            v: values (B, M, C).
+            layout: [L], [h, w] or [t, h, w] of the N tokens.
+            key_padding_mask: (B, M) bool, True at padded keys, or None.
+            query_padding_mask: (B, P + N) bool, True at padded queries, or None.
+            cross: keys are not the query tokens: no agent→key bias, no conv.
+
+        Returns:
+            (B, P + N, C), before the output projection.
+        """
         agent_bias: Optional[Tensor] = None
         query_bias: Optional[Tensor] = None
         if hasattr(self, "na_bias"):
             agent_bias, query_bias = self.position_biases(layout)
         dwc_weight: Optional[Tensor] = None
         dwc_bias: Optional[Tensor] = None
-        if self.dwc is not None:
+        if self.dwc is not None and not cross:
             dwc_weight, dwc_bias = self.dwc.weight, self.dwc.bias
-        out = agent_attention_tokens(
+        return agent_attention_tokens(
             q, k, v, self.num_heads, layout, as_sizes(self.agent_grid), agents=self.agent_tokens,
-            num_prefix_tokens=P, agent_bias=agent_bias, query_bias=query_bias, key_padding_mask=key_padding_mask,
-            query_padding_mask=query_padding_mask, dwc_weight=dwc_weight, dwc_bias=dwc_bias,
-            scale=self.scale, broadcast_scale=self.scale, dropout_p=self.attn_drop if self.training else 0.0,
-        )  # (B, L, C)
-        return self.proj_drop(self.proj(out))
+            num_prefix_tokens=self.num_prefix_tokens, agent_bias=None if cross else agent_bias, query_bias=query_bias,
+            key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask, dwc_weight=dwc_weight,
+            dwc_bias=dwc_bias, scale=self.scale, broadcast_scale=self.scale,
+            dropout_p=self.attn_drop if self.training else 0.0,
+        )  # (B, P + N, C)
 
     @torch.jit.unused
     def _check_input(
@@ -218,6 +246,186 @@ class AgentAttention(AgentPositionBias):
                              "key_padding_mask only (it marks padded queries and keys alike)")
 
 
+def _refuse_masks(attn_mask: Optional[Tensor], is_causal: bool) -> None:
+    if attn_mask is not None or is_causal:
+        raise ValueError(
+            "AgentAttention does not support attn_mask or is_causal: agents pool every query, "
+            "so masked or future positions would leak through them; use softmax attention there"
+        )
+
+
+class AgentMultiheadAttention(AgentAttention):
+    """A drop-in for ``nn.MultiheadAttention`` that runs agent attention on a 1-D sequence.
+
+    Same constructor arguments, parameter names (``in_proj_weight`` / ``in_proj_bias``, or
+    ``q_proj_weight`` / ``k_proj_weight`` / ``v_proj_weight`` when ``kdim`` / ``vdim`` differ, and
+    ``out_proj``), call and return: ``forward(query, key, value, key_padding_mask=…)`` →
+    ``(output, None)`` (no N×M attention weights exist to return). Built as self-attention (the
+    default), keys and values are the query tokens (``layer(x, x, x)``: agent→key bias, depthwise
+    conv); with ``cross_attention=True`` (or other ``kdim`` / ``vdim``) they are a context of any
+    length (as :class:`AgentAttention` with ``context_dim``). ``key_padding_mask`` may be
+    bool (True = padded) or float (0 / -inf, as ``nn.TransformerEncoderLayer`` passes it); ``attn_mask``
+    and ``is_causal`` are refused. :meth:`from_mha` carries an existing layer's weights.
+
+    Args:
+        embed_dim: model width E.
+        num_heads: heads.
+        dropout: attention dropout on both softmax maps.
+        bias: biases of the in / out projections.
+        kdim: key width (None: E); another width makes the layer cross-attention only.
+        vdim: value width (None: E).
+        batch_first: (B, L, E) inputs instead of (L, B, E).
+        feat_size: (L,) the length the per-position biases are laid out for (any length runs), or
+            an (h, w) / (t, h, w) layout when the sequence is a flattened map or volume.
+        agent_num: agents (pooled: a grid of the layout's rank; learned: any int).
+        agents: "pooled" or "learned".
+        dwc_kernel: depthwise conv kernel on V (0: none).
+        position_bias: learn agent position biases.
+        cross_attention: the layer is only used with a context (no agent→key bias, no conv).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = False,
+        *,
+        feat_size: tuple[int, ...] = (64,),
+        agent_num: int | tuple[int, ...] = 16,
+        agents: str = "pooled",
+        dwc_kernel: int = 3,
+        position_bias: bool = True,
+        cross_attention: bool = False,
+    ) -> None:
+        self.kdim = embed_dim if kdim is None else kdim
+        self.vdim = embed_dim if vdim is None else vdim
+        same = self.kdim == embed_dim and self.vdim == embed_dim
+        cross_attention = cross_attention or not same
+        super().__init__(
+            embed_dim, num_heads, feat_size=feat_size, agent_num=agent_num, agents=agents, qkv_bias=bias,
+            attn_drop=dropout, dwc_kernel=dwc_kernel, position_bias=position_bias,
+            context_dim=self.kdim if cross_attention else None,
+        )
+        self.embed_dim, self.dropout, self.batch_first = embed_dim, dropout, batch_first
+
+    def _init_projections(self, dim: int, context_dim: int | None, qkv_bias: bool) -> None:
+        # nn.MultiheadAttention's parameters, names and init
+        self.qkv = self.q = self.kv = None
+        if self.kdim == dim and self.vdim == dim:
+            self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+            nn.init.xavier_uniform_(self.in_proj_weight)
+        else:
+            self.in_proj_weight = None
+            self.q_proj_weight = nn.Parameter(torch.empty(dim, dim))
+            self.k_proj_weight = nn.Parameter(torch.empty(dim, self.kdim))
+            self.v_proj_weight = nn.Parameter(torch.empty(dim, self.vdim))
+            for w in (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
+                nn.init.xavier_uniform_(w)
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim)) if qkv_bias else None
+        self.out_proj = nn.modules.linear.NonDynamicallyQuantizableLinear(dim, dim, bias=qkv_bias)
+        if qkv_bias:
+            nn.init.zeros_(self.out_proj.bias)
+
+    @property
+    def _qkv_same_embed_dim(self) -> bool:
+        # read by nn.TransformerEncoderLayer before it takes its fused fast path, which would run
+        # its own softmax attention on these weights; False keeps every call going through forward
+        return False
+
+    @classmethod
+    @torch.jit.unused
+    def from_mha(cls, mha: nn.MultiheadAttention, **kwargs: object) -> "AgentMultiheadAttention":
+        """Agent attention carrying ``mha``'s projection weights (the same Parameter objects).
+
+        Args:
+            mha: the softmax layer; ``add_bias_kv`` / ``add_zero_attn`` cannot be carried over.
+            **kwargs: the agent settings of :class:`AgentMultiheadAttention` (feat_size, agent_num, …).
+        """
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError("nn.MultiheadAttention with add_bias_kv / add_zero_attn has no agent-attention "
+                             "equivalent (the extra key would be pooled like a token)")
+        new = cls(mha.embed_dim, mha.num_heads, mha.dropout, mha.in_proj_bias is not None, mha.kdim, mha.vdim,
+                  mha.batch_first, **kwargs)  # type: ignore[arg-type]
+        names = ["in_proj_weight"] if mha._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+        for name in names + ["in_proj_bias"]:
+            if getattr(mha, name) is not None:
+                setattr(new, name, getattr(mha, name))
+        new.out_proj = mha.out_proj
+        ref = mha.out_proj.weight
+        return new.to(device=ref.device, dtype=ref.dtype)
+
+    @torch.jit.unused
+    def forward(  # type: ignore[override]
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Optional[Tensor] = None,
+        need_weights: bool = True,
+        attn_mask: Optional[Tensor] = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, None]:
+        """``nn.MultiheadAttention.forward``: (L, B, E) or (B, L, E) with ``batch_first``, or (L, E).
+
+        Returns:
+            (output shaped like ``query``, None).
+        """
+        _refuse_masks(attn_mask, is_causal)
+        self_attention = self.context_dim is None
+        if self_attention and (key.shape[:-1] != query.shape[:-1] or value.shape[:-1] != query.shape[:-1]):
+            raise ValueError(
+                f"AgentMultiheadAttention: this layer is self-attention (keys and values on the query tokens), got "
+                f"query {tuple(query.shape)}, key {tuple(key.shape)}; build it with cross_attention=True for keys "
+                "and values from another sequence"
+            )
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
+        if not self.batch_first or not batched:  # (L, B, E) -> (B, L, E)
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        E = self.embed_dim
+        b_q = b_k = b_v = None
+        if self.in_proj_bias is not None:
+            b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        if self.in_proj_weight is not None:
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        q = torch.nn.functional.linear(query, w_q, b_q)  # (B, L, E)
+        k = torch.nn.functional.linear(key, w_k, b_k)  # (B, M, E)
+        v = torch.nn.functional.linear(value, w_v, b_v)
+        pad = _bool_padding(key_padding_mask)
+        L = q.shape[1]
+        layout = [L] if self.rank == 1 else list(self.feat_size)
+        if math.prod(layout) != L:
+            raise ValueError(f"AgentMultiheadAttention: got {L} tokens, the layout {tuple(layout)} has {math.prod(layout)}")
+        if self_attention:
+            out = self.attend(q, k, v, layout, pad, pad, False)
+        else:
+            out = self.attend(q, k, v, layout, pad, None, True)
+        out = self.out_proj(out)  # (B, L, E)
+        if not self.batch_first or not batched:
+            out = out.transpose(0, 1)
+        return (out if batched else out.squeeze(1)), None
+
+
+def _bool_padding(mask: Optional[Tensor]) -> Optional[Tensor]:
+    """A key padding mask as bool (True = padded): bool as is, float 0 / -inf (PyTorch's canonical form)."""
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    pad = torch.isneginf(mask)
+    if not torch.all(pad | (mask == 0)):
+        raise ValueError("AgentMultiheadAttention: a float key_padding_mask must hold only 0 (keep) and -inf "
+                         "(padded); agent attention cannot add arbitrary per-key scores")
+    return pad
+
+
 def _register_fx_leaf() -> None:
     # timm's FX feature extraction (and torchvision's) keeps the layer as one call: its token-count
     # check and bias interpolation branch on shapes, which symbolic tracing cannot follow.
@@ -226,6 +434,7 @@ def _register_fx_leaf() -> None:
     except ImportError:  # timm is optional for the core
         return
     register_notrace_module(AgentAttention)
+    register_notrace_module(AgentMultiheadAttention)
 
 
 _register_fx_leaf()

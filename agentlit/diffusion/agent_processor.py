@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from ..core import AgentPositionBias, agent_attention_tokens, pool_agents, to_grid
 
 __all__ = [
-    "AgentAttnProcessor", "ATTENTION_TYPES", "agent_processors", "attention_levels", "head_norm", "set_agent_attention",
+    "AgentAttnProcessor", "ATTENTION_TYPES", "agent_processors", "attention_levels", "head_norm", "latent_size_cell",
+    "set_agent_attention",
 ]
 
 ATTENTION_TYPES = ("agent", "softmax")
@@ -248,12 +249,7 @@ def set_agent_attention(
             f"agent_downsample {missing} has no self-attention layer in this UNet; its self-attention layers are "
             f"at downsampling factors {available}"
         )
-    # One latent-size cell shared by every processor of this UNet (a deepcopy, e.g. an EMA copy,
-    # gets its own), filled by a forward pre-hook from the sample of each call.
-    if not hasattr(unet, "_agent_latent_size"):
-        unet._agent_latent_size = [None]
-        unet.register_forward_pre_hook(_record_latent_size, with_kwargs=True)
-    latent = unet._agent_latent_size
+    latent = latent_size_cell(unet)
     names = []
     modules = dict(unet.named_modules())
     for name, (factor, is_self) in levels.items():
@@ -269,6 +265,19 @@ def set_agent_attention(
         attn.set_processor(proc)
         names.append(name)
     return names
+
+
+def latent_size_cell(unet: nn.Module) -> list[tuple[int, int] | None]:
+    """The one latent-size cell shared by every processor of ``unet`` (a deepcopy, e.g. an EMA copy,
+    gets its own), filled by a forward pre-hook (installed once) from the sample of each call.
+
+    Args:
+        unet: a ``UNet2DModel`` / ``UNet2DConditionModel``.
+    """
+    if not hasattr(unet, "_agent_latent_size"):
+        unet._agent_latent_size = [None]
+        unet.register_forward_pre_hook(_record_latent_size, with_kwargs=True)
+    return unet._agent_latent_size
 
 
 def _record_latent_size(module: nn.Module, args: tuple, kwargs: dict) -> None:
