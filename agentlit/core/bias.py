@@ -218,9 +218,10 @@ class AgentPositionBias(nn.Module):
                     b1 = _add_depth(b1, resize_axis(self.ad_bias, size[0], 3))
             if hasattr(self, "ac_bias"):
                 b1 = torch.cat([self.ac_bias, b1], dim=-1)
-        if hasattr(self, "la_bias"):
-            la = resize_axis(self.la_bias, size[0], 2).transpose(-1, -2)  # (1, H, n, L)
-            b2 = _sequence_bias(self.na_bias, r0, la)
+        if hasattr(self, "la_bias"):  # built as (L, n) per head: no transposed copy of an (n, L) bias
+            la = resize_axis(self.la_bias, size[0], 2)[0]  # (H, L, n)
+            b2 = torch.baddbmm(la, r0.expand(la.shape[0], r0.shape[0], r0.shape[1]), self.na_bias.transpose(1, 2))
+            b2 = b2.unsqueeze(0)  # (1, H, L, n)
         else:
             H, n = self.na_bias.shape[0], self.na_bias.shape[1]
             h, w = size[-2], size[-1]
@@ -229,7 +230,7 @@ class AgentPositionBias(nn.Module):
             b2 = _map_bias(self.na_bias, r0, r1, ha, wa)
             if hasattr(self, "da_bias"):
                 b2 = _add_depth(b2, resize_axis(self.da_bias, size[0], 2).transpose(-1, -2))
-        b2 = b2.transpose(-1, -2)  # (1, H, N, n)
+            b2 = b2.transpose(-1, -2)  # (1, H, N, n)
         if hasattr(self, "ca_bias"):
             b2 = torch.cat([self.ca_bias, b2], dim=-2)
         # B2 contiguous once here (a no-op after the cat): SDPA would otherwise copy a transposed mask

@@ -223,16 +223,22 @@ def pool_agents(
         agents (B, n, C), and (B, n) bool True at agents that saw no real token (None without a mask).
     """
     B, C = tokens.shape[0], tokens.shape[2]
-    x = tokens.transpose(1, 2).reshape([B, C] + layout)
-    if padding_mask is None:
-        return _adaptive_pool(x, grid).flatten(2).transpose(1, 2), None
-    pad = padding_mask.reshape([B, 1] + layout)
-    mean_of_real = _adaptive_pool(x.masked_fill(pad, 0.0), grid)  # Σ real / region size
-    share_real = _adaptive_pool((~pad).to(x.dtype), grid)  # count real / region size
-    none_real = share_real == 0
-    agents = mean_of_real / share_real.masked_fill(none_real, 1.0)  # all-padding regions: 0 / 1
-    empty = _real_padding(none_real.flatten(1))
-    return agents.flatten(2).transpose(1, 2), empty
+    if len(layout) == 1:
+        # a sequence pools along L in its own (B, L, C) layout: a 2-D pool over (L, C) to (n, C),
+        # the identity along C, so no channels-first copy of the tokens is made
+        x, out, size = tokens.unsqueeze(1), [grid[0], C], [B, 1, layout[0], 1]
+    else:
+        x, out, size = tokens.transpose(1, 2).reshape([B, C] + layout), grid, [B, 1] + layout
+    if padding_mask is not None:
+        pad = padding_mask.reshape(size)
+        share_real = _adaptive_pool((~pad).to(x.dtype), grid if len(layout) > 1 else [grid[0], 1])
+        none_real = share_real == 0  # count real / region size; 0: an agent of padding only
+        x = _adaptive_pool(x.masked_fill(pad, 0.0), out) / share_real.masked_fill(none_real, 1.0)
+        empty: Optional[Tensor] = _real_padding(none_real.flatten(1))
+    else:
+        x, empty = _adaptive_pool(x, out), None
+    agents = x.squeeze(1) if len(layout) == 1 else x.flatten(2).transpose(1, 2)  # (B, n, C)
+    return agents, empty
 
 
 def depthwise_local(tokens: Tensor, layout: List[int], weight: Tensor, bias: Optional[Tensor]) -> Tensor:
