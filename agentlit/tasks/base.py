@@ -247,12 +247,13 @@ class TaskModule(L.LightningModule):
             changes: ``__init__`` arguments to replace.
         """
         params = inspect.signature(type(self).__init__).parameters
-        unknown = sorted(set(changes) - set(params))
+        forwards = any(p.kind is p.VAR_KEYWORD for p in params.values())  # **kwargs handed to a parent task
+        unknown = [] if forwards else sorted(set(changes) - set(params))
         if unknown:
             valid = [p for p in params if p != "self"]
             raise ValueError(f"{type(self).__qualname__} has no argument(s) {unknown}; valid: {valid}")
         hp = {**dict(self.hparams), **changes}
-        return type(self)(**{k: v for k, v in hp.items() if k in params})
+        return type(self)(**{k: v for k, v in hp.items() if forwards or k in params})
 
     def describe(self) -> dict[str, Any]:
         """What a report should say the module is: ``{"task", "module", "model", "model_kwargs"}``."""
