@@ -2,6 +2,7 @@
 
     python benchmarks/attention.py                 # N in {196, 784, 3136, 12544}, d=64, H=4, n=49
     python benchmarks/attention.py --tokens 196 784 --repeats 3
+    python benchmarks/attention.py --sequence      # 1-D layers, L in {4096, 16384, 65536}, H=8, d=64, n=256
 
 Three implementations measured in the same run, forward and forward+backward:
   agent  — ``agentlit.core.agent_attention`` (two SDPA calls through n agents), cost O(N·n·d)
@@ -9,6 +10,18 @@ Three implementations measured in the same run, forward and forward+backward:
   naive  — einsum + softmax full attention (materialises the N×N map)
 The paper's cost model predicts sdpa/agent ≈ N / (2n) (two N×n products instead of one N×N).
 Writes ``benchmarks/results/attention.json`` and ``attention.png``.
+
+``--sequence`` measures whole 1-D attention layers (projections included, width H·d, batch 1),
+without and with a key padding mask (the last quarter padded), forward and forward+backward:
+  agent       — ``agentlit.AgentAttention`` on a sequence: pooled agents, position biases, depthwise conv
+  agent-lean  — the same layer at the settings of ``agent-attention-pytorch``: learned agents, no
+                biases, no conv, no qkv bias
+  package     — ``agent_attention_pytorch.AgentSelfAttention`` (the ``bench`` extra), talking heads and
+                gates off, so it computes what agent-lean computes
+  sdpa        — qkv projection + SDPA softmax attention + output projection, run once per
+                measurement (it is quadratic); above ``--sdpa-max-length`` only the unmasked forward
+Writes ``benchmarks/results/attention_sequence.json``. CPU peak memory counts tensors created by ops
+(the fused SDPA kernel's internal buffers are not seen).
 """
 from __future__ import annotations
 
@@ -61,6 +74,101 @@ def timeit(fn: Callable[[], object], repeats: int, warmup: int, device: torch.de
     return statistics.median(times)
 
 
+class SoftmaxLayer(torch.nn.Module):
+    """qkv → SDPA softmax attention → proj: the softmax layer at the agent layers' width."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, L, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # True = attend
+        return self.proj(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, L, C))
+
+
+def sequence_layers(dim: int, heads: int, agents: int) -> dict[str, tuple[torch.nn.Module, Callable]]:
+    """{name: (layer, call(layer, x, pad))}; ``pad`` (B, L) bool is True at padded tokens, or None."""
+    from agentlit import AgentAttention
+
+    ours = AgentAttention(dim, heads, feat_size=(4096,), agent_num=agents)
+    lean = AgentAttention(dim, heads, feat_size=(4096,), agent_num=agents, agents="learned", position_bias=False,
+                          dwc_kernel=0, qkv_bias=False)
+    layers: dict[str, tuple[torch.nn.Module, Callable]] = {
+        "agent": (ours, lambda m, x, pad: m(x, key_padding_mask=pad)),
+        "agent-lean": (lean, lambda m, x, pad: m(x, key_padding_mask=pad)),
+    }
+    try:
+        from agent_attention_pytorch import AgentSelfAttention
+    except ImportError:
+        print("agent-attention-pytorch is not installed (pip install -e '.[bench]'): its rows are skipped")
+    else:
+        package = AgentSelfAttention(dim, num_agent_tokens=agents, dim_head=dim // heads, heads=heads,
+                                     talking_heads=False, gate=False)
+        layers["package"] = (package, lambda m, x, pad: m(x, mask=None if pad is None else ~pad))  # True = keep
+    layers["sdpa"] = (SoftmaxLayer(dim, heads), lambda m, x, pad: m(x, key_padding_mask=pad))
+    return layers
+
+
+def run_sequence(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
+    dim = args.seq_heads * args.seq_head_dim
+    layers = sequence_layers(dim, args.seq_heads, args.seq_agents)
+    rows = []
+    for L in args.lengths:
+        x = torch.randn(1, L, dim, device=device, dtype=dtype)
+        for masked in (False, True):
+            pad = None
+            if masked:
+                pad = torch.zeros(1, L, dtype=torch.bool, device=device)
+                pad[:, L - L // 4:] = True
+            for name, (layer, call) in layers.items():
+                layer.to(device=device, dtype=dtype)
+                big = name == "sdpa" and L > args.sdpa_max_length
+                if big and masked:
+                    continue  # quadratic: the unmasked forward says enough
+                xg = x.clone().requires_grad_()
+
+                def fwd():
+                    with torch.no_grad():
+                        return call(layer, x, pad)
+
+                def fwd_bwd():
+                    call(layer, xg, pad).sum().backward()
+
+                # softmax attention is quadratic: one run per measurement is plenty at these lengths
+                repeats, warmup = (1, 0) if name == "sdpa" else (args.repeats, args.warmup)
+                row = {"impl": name, "length": L, "masked": masked, "fwd_ms": 1e3 * timeit(fwd, repeats, warmup, device)}
+                if not big:
+                    row.update(fwd_bwd_ms=1e3 * timeit(fwd_bwd, repeats, warmup, device),
+                               fwd_peak_mib=peak_memory(fwd, device) / 2**20,
+                               fwd_bwd_peak_mib=peak_memory(fwd_bwd, device) / 2**20)
+                rows.append(row)
+                f = lambda k, u: f"{row[k]:9.1f} {u}" if k in row else f"{'-':>9}   "  # noqa: E731
+                print(f"L={L:6d} {'mask' if masked else '    '} {name:10s} fwd {f('fwd_ms', 'ms')}  fwd+bwd "
+                      f"{f('fwd_bwd_ms', 'ms')}  peak {f('fwd_peak_mib', 'MiB')} / {f('fwd_bwd_peak_mib', 'MiB')}",
+                      flush=True)
+    summary = []
+    for L in args.lengths:
+        for masked in (False, True):
+            by = {r["impl"]: r for r in rows if r["length"] == L and r["masked"] == masked}
+            s = {"length": L, "masked": masked}
+            for other in ("package", "sdpa"):
+                for key in ("fwd_ms", "fwd_bwd_ms", "fwd_bwd_peak_mib"):
+                    if other in by and key in by[other]:
+                        s[f"{other}_over_agent-lean_{key}"] = by[other][key] / by["agent-lean"][key]
+                        s[f"{other}_over_agent_{key}"] = by[other][key] / by["agent"][key]
+            summary.append(s)
+    out = args.output if args.output != RESULTS / "attention.json" else RESULTS / "attention_sequence.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"benchmark": "attention_sequence", "machine": machine_info(device), "device": str(device),
+              "dtype": args.dtype, "config": {k: v for k, v in vars(args).items() if k != "output"},
+              "rows": rows, "summary": summary}
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print(f"\nwrote {out}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, nargs="+", default=[196, 784, 3136, 12544])
@@ -74,9 +182,19 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--output", type=Path, default=RESULTS / "attention.json")
+    p.add_argument("--sequence", action="store_true", help="1-D layers vs SDPA and agent-attention-pytorch")
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536])
+    p.add_argument("--seq-heads", type=int, default=8)
+    p.add_argument("--seq-head-dim", type=int, default=64)
+    p.add_argument("--seq-agents", type=int, default=256)
+    p.add_argument("--sdpa-max-length", type=int, default=16384,
+                   help="above this length SDPA's forward is timed once and its backward not at all (quadratic)")
     args = p.parse_args()
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.sequence:
+        run_sequence(args, device, dtype)
+        return
     impls = make_impls(args.agents)
     rows = []
     for N in args.tokens:
