@@ -329,3 +329,18 @@ def test_layer_under_autocast_with_large_activations(dtype):
         y = m(x)
     assert y.dtype == dtype and torch.isfinite(y).all()
     torch.testing.assert_close(y.float(), m(x), rtol=0.1, atol=0.1 * m(x).abs().max().item())
+
+
+def test_importing_the_core_before_timm_keeps_the_registry_whole():
+    """The core never imports timm: timm's arrival then registers the models and the FX leaves."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import agentlit.core, timm\n"
+            "from timm.models import get_notrace_modules\n"
+            "assert timm.is_model('agent_deit_tiny')\n"
+            "assert agentlit.core.AgentAttention in get_notrace_modules()\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr

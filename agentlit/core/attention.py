@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .bias import AgentPositionBias, to_grid
 from .functional import LayoutSize, agent_attention_tokens, as_sizes
 
-__all__ = ["AgentAttention", "AgentMultiheadAttention"]
+__all__ = ["AgentAttention", "AgentMultiheadAttention", "register_fx_leaves"]
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -425,15 +425,14 @@ def _bool_padding(mask: Optional[Tensor]) -> Optional[Tensor]:
     return pad
 
 
-def _register_fx_leaf() -> None:
-    # timm's FX feature extraction (and torchvision's) keeps the layer as one call: its token-count
-    # check and bias interpolation branch on shapes, which symbolic tracing cannot follow.
-    try:
-        from timm.layers import register_notrace_module
-    except ImportError:  # timm is optional for the core
-        return
+def register_fx_leaves() -> None:
+    """Keep the agent layers as single calls in timm's (and torchvision's) FX tracing: their token-count
+    checks and bias interpolation branch on shapes, which symbolic tracing cannot follow.
+
+    Called by :mod:`agentlit.models` (imported together with timm); the core itself never imports
+    timm, so importing it first cannot leave the model registry half done.
+    """
+    from timm.layers import register_notrace_module
+
     register_notrace_module(AgentAttention)
     register_notrace_module(AgentMultiheadAttention)
-
-
-_register_fx_leaf()
