@@ -56,6 +56,7 @@ class DistillationModule(ClassificationModule):
     task_name = "distillation"
     monitor = "val/agree"  # top-1 agreement with the teacher: needs no labels
     monitor_mode = "max"
+    network_settings = (*ClassificationModule.network_settings, "agent_num", "layers", "agents", "dwc_kernel")
 
     def __init__(
         self,
@@ -117,11 +118,9 @@ class DistillationModule(ClassificationModule):
             feat = torch.stack([F.mse_loss(s, t.detach()) for s, t in pairs]).mean()
             self.log("train/feature", feat, on_step=True, on_epoch=True, batch_size=len(x))
             loss = loss + hp.feature_weight * feat
-        if not torch.isfinite(loss):
-            raise FloatingPointError(self._non_finite_message(loss))
         self.log("train/kd", kd, on_step=True, on_epoch=True, batch_size=len(x))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(x))
-        return loss
+        return loss  # a non-finite loss stops training in TaskModule.on_before_backward
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = _images_and_labels(batch)
