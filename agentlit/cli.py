@@ -17,11 +17,14 @@ data, checkpoint or environment mistake ends with one line on stderr and exit st
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .environment import apply_thread_default, check_imports, import_failure, version_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._lightning_cli import AgentLitCLI, default_checkpoints, latest_last_checkpoint
@@ -39,7 +42,7 @@ SUBCOMMANDS = {
     "export": "write a trained classifier's weights as safetensors that plain timm loads",
 }
 
-HELP = """usage: agentlit [-h] {subs} ...
+HELP = """usage: agentlit [-h] [--version] {subs} ...
 
 Agent Attention (Han et al., ECCV 2024) as a PyTorch Lightning pipeline.
 
@@ -53,7 +56,8 @@ examples:
   agentlit fit  --config configs/quickstart.yaml --print_config        # what will run
   agentlit fit  --help                                                 # every option of a sub-command
 
-AGENTLIT_TRACEBACK=1 shows the traceback of an error.
+AGENTLIT_TRACEBACK=1 shows the traceback of an error. OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE)
+unless you set OMP_NUM_THREADS, OMP_WAIT_POLICY or another thread variable yourself.
 """
 
 _TRACEBACK_ENV = "AGENTLIT_TRACEBACK"
@@ -84,6 +88,7 @@ def cli(args: list[str] | None = None, run: bool = True) -> AgentLitCLI:
         args: command-line arguments (default ``sys.argv[1:]``).
         run: run the sub-command in ``args``; False only builds model, data and trainer.
     """
+    check_imports()  # a broken torch / torchvision / timm install: one line, not the library's traceback
     from ._lightning_cli import build_cli
 
     return build_cli(args, run)
@@ -155,6 +160,24 @@ def _state_dict_mismatch(text: str, ckpt: str) -> str:
             + "; it was written for another architecture or task — use the config it was trained with")
 
 
+def _chain(err: BaseException) -> list[BaseException]:
+    """``err`` and the exceptions it was raised from or while handling, outermost first."""
+    seen: list[BaseException] = []
+    while err is not None and err not in seen:
+        seen.append(err)
+        err = err.__cause__ or err.__context__
+    return seen
+
+
+def _installed_top(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module.split(".")[0]) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def describe_error(err: BaseException, argv: list[str] | None = None) -> str | None:
     """The one line a user sees for ``err``, or None when it is not a user mistake (a bug: the
     traceback is shown).
@@ -166,7 +189,7 @@ def describe_error(err: BaseException, argv: list[str] | None = None) -> str | N
     names = {k.__name__ for k in type(err).__mro__}
     text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
     ckpt = _arg_value(argv or [], "--ckpt_path") or ""
-    if names & {"CheckpointError", "ConfigError", "SettingsError", "BadImageError"}:  # already phrased for the user
+    if names & {"CheckpointError", "ConfigError", "SettingsError", "BadImageError", "BrokenInstallError"}:  # already phrased
         return unwrap_error_text(text)
     if "No supported gpu backend found" in text or re.search(r"CUDA.*(not available|can not run)", text):
         return _GPU_HINT
@@ -185,8 +208,12 @@ def describe_error(err: BaseException, argv: list[str] | None = None) -> str | N
     if m and ckpt:
         return (f"checkpoint {ckpt} stores the setting '{m.group(2)}', which {m.group(1)} does not take "
                 "(saved by another version or class); use a checkpoint written with this config")
-    if isinstance(err, ModuleNotFoundError) and err.name:
+    if isinstance(err, ModuleNotFoundError) and err.name and not _installed_top(err.name):
         return f"this command needs the package '{err.name}', which is not installed: pip install {err.name}"
+    for cause in _chain(err):  # e.g. diffusers failing on its first use, inside a task jsonargparse builds
+        broken = import_failure(cause)
+        if broken is not None:
+            return broken
     if isinstance(err, _USER_ERRORS) or names & _USER_ERROR_NAMES:
         if isinstance(err, TypeError) and "Traceback" not in text and not re.search(r"argument|parameter", text):
             return None
@@ -212,6 +239,42 @@ def _plot_curves(run: Path) -> None:
         pass
 
 
+def _config_values(argv: list[str]) -> list[str]:
+    """The values of every ``--config`` / ``-c`` in ``argv``."""
+    found = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
+    return found + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+
+
+def quick_check(argv: list[str]) -> str | None:
+    """The mistakes answered before torch and Lightning load (in well under a second instead of the
+    time their import takes): no or an unknown sub-command, a ``--config`` file that does not exist.
+    Returns the error line, or None when the command may go on.
+
+    Args:
+        argv: the command-line arguments.
+    """
+    subs = ", ".join(SUBCOMMANDS)
+    first = argv[0] if argv else ""
+    config_first = first in ("-c", "--config") or first.startswith("--config=")
+    if not first or first.startswith("-") and not config_first:
+        return f"choose a sub-command: {subs} (agentlit --help lists them)"
+    if not config_first and first not in SUBCOMMANDS:
+        close = difflib.get_close_matches(first, SUBCOMMANDS, n=1, cutoff=0.5)
+        return f"unknown sub-command '{first}'" + (f"; did you mean `agentlit {close[0]}`?" if close else "") + f" (choose from {subs})"
+    for value in _config_values(argv):
+        if any(c in value for c in ":{\n") or Path(value).is_file():
+            continue  # a file, or a YAML string jsonargparse parses itself
+        path = Path(value)
+        if path.is_dir():
+            return f"--config {value} is a folder; give a YAML file, e.g. configs/quickstart.yaml"
+        siblings = [p.name for p in path.parent.glob("*.y*ml")] if path.parent.is_dir() else []
+        close = difflib.get_close_matches(path.name, siblings, n=1, cutoff=0.6)
+        hint = f"; did you mean {path.parent / close[0]}?" if close else (
+            f" (no folder {path.parent})" if not path.parent.is_dir() else f"; {path.parent} holds {', '.join(sorted(siblings)[:6]) or 'no YAML files'}")
+        return f"--config {value} does not exist{hint}"
+    return None
+
+
 def main(args: list[str] | None = None) -> None:
     """Console entry point (``agentlit``, ``python -m agentlit``).
 
@@ -222,11 +285,16 @@ def main(args: list[str] | None = None) -> None:
     if argv[:1] in (["-h"], ["--help"]):
         print(help_text(), end="")
         return
-    if not argv or argv[0].startswith("-") and argv[0] not in ("-c", "--config") and not argv[0].startswith("--config="):
-        print(f"usage: agentlit [-h] {{{','.join(SUBCOMMANDS)}}} ...", file=sys.stderr)
-        print(f"agentlit: error: choose a sub-command: {', '.join(SUBCOMMANDS)} (agentlit --help lists them)",
-              file=sys.stderr)
+    if argv[:1] in (["-V"], ["--version"]):
+        print(version_text())
+        return
+    mistake = quick_check(argv)
+    if mistake is not None:
+        if not argv or argv[0].startswith("-"):
+            print(f"usage: agentlit [-h] [--version] {{{','.join(SUBCOMMANDS)}}} ...", file=sys.stderr)
+        print(f"agentlit: error: {mistake}", file=sys.stderr)
         sys.exit(2)
+    apply_thread_default()  # before torch loads: OpenMP reads it once
     try:
         cli(argv)
     except SystemExit as exit_:

@@ -208,7 +208,7 @@ CLI_CASES = {
     "value of the wrong type": (_fit("--trainer.max_epochs", "many"), r"trainer.max_epochs.*expected int \(got many\)"),
     "unknown class path": (_fit("--data", "agentlit.data.DigitModule"),
                            r"agentlit.data has no class 'DigitModule'; did you mean agentlit.data.DigitsDataModule\?"),
-    "unknown sub-command": (["fitt", "--config", QUICKSTART], r"invalid choice: 'fitt'"),
+    "unknown sub-command": (["fitt", "--config", QUICKSTART], r"unknown sub-command 'fitt'; did you mean `agentlit fit`\?"),
     "no sub-command": ([], r"choose a sub-command: fit, validate, test, predict"),
     "zero batch size": (_fit("--data.batch_size", "0"), r"batch_size should be a positive integer"),
     "test without trained weights": (_test(), r"`agentlit test` needs trained weights: pass --ckpt_path .*--ckpt_path none"),

@@ -39,7 +39,15 @@ def test_fit_writes_run_folder_and_test_reproduces_accuracy(tmp_path):
     match = re.search(r"test/acc1\s*[│|]\s*([0-9.]+)", out.stdout)
     assert match, out.stdout[-2000:]
     assert float(match.group(1)) == pytest.approx(acc, abs=1e-6)
-    assert (tmp_path / "runs" / "version_1").is_dir()  # a new run folder, nothing overwritten
+    # the evaluation belongs to its run: metrics in version_0/test/, no new empty version_N
+    assert (run / "test" / "metrics.csv").is_file() and "metrics written to runs/version_0/test/metrics.csv" in out.stdout
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["version_0"]
+    # evaluation takes any batch size (only a resumed fit must keep the global batch); a second test does not overwrite
+    again = agentlit("test", "--config", QUICKSTART, *TINY, "--trainer.default_root_dir", str(tmp_path / "runs"),
+                     "--ckpt_path", "last", "--data.batch_size", "7", cwd=tmp_path)
+    assert float(re.search(r"test/acc1\s*[│|]\s*([0-9.]+)", again.stdout).group(1)) == pytest.approx(acc, abs=1e-6)
+    assert (run / "test-1" / "metrics.csv").is_file() and (run / "test" / "metrics.csv").is_file()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["version_0"]
 
     # export → plain timm loads it (only `import agentlit` registers the model) and agrees with the module
     agentlit("export", "--config", QUICKSTART, *TINY, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
@@ -137,3 +145,133 @@ def test_print_config_shows_the_loggers_and_callbacks_that_run(tmp_path):
     monitors = [cb["init_args"].get("monitor") for cb in trainer["callbacks"] if cb["class_path"].endswith("ModelCheckpoint")]
     assert monitors == ["val/acc1", None]  # best by the task's metric + last.ckpt
     assert not (tmp_path / "runs").exists()  # printing the config runs nothing
+
+
+def test_evaluation_takes_any_batch_size_and_a_resumed_fit_keeps_the_global_batch():
+    from types import SimpleNamespace
+
+    from agentlit.data.base import ResumableDataModule, ResumeError
+
+    state = {"epoch": 1, "batches_done": 4, "batch_size": 8, "world_size": 1, "accumulate_grad_batches": 1}
+    dm = ResumableDataModule()
+    dm.batch_size = 7
+    for stage in ("validate", "test", "predict"):
+        dm.trainer = SimpleNamespace(world_size=1, accumulate_grad_batches=1, state=SimpleNamespace(fn=stage))
+        dm.load_state_dict(state)
+        assert dm._resume is None  # evaluation does not resume a training epoch
+    dm.trainer = SimpleNamespace(world_size=1, accumulate_grad_batches=1, state=SimpleNamespace(fn="fit"))
+    with pytest.raises(ResumeError, match="keep it with --data.batch_size 8"):
+        dm.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------ answered before torch loads
+HEAVY = "{'torch', 'lightning', 'timm', 'diffusers', 'transformers', 'torchvision'}"
+
+
+def _light_main(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``agentlit.cli.main(args)`` in a fresh interpreter; its last stdout line lists the heavy libraries it imported."""
+    code = (f"import sys\nfrom agentlit.cli import main\ntry:\n    main({args!r})\nexcept SystemExit as e:\n"
+            f"    sys.stdout.flush(); print('exit', e.code)\n"
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {HEAVY}))")
+    from cli_helpers import agentlit_env
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=cwd,
+                          env=agentlit_env(cwd or Path.cwd()))
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["fitt", "--config", QUICKSTART], r"^agentlit: error: unknown sub-command 'fitt'; did you mean `agentlit fit`\? \(choose from fit, validate, test"),
+    (["tset"], r"unknown sub-command 'tset'; did you mean `agentlit test`\?"),
+    (["fit", "--config", QUICKSTART.replace("quickstart.yaml", "quickstrat.yaml")],
+     r"--config \S*configs/quickstrat.yaml does not exist; did you mean \S*configs/quickstart.yaml\?"),
+    (["test", "-c", "nowhere/x.yaml"], r"--config nowhere/x.yaml does not exist \(no folder nowhere\)"),
+    (["fit", "--config", str(Path(QUICKSTART).parent)], r"--config \S*configs is a folder; give a YAML file"),
+    (["--foo"], r"choose a sub-command: fit, validate, test, predict, profile, export"),
+])
+def test_typos_and_missing_config_files_are_answered_before_torch_loads(args, expected, tmp_path):
+    proc = _light_main(args, cwd=tmp_path)
+    *_, status, heavy = proc.stdout.strip().splitlines()
+    assert status == "exit 2" and heavy == "[]", proc.stdout + proc.stderr
+    assert re.search(expected, proc.stderr, re.M) and len(proc.stderr.strip().splitlines()) <= 2, proc.stderr
+
+
+def test_version_names_the_libraries_without_importing_them():
+    from agentlit.environment import installed
+
+    proc = _light_main(["--version"])
+    version, heavy = proc.stdout.strip().splitlines()
+    assert heavy == "[]", proc.stdout
+    assert version.startswith("agentlit 0.1.0 (torch ") and f"torchvision {installed('torchvision')}" in version
+    assert f"timm {installed('timm')}" in version and "Python 3." in version
+
+
+def test_thread_default_is_set_before_torch_unless_the_user_chose(monkeypatch):
+    import os
+
+    import agentlit.cli as cli_module
+    from agentlit.environment import THREAD_DEFAULT, apply_thread_default
+
+    seen = {}
+    monkeypatch.setattr(cli_module, "cli", lambda argv: seen.update({k: os.environ.get(k) for k in THREAD_DEFAULT}))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(name, raising=False)
+    cli_module.main(["fit", "--config", QUICKSTART])
+    assert seen == THREAD_DEFAULT == {"OMP_WAIT_POLICY": "PASSIVE"}
+    # a thread variable the user set wins: nothing is added
+    for chosen in ({"OMP_NUM_THREADS": "2"}, {"MKL_NUM_THREADS": "1"}, {"OMP_WAIT_POLICY": "ACTIVE"}):
+        env = dict(chosen)
+        assert apply_thread_default(env) == {} and env == chosen
+    env = {"PATH": "/bin"}
+    assert apply_thread_default(env) == THREAD_DEFAULT and env == {"PATH": "/bin", **THREAD_DEFAULT}
+
+
+# ------------------------------------------------------------------------ a broken install in one line
+def _fake_package(site: Path, name: str, version: str, body: str) -> None:
+    """An installed-looking ``name`` (a dist-info with ``version``) whose import runs ``body``."""
+    (site / name).mkdir(parents=True)
+    (site / name / "__init__.py").write_text(body)
+    (site / f"{name}-{version}.dist-info").mkdir()
+    (site / f"{name}-{version}.dist-info" / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+
+
+def test_mismatched_torchvision_is_one_environment_line(tmp_path):
+    """torch and a torchvision built for another torch: the first `fit` ends in one line naming both versions
+    and the torchvision that fits, not torchvision's 50-line traceback."""
+    from agentlit.environment import TESTED, installed
+
+    site = tmp_path / "site-packages"
+    _fake_package(site, "torchvision", "0.17.0", 'raise RuntimeError("operator torchvision::nms does not exist")\n')
+    env = {**__import__("cli_helpers").agentlit_env(tmp_path)}
+    env["PYTHONPATH"] = f"{site}:{env['PYTHONPATH']}"
+    proc = subprocess.run([sys.executable, "-m", "agentlit", "fit", "--config", QUICKSTART], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    torch_minor = int(installed("torch").split(".")[1])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"agentlit: error: torchvision 0.17.0 does not work with the installed torch {installed('torch')} (operator "
+        f"torchvision::nms does not exist); install the torchvision built for it: pip install \"torchvision==0.{torch_minor + 15}.*\" "
+        f"(CPU build: add --index-url https://download.pytorch.org/whl/cpu); tested pair: torch {TESTED['torch']} + "
+        f"torchvision {TESTED['torchvision']}"]
+
+
+def test_a_library_failing_inside_a_task_is_named_with_its_versions(tmp_path):
+    """diffusers is imported only when a generation task is built (inside jsonargparse): its import failure
+    still becomes one line naming diffusers, the versions found and a set that works."""
+    import importlib.util
+
+    from agentlit.cli import describe_error
+
+    site = tmp_path / "site-packages"
+    _fake_package(site, "diffusers", "0.20.0", "from huggingface_hub import cached_download_gone\n")
+    spec = importlib.util.spec_from_file_location("diffusers_fake", site / "diffusers" / "__init__.py")
+    try:
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    except ImportError as inner:
+        try:
+            raise ValueError("Problem with given class_path 'agentlit.tasks.GenerationModule'") from inner
+        except ValueError as outer:
+            line = describe_error(outer, [])
+    assert line.startswith("diffusers ") and "fails to import (cannot import name 'cached_download_gone' from 'huggingface_hub'" in line
+    assert "huggingface_hub " in line and "a set that works: torch " in line and 'pip install "diffusers==' in line
+    # an unrelated error raised in a module body of ours is not mistaken for a broken install
+    assert describe_error(RuntimeError("boom"), []) is None

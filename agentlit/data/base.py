@@ -46,7 +46,8 @@ class ResumableDataModule(L.LightningDataModule):
     global rank), and the checkpoint records how far into the epoch training got and with which global
     batch, so a resumed run continues with the very next batch, on the same or another number of
     processes: ``batch_size`` is per process, and a run resumed on R processes must set it to
-    global batch / R (anything else is a :class:`ResumeError` naming the value to use).
+    global batch / R (anything else is a :class:`ResumeError` naming the value to use). Evaluating a
+    checkpoint (validate / test / predict) takes any batch size.
 
     Subclasses set ``batch_size`` and ``num_workers`` and call the two helpers from their
     ``*_dataloader`` methods. The training dataset must accept ``(epoch, index)`` keys, e.g.
@@ -111,6 +112,9 @@ class ResumableDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "epoch" not in state_dict:
             return
+        stage = getattr(getattr(getattr(self, "trainer", None), "state", None), "fn", None)
+        if stage is not None and stage != "fit":
+            return  # validate / test / predict restore the weights only: any batch size evaluates a checkpoint
         if "world_size" in state_dict:  # written since resuming on another world size is checked
             self._check_global_batch(int(state_dict["batch_size"]), int(state_dict["world_size"]),
                                      int(state_dict["accumulate_grad_batches"]))
