@@ -247,7 +247,11 @@ class AgentLitCLI(LightningCLI):
 
         if run and get("logger") in (None, True):
             root = Path(get("default_root_dir") or "runs")
-            version = self.resume_version if getattr(self, "resume_version", None) is not None else _peek_version(root)
+            evaluated = self.evaluated_run(sub)
+            if evaluated is not None:
+                root, version = evaluated, runs.next_evaluation_folder(evaluated, sub)
+            else:
+                version = self.resume_version if getattr(self, "resume_version", None) is not None else _peek_version(root)
             loggers = [
                 (CSVLogger, dict(save_dir=str(root), name="", version=version, flush_logs_every_n_steps=1)),
                 (TensorBoardLogger, dict(save_dir=str(root), name="", version=version, default_hp_metric=False)),
@@ -276,7 +280,12 @@ class AgentLitCLI(LightningCLI):
             # evaluation restores weights only; the training callbacks' states do not matter here
             warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to create")
         loggers, extra = self.default_specs(sub, config, type(self.model), configured)
-        if loggers:
+        evaluated = self.evaluated_run(sub) if loggers else None
+        if evaluated is not None:  # validate / test / predict of a run's checkpoint: into that run's folder
+            folder = runs.evaluation_folder(evaluated, sub, rank_zero_only.rank)
+            config["logger"] = [CSVLogger(evaluated, name="", version=folder, flush_logs_every_n_steps=1),
+                                TensorBoardLogger(evaluated, name="", version=folder, default_hp_metric=False)]
+        elif loggers:
             root = ensure_writable_dir(config.get("default_root_dir") or "runs", "--trainer.default_root_dir")
             if self.resume_version is not None:
                 version = self.resume_version
@@ -306,6 +315,15 @@ class AgentLitCLI(LightningCLI):
             trainer.preload_checkpoint(self.resolved)  # Lightning's restore takes what resolve() read
         return trainer
 
+    def evaluated_run(self, sub: str) -> Path | None:
+        """The run folder whose checkpoint ``validate`` / ``test`` / ``predict`` evaluate (their metrics
+        and outputs go under it), when ``--ckpt_path`` lies in a writable ``…/version_N/checkpoints/``;
+        else None (a new ``<default_root_dir>/version_N``, as for ``fit``)."""
+        if sub not in ("validate", "test", "predict") or getattr(self, "resolved", None) is None:
+            return None
+        run = runs.run_folder_of(self.resolved.path)
+        return run if run is not None and os.access(run, os.W_OK) else None
+
     # ---------------------------------------------------------------------------- sub-commands
     def _require_weights(self) -> None:
         """validate/test/predict evaluate trained weights: a checkpoint, or a config that loads
@@ -323,6 +341,15 @@ class AgentLitCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.trainer.is_global_zero:
             print_fit_summary(self.trainer)
+
+    def _after_evaluation(self) -> None:
+        """Where ``validate`` / ``test`` wrote their metrics (the evaluated run's ``test/`` folder)."""
+        logger = self.trainer.loggers[0] if self.trainer.loggers else None
+        folder = Path(logger.log_dir) if logger is not None and getattr(logger, "log_dir", None) else None
+        if self.trainer.is_global_zero and folder is not None and (folder / "metrics.csv").is_file():
+            print(f"agentlit: metrics written to {folder / 'metrics.csv'}")
+
+    after_validate = after_test = _after_evaluation
 
 
 def _peek_version(root: Path) -> int:

@@ -1,22 +1,27 @@
 """Run folders ``<root>/version_N``: claimed atomically (runs started at the same moment never share
 one), found again by ``--ckpt_path last``, and removed after a failed command only when it left
-nothing in them.
+nothing in them. ``validate`` / ``test`` / ``predict`` of a run's checkpoint write into that run
+(``version_N/test``, ``version_N/predict``, ``version_N/predict-1`` …), never into a new ``version_N``.
 
 No Lightning import here: :mod:`agentlit.cli` uses it in its error handler.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = [
-    "CREATED_RUN_DIRS", "VERSION_ENV", "checkpoints_newest_first", "claim_version", "discard_empty_runs",
-    "next_version", "run_of_checkpoint", "run_version",
+    "CREATED_RUN_DIRS", "EVAL_ENV", "VERSION_ENV", "checkpoints_newest_first", "claim_version", "discard_empty_runs",
+    "evaluation_folder", "next_evaluation_folder", "next_version", "run_folder_of", "run_of_checkpoint", "run_version",
 ]
 
 #: the run's version, handed to the processes Lightning starts for the other ranks (they inherit it)
 VERSION_ENV = "AGENTLIT_RUN_VERSION"
+#: likewise the evaluation folder (``test``, ``predict-1`` …) inside an evaluated run
+EVAL_ENV = "AGENTLIT_EVAL_FOLDER"
 #: run folders this process created; the error handler removes them again when they stay empty
 CREATED_RUN_DIRS: list[Path] = []
 #: what this process itself put into ``VERSION_ENV`` (a later command in the same process claims anew)
@@ -35,6 +40,20 @@ def next_version(root: Path) -> int:
     return max(taken, default=-1) + 1
 
 
+def _claim_first_free(candidates: Iterator[Path]) -> Path:
+    """Create the first of ``candidates`` that does not exist yet, with an exclusive ``mkdir`` (of several
+    processes racing for one name, one wins and the others move on), and remember it in
+    :data:`CREATED_RUN_DIRS`."""
+    for path in candidates:
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        CREATED_RUN_DIRS.append(path)
+        return path
+    raise AssertionError("unreachable: the candidates never end")
+
+
 def claim_version(root: Path) -> int:
     """Create the next free ``<root>/version_N`` and return N. The folder is made with an exclusive
     ``mkdir``: of several runs starting at once each gets its own number (the loser of a race moves on
@@ -45,15 +64,63 @@ def claim_version(root: Path) -> int:
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    version = next_version(root)
-    while True:
-        try:
-            (root / f"version_{version}").mkdir()
-        except FileExistsError:
-            version += 1
-            continue
-        CREATED_RUN_DIRS.append(root / f"version_{version}")
-        return version
+    path = _claim_first_free(root / f"version_{v}" for v in itertools.count(next_version(root)))
+    return int(path.name[8:])
+
+
+def _numbered(folder: Path, name: str) -> Iterator[Path]:
+    """``folder/name``, ``folder/name-1``, ``folder/name-2``, …"""
+    yield folder / name
+    for k in itertools.count(1):
+        yield folder / f"{name}-{k}"
+
+
+def run_folder_of(ckpt: str | Path) -> Path | None:
+    """The run folder ``…/version_N`` that wrote ``ckpt`` (a file in its ``checkpoints/`` folder), else None.
+
+    Args:
+        ckpt: a checkpoint file.
+    """
+    folder = Path(ckpt).absolute().parent
+    run = folder.parent
+    if not (folder.name == "checkpoints" and run.name.startswith("version_") and run.name[8:].isdigit()):
+        return None
+    try:
+        return run.relative_to(Path.cwd())  # printed paths stay as short as the user's
+    except ValueError:
+        return run
+
+
+def evaluation_folder(run: Path, sub: str, rank: int) -> str:
+    """The folder name under ``run`` where ``sub`` (validate / test / predict) of this process writes:
+    ``<sub>``, or ``<sub>-1``, ``<sub>-2`` … when an earlier evaluation of that run holds it, so a second
+    predict never overwrites the first. Rank 0 claims it (exclusive ``mkdir``) and hands the name to the
+    processes Lightning starts for the other ranks through ``AGENTLIT_EVAL_FOLDER``.
+
+    Args:
+        run: the evaluated run's folder (``…/version_N``).
+        sub: the sub-command.
+        rank: this process's global rank.
+    """
+    inherited = os.environ.get(EVAL_ENV)
+    if inherited is not None and inherited not in _set_here:
+        return inherited
+    if rank != 0:
+        return next(p.name for p in _numbered(run, sub) if not p.exists())
+    name = _claim_first_free(_numbered(run, sub)).name
+    os.environ[EVAL_ENV] = name
+    _set_here.append(name)
+    return name
+
+
+def next_evaluation_folder(run: Path, sub: str) -> str:
+    """The name :func:`evaluation_folder` would claim (what ``--print_config`` shows); nothing is created.
+
+    Args:
+        run: the evaluated run's folder.
+        sub: the sub-command.
+    """
+    return next(p.name for p in _numbered(run, sub) if not p.exists())
 
 
 def run_version(root: Path, rank: int) -> int:

@@ -206,8 +206,8 @@ def test_cli_predict_folder_prints_csv_path(tmp_path):
     proc = run_agentlit("predict", "--config", QUICKSTART, *TINY, "--ckpt_path", str(ckpt),
                         "--data.predict_root", str(tmp_path / "my digits"),
                         "--trainer.default_root_dir", str(tmp_path / "runs"), cwd=tmp_path)
-    csv_path = tmp_path / "runs" / "version_1" / "predictions.csv"
-    assert str(csv_path) in proc.stdout
+    csv_path = tmp_path / "runs" / "version_0" / "predict" / "predictions.csv"  # under the evaluated run
+    assert "runs/version_0/predict/predictions.csv" in proc.stdout  # printed as short as the working folder allows
     _, rows = _rows(csv_path)
     assert [r["file"] for r in rows] == [f"batch 1/{n}" for n in names]
     assert all(r["label"] in [str(d) for d in range(10)] for r in rows)

@@ -95,7 +95,7 @@ def test_stored_output_location_is_never_used(sub, how, seg_checkpoint, tmp_path
     assert code == 0, err[-3000:]
     assert f"ignored its stored output_dir='{outside}'" in err
     if sub == "predict":
-        runs = sorted(root.glob("version_*/predictions/*_overlay.png"))
+        runs = sorted(root.glob("version_*/**/predictions/*_overlay.png"))  # version_0/predict/… for its own run
         assert len(runs) == 4, sorted(root.rglob("*"))
 
 
