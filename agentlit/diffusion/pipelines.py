@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 import torch
 
+from ..hub import from_pretrained
+
 __all__ = ["SCHEDULERS", "SchedulerName", "load_pipeline", "scheduler_from_config"]
 
 #: the sampling schedulers a task may name (each task allows the subset its ``Literal`` lists)
@@ -17,7 +19,8 @@ SCHEDULERS: dict[str, str] = {
 
 
 def load_pipeline(name_or_path: str | None, seed: int = 0, torch_dtype: torch.dtype = torch.float32,
-                  tiny_kind: str = "sd", safety_checker: bool = False) -> Any:
+                  tiny_kind: str = "sd", safety_checker: bool = False,
+                  option: str = "--model.pretrained_model_name_or_path") -> Any:
     """A text-to-image pipeline: the tiny local one (random weights) or a pretrained one.
 
     Args:
@@ -27,6 +30,7 @@ def load_pipeline(name_or_path: str | None, seed: int = 0, torch_dtype: torch.dt
         torch_dtype: dtype of the pipeline's weights.
         tiny_kind: layout of the tiny pipeline: "sd" (SD 1.x) or "sdxl".
         safety_checker: keep the pretrained pipeline's safety checker when it ships one.
+        option: the setting that named the pipeline (a hub miss names it: :func:`agentlit.hub.from_pretrained`).
 
     Returns:
         The pipeline, with its progress bar off.
@@ -38,7 +42,7 @@ def load_pipeline(name_or_path: str | None, seed: int = 0, torch_dtype: torch.dt
     from diffusers import AutoPipelineForText2Image  # SD 1.x/2.x or SDXL, from model_index.json
 
     extra = {} if safety_checker else dict(safety_checker=None, requires_safety_checker=False)
-    pipe = AutoPipelineForText2Image.from_pretrained(name_or_path, torch_dtype=torch_dtype, **extra)
+    pipe = from_pretrained(AutoPipelineForText2Image.from_pretrained, name_or_path, option, torch_dtype=torch_dtype, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
