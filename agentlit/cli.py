@@ -95,6 +95,7 @@ def cli(args: list[str] | None = None, run: bool = True) -> AgentLitCLI:
 
 
 # ------------------------------------------------------------------------------------------ errors
+_PHRASED = {"CheckpointError", "ConfigError", "SettingsError", "BadImageError", "BrokenInstallError", "HubMissError"}
 _USER_ERRORS = (ValueError, OSError, KeyError, FloatingPointError, ImportError, TypeError)
 _USER_ERROR_NAMES = {"ArgumentError", "MisconfigurationException", "UnpicklingError", "BadZipFile", "ConfigError"}
 _NOISE = (
@@ -189,8 +190,9 @@ def describe_error(err: BaseException, argv: list[str] | None = None) -> str | N
     names = {k.__name__ for k in type(err).__mro__}
     text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
     ckpt = _arg_value(argv or [], "--ckpt_path") or ""
-    if names & {"CheckpointError", "ConfigError", "SettingsError", "BadImageError", "BrokenInstallError"}:  # already phrased
-        return unwrap_error_text(text)
+    for cause in _chain(err):  # ours, already phrased for the user (also when jsonargparse wrapped it)
+        if {k.__name__ for k in type(cause).__mro__} & _PHRASED:
+            return unwrap_error_text(str(cause))
     if "No supported gpu backend found" in text or re.search(r"CUDA.*(not available|can not run)", text):
         return _GPU_HINT
     if "Weights only load failed" in text or "weights_only" in text:
@@ -297,6 +299,8 @@ def main(args: list[str] | None = None) -> None:
     apply_thread_default()  # before torch loads: OpenMP reads it once
     try:
         cli(argv)
+        if argv[0] in ("validate", "test", "predict"):
+            _discard_empty_runs()  # a folder that got only the config (outputs written elsewhere) is not kept
     except SystemExit as exit_:
         if exit_.code not in (0, None):  # e.g. Lightning's exit after a Ctrl-C before the first step
             _discard_empty_runs()

@@ -1,5 +1,6 @@
 """Prediction files a person can open: ``predictions.csv`` for classifiers, overlay PNGs for
-segmentation.
+segmentation, drawn detections — at a size a person can read —, where ``predict`` writes them
+(:func:`predictions_folder`) and the line every ``predict`` ends with (:func:`report_predictions`).
 
 Both are written by the task modules themselves (``on_predict_epoch_end`` / ``predict_step``), so
 ``agentlit predict`` and a plain ``Trainer.predict`` behave the same. Under DDP every rank predicts
@@ -16,7 +17,10 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "ClassificationPredictions", "format_prediction_table", "output_folder", "overlay_image", "save_overlay",
+    "ClassificationPredictions", "MIN_DRAWING_SIDE", "claim_output_dir", "detection_image", "enlarge", "enlarge_grid",
+    "font",
+    "format_prediction_table", "output_folder", "overlay_image", "place_labels", "predict_source",
+    "predictions_folder", "report_predictions", "save_overlay",
 ]
 
 
@@ -51,6 +55,7 @@ class ClassificationPredictions:
 
     def __init__(self) -> None:
         self.rows: list[tuple[int, list[float], int | None]] = []  # (item index, probabilities, target or None)
+        self.skipped: list[str] = []  # inputs that could not be read (skip_bad_images)
         self._next = 0  # running index for batches that carry none
 
     def add(self, probs: Tensor, index: Tensor | None = None, target: Tensor | None = None) -> None:
@@ -88,7 +93,8 @@ class ClassificationPredictions:
             show: rows printed in the summary table.
         """
         rows = sorted(_gather(self.rows), key=lambda r: r[0])
-        self.rows = []
+        skipped = _gather(self.skipped)
+        self.rows, self.skipped = [], []
         if not trainer.is_global_zero or not rows:
             return None
         num_classes = len(rows[0][1])
@@ -121,7 +127,8 @@ class ClassificationPredictions:
         if has_target:
             right = sum(line[1] == line[-1] for line in table)
             print(f"{right}/{len(table)} predictions match the known labels ({right / len(table):.1%})", flush=True)
-        print(f"predictions for {len(table)} images written to {path}", flush=True)
+        report_predictions(None, len(table) + len(skipped), predict_source(trainer, "held-out images"),
+                           f"predictions for {len(table)} images", path, skipped)
         return path
 
 
@@ -152,7 +159,7 @@ def overlay_image(
     palette: np.ndarray,
     class_names: Sequence[str] | None = None,
     alpha: float = 0.5,
-    min_size: int = 192,
+    min_size: int = 512,
 ) -> "Image.Image":
     """One picture of a segmentation: the input | the prediction's colours blended over it | a
     legend of the classes present (colour swatch and name).
@@ -165,21 +172,20 @@ def overlay_image(
         alpha: weight of the class colours in the middle panel.
         min_size: small images are enlarged (whole pixels, nearest) until their longer side reaches this.
     """
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
-    scale = max(1, min_size // max(pred.shape))
-    if scale > 1:  # a 64 px prediction is too small to read next to the legend's text
-        image = image.repeat(scale, 0).repeat(scale, 1)
-        pred = pred.repeat(scale, 0).repeat(scale, 1)
+    image, _ = enlarge(image, min_size)  # a 64 px prediction is too small to read next to the legend's text
+    pred, _ = enlarge(pred, min_size)
     h, w = pred.shape
     colours = palette[np.clip(pred, 0, len(palette) - 1)]  # (H, W, 3)
     blend = (image.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha).round().astype(np.uint8)
     present = [int(c) for c in np.unique(pred)]
     names = list(class_names) if class_names else []
-    font = ImageFont.load_default()
-    row_h, swatch, pad = 14, 10, 4
+    size = max(12, round(max(h, w) / 32))  # text follows the picture: 16 px at 512
+    text_font = font(size)
+    row_h, swatch, pad = round(size * 1.5), size, max(4, size // 3)
     labels = [names[c] if c < len(names) else str(c) for c in present]
-    legend_w = pad * 3 + swatch + max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t, font=font)) for t in labels)
+    legend_w = pad * 3 + swatch + max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t, font=text_font)) for t in labels)
     height = max(h, pad * 2 + row_h * len(present))
     canvas = Image.new("RGB", (2 * w + legend_w, height), (255, 255, 255))
     canvas.paste(Image.fromarray(image), (0, 0))
@@ -189,7 +195,7 @@ def overlay_image(
         y = pad + r * row_h
         x = 2 * w + pad
         draw.rectangle([x, y, x + swatch, y + swatch], fill=tuple(int(v) for v in palette[c]), outline=(0, 0, 0))
-        draw.text((x + swatch + pad, y - 1), text, fill=(0, 0, 0), font=font)
+        draw.text((x + swatch + pad, y + swatch / 2), text, fill=(0, 0, 0), font=text_font, anchor="lm")
     return canvas
 
 
@@ -222,3 +228,204 @@ def save_overlay(
     path = Path(path)
     overlay_image(rgb, pred, palette, class_names).save(path)
     return path
+
+
+# ------------------------------------------------------------------------------- where and what
+def claim_output_dir(trainer: Any, path: str | Path) -> Path:
+    """``path``, or ``path-1``, ``path-2`` … when an earlier run wrote there
+    (:func:`~agentlit.utils.paths.fresh_dir`, claimed atomically on rank 0; the same folder on every rank).
+
+    Args:
+        trainer: the running Lightning Trainer (None: this process alone).
+        path: the folder asked for.
+    """
+    from .utils.paths import fresh_dir
+
+    claimed = fresh_dir(path) if trainer is None or trainer.is_global_zero else None
+    if trainer is not None and trainer.world_size > 1:
+        claimed = trainer.strategy.broadcast(claimed, src=0)
+    return Path(claimed)
+
+
+def predictions_folder(trainer: Any, output_dir: str | Path | None = None) -> Path:
+    """Where ``predict`` writes its files: ``output_dir`` when the config sets one, else ``predictions/`` in
+    the evaluation folder (``version_N/predict/predictions`` for a run's checkpoint); never a folder an
+    earlier predict wrote into (:func:`claim_output_dir`).
+
+    Args:
+        trainer: the running Lightning Trainer.
+        output_dir: the task's ``output_dir`` setting (None: the evaluation folder's ``predictions/``).
+    """
+    return claim_output_dir(trainer, output_dir or output_folder(trainer) / "predictions")
+
+
+def _total(trainer: Any, n: int) -> int:
+    """``n`` summed over the ranks (each predicts its share)."""
+    if trainer is None or trainer.world_size == 1:
+        return n
+    return int(trainer.strategy.reduce(torch.tensor(float(n)), reduce_op="sum").item())
+
+
+def report_predictions(trainer: Any, read: int, inputs: str, wrote: str, where: str | Path,
+                       skipped: Sequence[str] = ()) -> str | None:
+    """The line every ``predict`` ends with: how many inputs it read (and which it could not), what it
+    wrote and where. Counts are summed over the ranks; rank 0 prints it. Returns the line on rank 0.
+
+    Args:
+        trainer: the running Lightning Trainer.
+        read: inputs this rank predicted.
+        inputs: what they were and where from, e.g. ``"images from my digits"``.
+        wrote: what was written, e.g. ``"12 masks and 12 overlays"``.
+        where: the folder (or file) written to.
+        skipped: names of the inputs this rank could not read (skipped with ``skip_bad_images``).
+    """
+    read, names = _total(trainer, read), _gather(list(skipped))
+    if trainer is not None and not trainer.is_global_zero:
+        return None
+    line = f"agentlit: predict read {read} {inputs}"
+    if names:
+        line += f" ({len(names)} unreadable, skipped: {', '.join(names[:3])}{', …' if len(names) > 3 else ''})"
+    line += f"; wrote {wrote} to {where}"
+    print(line, flush=True)
+    return line
+
+
+def predict_source(trainer: Any, default: str = "images of the validation set") -> str:
+    """``"images from <predict_root>"`` when the data module predicts a folder, else ``default``.
+
+    Args:
+        trainer: the running Lightning Trainer.
+        default: what the inputs are otherwise.
+    """
+    root = getattr(getattr(trainer, "datamodule", None), "predict_root", None)
+    return f"images from {root}" if root else default
+
+
+# ---------------------------------------------------------------------------------------- drawing
+#: longer side, in pixels, that drawings of small inputs are enlarged to (whole pixels, nearest)
+MIN_DRAWING_SIDE = 512
+
+
+def font(size: int) -> "ImageFont.ImageFont":
+    """PIL's bundled scalable font at ``size`` pixels (its small bitmap font where FreeType is missing).
+
+    Args:
+        size: text height in pixels.
+    """
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow < 10.1 or no FreeType
+        return ImageFont.load_default()
+
+
+def enlarge(image: np.ndarray, min_size: int = MIN_DRAWING_SIDE) -> tuple[np.ndarray, int]:
+    """``image`` repeated by the whole factor that brings its longer side to at least ``min_size``
+    (pixels stay sharp, coordinates scale exactly); returns it and the factor.
+
+    Args:
+        image: (H, W, ...) array.
+        min_size: the longer side to reach (0: unchanged).
+    """
+    k = max(1, -(-min_size // max(image.shape[:2]))) if min_size else 1
+    return (image.repeat(k, 0).repeat(k, 1) if k > 1 else image), k
+
+
+def enlarge_grid(grid: Tensor, min_size: int = MIN_DRAWING_SIDE) -> Tensor:
+    """A (C, H, W) sample grid enlarged by whole pixels until its longer side is at least ``min_size``
+    (a grid of 16 px samples is otherwise too small to judge).
+
+    Args:
+        grid: (C, H, W) image tensor.
+        min_size: the longer side to reach.
+    """
+    k = max(1, -(-min_size // max(grid.shape[-2:])))
+    return grid.repeat_interleave(k, -2).repeat_interleave(k, -1) if k > 1 else grid
+
+
+def _text_colour(fill: tuple[int, int, int]) -> tuple[int, int, int]:
+    return (0, 0, 0) if 0.299 * fill[0] + 0.587 * fill[1] + 0.114 * fill[2] > 140 else (255, 255, 255)
+
+
+def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+def place_labels(boxes: Sequence[Sequence[float]], sizes: Sequence[tuple[int, int]], width: int, height: int
+                 ) -> list[tuple[int, int]]:
+    """Top-left corners for one label per box, in the given order (most important first): above the box,
+    inside its top edge, below it, inside its bottom edge — the first spot inside the picture that no
+    earlier label covers, else the least covered one.
+
+    Args:
+        boxes: (x0, y0, x1, y1) per box, in pixels.
+        sizes: (w, h) of each label, in pixels.
+        width: picture width.
+        height: picture height.
+    """
+    placed: list[tuple[float, float, float, float]] = []
+    corners = []
+    for (x0, y0, x1, y1), (w, h) in zip(boxes, sizes):
+        x = min(max(0, int(x0)), max(0, width - w))
+        spots = [(x, int(y0) - h), (x, int(y0)), (x, int(y1)), (x, int(y1) - h)]
+        spots = [(sx, sy) for sx, sy in spots if 0 <= sy <= height - h] or [(x, max(0, min(int(y0), height - h)))]
+        best = min(spots, key=lambda s: sum(_overlap((s[0], s[1], s[0] + w, s[1] + h), p) for p in placed))
+        placed.append((best[0], best[1], best[0] + w, best[1] + h))
+        corners.append(best)
+    return corners
+
+
+def detection_image(
+    image: np.ndarray,
+    boxes: np.ndarray,
+    labels: Sequence[str],
+    classes: Sequence[int],
+    palette: np.ndarray,
+    masks: np.ndarray | None = None,
+    alpha: float = 0.45,
+    min_size: int = MIN_DRAWING_SIDE,
+) -> "Image.Image":
+    """An image with its detections drawn legibly: enlarged to ``min_size`` when small, masks blended,
+    boxes and ``labels`` (e.g. ``"circle 0.93"``) in a size that follows the picture, labels placed so
+    that they do not cover each other where there is room (:func:`place_labels`).
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        boxes: (N, 4) boxes x0, y0, x1, y1 in pixels of ``image``, most confident first.
+        labels: N texts.
+        classes: N class indices (colour from ``palette``).
+        palette: (K, 3) uint8 colour per class index.
+        masks: (N, H, W) bool masks, or None.
+        alpha: weight of the mask colours.
+        min_size: small images are enlarged (whole pixels) until their longer side reaches this.
+    """
+    from PIL import Image, ImageDraw
+
+    rgb = image.astype(np.float32)
+    if masks is not None:
+        for m, c in zip(masks, classes):
+            rgb[m] = rgb[m] * (1 - alpha) + palette[c % len(palette)].astype(np.float32) * alpha
+    big, k = enlarge(rgb.round().astype(np.uint8), min_size)
+    canvas = Image.fromarray(big)
+    draw = ImageDraw.Draw(canvas)
+    height, width = big.shape[:2]
+    side = max(height, width)
+    line = max(2, round(side / 256))
+    text_font = font(max(14, round(side / 32)))  # 16 px on a 512 px picture
+    pad = max(1, line // 2)
+    sizes = []
+    for text in labels:
+        x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=text_font)
+        sizes.append((int(x1 - x0) + 2 * pad, int(y1 - y0) + 2 * pad))
+    scaled = [[float(v) * k for v in b] for b in boxes]
+    for b, c in zip(scaled, classes):
+        draw.rectangle(b, outline=tuple(int(v) for v in palette[c % len(palette)]), width=line)
+    for (x, y), (w, h), text, c in zip(place_labels(scaled, sizes, width, height), sizes, labels, classes):
+        fill = tuple(int(v) for v in palette[c % len(palette)])
+        draw.rectangle([x, y, x + w, y + h], fill=fill)
+        left, top, _, _ = draw.textbbox((0, 0), text, font=text_font)
+        draw.text((x + pad - left, y + pad - top), text, fill=_text_colour(fill), font=text_font)
+    return canvas

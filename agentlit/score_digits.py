@@ -1,6 +1,6 @@
 """Score a digits ``generation.json`` with the digits SVM (not trained by the generation module).
 
-    python -m agentlit.score_digits outputs/digits_diffusion/generation.json
+    python -m agentlit.score_digits runs/digits_diffusion/version_0/predict/predictions/generation.json
 
 Prints the conditional accuracy overall and per class as JSON.
 """

@@ -130,11 +130,11 @@ def test_earlier_outputs_are_never_overwritten(tmp_path):
     out = tmp_path / "gen"
     out.mkdir()
     (out / "00000.png").write_bytes(b"earlier image")
-    assert fresh_dir(out) == tmp_path / "gen-1"
-    (tmp_path / "gen-1").mkdir()
-    (tmp_path / "gen-1" / "x").write_text("")
-    assert fresh_dir(out) == tmp_path / "gen-2"
+    assert fresh_dir(out) == tmp_path / "gen-1"  # claimed: created, and taken for this run
+    assert fresh_dir(out) == tmp_path / "gen-2"  # another run a moment later gets its own
     assert fresh_dir(tmp_path / "new") == tmp_path / "new"
+    (tmp_path / "empty").mkdir()
+    assert fresh_dir(tmp_path / "empty") == tmp_path / "empty"  # an empty folder the user made is used
     assert (out / "00000.png").read_bytes() == b"earlier image"
 
 

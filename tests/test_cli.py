@@ -275,3 +275,16 @@ def test_a_library_failing_inside_a_task_is_named_with_its_versions(tmp_path):
     assert "huggingface_hub " in line and "a set that works: torch " in line and 'pip install "diffusers==' in line
     # an unrelated error raised in a module body of ours is not mistaken for a broken install
     assert describe_error(RuntimeError("boom"), []) is None
+
+
+def test_an_evaluation_that_wrote_its_outputs_elsewhere_leaves_no_run_folder(tmp_path):
+    """predict of a pipeline that writes into model.output_dir: the run folder the loggers claimed holds only
+    the config, and is removed at the end — never an empty new version_N."""
+    from cli_helpers import ROOT, run_main
+
+    code, out, err = run_main("predict", "--config", str(ROOT / "configs" / "generation" / "quickstart.yaml"),
+                              "--trainer.logger", "true", "--trainer.default_root_dir", "runs", "--model.output_dir", "gen",
+                              "--model.num_inference_steps", "1", "--model.height", "32", "--model.width", "32", cwd=tmp_path)
+    assert code == 0, err[-3000:]
+    assert "agentlit: predict read 6 prompt/seed pairs; wrote 6 images and generation.json to gen" in out
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())

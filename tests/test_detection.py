@@ -272,7 +272,7 @@ def test_fit_test_predict_on_coco_folder(coco_root, tmp_path, capsys):
     paths = [p for batch in trainer.predict(m, dm) for p in batch]
     val = json.loads((coco_root / "annotations" / "instances_val2017.json").read_text())
     assert len(paths) == len(val["images"]) and all(Path(p).is_file() for p in paths)
-    assert Image.open(paths[0]).size == (64, 64)
+    assert Image.open(paths[0]).size == (512, 512)  # drawn enlarged to a readable size
     bbox = json.loads((tmp_path / "pred" / "results.bbox.json").read_text())
     segm = json.loads((tmp_path / "pred" / "results.segm.json").read_text())
     assert bbox and len(bbox) == len(segm)
@@ -467,3 +467,23 @@ def test_coco_recipe_matches_paper_and_builds(name, monkeypatch):
     with torch.device("meta"):
         module = DetectionModule(**m)
     assert module.model.backbone.fpn.inner_blocks[0][0].out_channels == 256
+
+
+def test_predict_root_is_recursive_counts_unreadable_files_and_draws_readably(coco_root, tmp_path, capsys):
+    folder = tmp_path / "pics"
+    (folder / "sub").mkdir(parents=True)
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(folder / "a.png")
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(folder / "sub" / "a.png")  # same stem in a sub-folder
+    (folder / "sub" / "bad.jpg").write_bytes(b"not an image")
+    dm = COCODetectionDataModule(str(tmp_path / "no coco here"), val_batch_size=2, num_workers=0,
+                                 predict_root=str(folder), skip_bad_images=True)
+    dm.__dict__["_categories"] = ((3, 7, 11), ("a", "b", "c"))  # the classes a checkpoint would bring
+    m = tiny_module(output_dir=str(tmp_path / "pred"), detector_kwargs={"box_score_thresh": 0.0, "box_detections_per_img": 3},
+                    score_threshold=0.0)
+    with pytest.warns(UserWarning, match=r"skipping unreadable image .*sub/bad.jpg"):
+        paths = [p for batch in _trainer(tmp_path).predict(m, dm) for p in batch]
+    assert sorted(Path(p).name for p in paths) == ["a.png.png", "sub_a.png.png"]
+    assert Image.open(tmp_path / "pred" / "a.png.png").size == (512, 384)  # 8x: readable labels
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"agentlit: predict read 3 images from {folder} (1 unreadable, skipped: sub/bad.jpg); wrote 2 drawings and "
+        f"results.bbox.json + results.segm.json to {tmp_path / 'pred'}")

@@ -348,10 +348,10 @@ def test_segmentation_predict_keeps_both_colliding_stems(seg_checkpoint, tmp_pat
     Image.new("RGB", (64, 64), (200, 10, 10)).save(folder / "a.png")
     Image.new("RGB", (64, 64), (10, 200, 10)).save(folder / "a.jpg")
     code, out, err = run_main("predict", "--config", SEG_CONFIG, *SEG_TINY, "--ckpt_path", str(seg_checkpoint),
-                              "--data.predict_dir", str(folder), "--data.val_batch_size", "1",
+                              "--data.predict_root", str(folder), "--data.val_batch_size", "1",
                               "--trainer.default_root_dir", "runs", cwd=tmp_path)
     assert code == 0, err[-3000:]
-    written = sorted(p.name for p in (tmp_path / "runs" / "version_0" / "predictions").iterdir())
+    written = sorted(p.name for p in (tmp_path / "runs" / "version_0" / "predictions").iterdir() if p.name[0] != ".")
     assert written == ["a.jpg.png", "a.jpg_overlay.png", "a.png.png", "a.png_overlay.png"]
 
 
@@ -362,10 +362,10 @@ def test_failed_predict_keeps_what_it_already_wrote(seg_checkpoint, tmp_path):
         Image.new("RGB", (64, 64), (200, 10, 10)).save(folder / f"{name}.png")
     (folder / "c.png").write_bytes(b"not an image")  # the third batch fails
     code, out, err = run_main("predict", "--config", SEG_CONFIG, *SEG_TINY, "--ckpt_path", str(seg_checkpoint),
-                              "--data.predict_dir", str(folder), "--data.val_batch_size", "1",
+                              "--data.predict_root", str(folder), "--data.val_batch_size", "1",
                               "--trainer.default_root_dir", "runs", cwd=tmp_path)
     assert_one_line_error(code, err, r"cannot read image .*c.png")
-    written = sorted(p.name for p in (tmp_path / "runs" / "version_0" / "predictions").iterdir())
+    written = sorted(p.name for p in (tmp_path / "runs" / "version_0" / "predictions").iterdir() if p.name[0] != ".")
     assert written == ["a.png", "a_overlay.png", "b.png", "b_overlay.png"]
 
 

@@ -147,3 +147,15 @@ def test_cli_quickstart_predict(tmp_path):
     report = json.loads((out / "generation.json").read_text())
     assert report["num_images"] == 3 and report["agentsd"]["ratio"] == 0.4
     assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001.png", "00002.png"]
+
+
+def test_a_second_predict_never_overwrites_the_first_and_says_where_it_wrote(tmp_path, capsys):
+    dm = PromptDataModule(prompts=["a cat", "a dog"], batch_size=2)
+    _trainer().predict(_module(tmp_path / "out"), datamodule=dm)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"agentlit: predict read 2 prompt/seed pairs; wrote 2 images and generation.json to {tmp_path / 'out'}")
+    first = (tmp_path / "out" / "00000.png").read_bytes()
+    _trainer().predict(_module(tmp_path / "out"), datamodule=dm)
+    out = capsys.readouterr().out
+    assert f"wrote 2 images and generation.json to {tmp_path / 'out-1'}" in out
+    assert (tmp_path / "out" / "00000.png").read_bytes() == first and (tmp_path / "out-1" / "00001.png").is_file()

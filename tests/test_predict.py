@@ -227,5 +227,132 @@ def test_overlay_has_input_prediction_and_legend():
     assert (out[5, 30 + 20] == pal[2]).all() and (out[5, 30 + 5] == pal[0]).all()  # the prediction
     legend = out[:, 60:].reshape(-1, 3)
     assert any((legend == pal[2]).all(1)) and not any((legend == pal[3]).all(1))  # classes present only
-    big = np.asarray(overlay_image(image, pred, pal, min_size=192))
-    assert big.shape[0] == 120 and (big[:120, :180] == 200).all()  # enlarged 6x to be readable
+    big = np.asarray(overlay_image(image, pred, pal))
+    assert big.shape[0] == 360 and (big[:360, :540] == 200).all()  # enlarged 18x: the longer side reaches 512 px
+
+
+# ----------------------------------------------------------------------------- one predict contract
+def test_report_line_says_what_was_read_skipped_and_written(tmp_path, capsys):
+    class _T:
+        is_global_zero, log_dir, default_root_dir, world_size = True, str(tmp_path), str(tmp_path), 1
+        datamodule = type("DM", (), {"predict_root": "my digits"})()
+
+    w = ClassificationPredictions()
+    w.add(torch.tensor([[0.2, 0.8], [0.6, 0.4]]), torch.tensor([0, 1]))
+    w.skipped = ["sub/broken.png"]
+    path = w.write(_T(), ["cat", "dog"], ["a.png", "sub/b.png"])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"agentlit: predict read 3 images from my digits (1 unreadable, skipped: sub/broken.png); "
+        f"wrote predictions for 2 images to {path}")
+
+
+def test_output_folders_are_claimed_atomically(tmp_path):
+    """Runs that start at the same moment never share an output folder; an earlier run's is never reused."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from agentlit.utils.paths import fresh_dir
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "00000.png").write_bytes(b"an earlier run's image")
+    with ThreadPoolExecutor(8) as pool:
+        claimed = list(pool.map(lambda _: fresh_dir(tmp_path / "out"), range(8)))
+    assert sorted(p.name for p in claimed) == sorted(f"out-{k}" for k in range(1, 9))
+    assert (tmp_path / "out" / "00000.png").read_bytes() == b"an earlier run's image"
+
+
+def _pictures(folder: Path) -> None:
+    """Three readable images (two sharing the stem ``a``, one in a sub-folder) and one unreadable file."""
+    (folder / "sub").mkdir(parents=True)
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(folder / "a.png")
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(folder / "a.jpg")
+    Image.new("RGB", (40, 64), (10, 10, 200)).save(folder / "sub" / "c.png")
+    (folder / "sub" / "bad.png").write_bytes(b"not an image")
+
+
+def test_segmentation_predict_root_recursive_counted_and_kept_in_its_run(seg_checkpoint, tmp_path):
+    """The classification contract for segmentation: --data.predict_root (recursive), unreadable files named and
+    counted (skip_bad_images), no stem collisions, one closing line; a run's checkpoint predicts into that run,
+    and a second predict never overwrites the first."""
+    import shutil
+
+    from cli_helpers import SEG_CONFIG, SEG_TINY, run_main
+
+    run = tmp_path / "runs" / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(seg_checkpoint, run / "checkpoints" / "last.ckpt")
+    _pictures(tmp_path / "pics")
+    args = ("predict", "--config", SEG_CONFIG, *SEG_TINY, "--ckpt_path", "last", "--data.predict_root", "pics",
+            "--data.val_batch_size", "2", "--trainer.default_root_dir", "runs")
+    code, out, err = run_main(*args, "--data.skip_bad_images", "true", cwd=tmp_path)
+    assert code == 0, err[-3000:]
+    assert "skipping unreadable image (skip_bad_images=true): cannot read image pics/sub/bad.png" in err
+    assert ("agentlit: predict read 4 images from pics (1 unreadable, skipped: sub/bad.png); wrote 3 masks and 3 "
+            "overlays to runs/version_0/predict/predictions") in out
+    first = run / "predict" / "predictions"
+    written = sorted(p.name for p in first.iterdir() if p.name[0] != ".")
+    assert written == ["a.jpg.png", "a.jpg_overlay.png", "a.png.png", "a.png_overlay.png", "c.png", "c_overlay.png"]
+    assert Image.open(first / "c_overlay.png").size[1] == 512  # enlarged to be read
+    before = {p: p.stat().st_mtime_ns for p in first.iterdir()}
+    code, out, err = run_main(*args, "--data.skip_bad_images", "true", cwd=tmp_path)
+    assert code == 0 and "to runs/version_0/predict-1/predictions" in out, err[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in first.iterdir()} == before  # the first predict is untouched
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["version_0"]  # no empty new run folders
+    # without skip_bad_images the unreadable file stops predict with one line naming it
+    code, out, err = run_main(*args, cwd=tmp_path)
+    assert code == 2 and "cannot read image pics/sub/bad.png" in err and "skip_bad_images: true" in err
+
+
+# ----------------------------------------------------------------------------- pictures people can read
+def test_labels_are_placed_where_they_cover_no_other_label():
+    from agentlit.predict_writers import place_labels
+
+    boxes = [(10, 40, 100, 100), (12, 42, 98, 96), (14, 44, 90, 90)]  # three nearly identical boxes
+    corners = place_labels(boxes, [(60, 14)] * 3, 200, 200)
+    rects = [(x, y, x + 60, y + 14) for x, y in corners]
+    for i in range(3):
+        for j in range(i):
+            a, b = rects[i], rects[j]
+            assert min(a[2], b[2]) <= max(a[0], b[0]) or min(a[3], b[3]) <= max(a[1], b[1]), (a, b)
+    assert corners[0] == (10, 26)  # the most confident one keeps the usual spot above its box
+    # no room: still inside the picture
+    x, y = place_labels([(0, 0, 10, 10)], [(60, 14)], 50, 12)[0]
+    assert x == 0 and y == 0
+
+
+def test_detection_drawing_is_enlarged_and_labelled_in_class_colours():
+    from agentlit.models.segmentation import palette
+    from agentlit.predict_writers import detection_image
+
+    image = np.full((64, 48, 3), 128, np.uint8)
+    masks = np.zeros((2, 64, 48), bool)
+    masks[0, 10:30, 10:30] = True
+    pal = palette(4)
+    pic = np.asarray(detection_image(image, np.array([[10, 10, 30, 30], [5, 40, 40, 60]], float),
+                                     ["circle 0.93", "square 0.51"], [1, 2], pal, masks))
+    assert pic.shape == (512, 384, 3)  # 8x: the longer side reaches 512 px
+    assert (pic[200, 200] != 128).any()  # the mask is blended in (enlarged with the image)
+    label = (pic == pal[1]).all(-1)  # the label background of class 1 sits above its box (y 80 at 8x)
+    rows = np.nonzero(label[:80].any(1))[0]
+    assert len(rows) >= 14 and label[:80].any(0).sum() >= 60  # a label at least 14 px high and 60 px wide
+
+
+def test_metrics_png_has_panels_only_for_metrics_logged_more_than_once(tmp_path):
+    from agentlit.utils.plots import metric_panels, plot_metrics
+
+    csv_path = tmp_path / "metrics.csv"
+    csv_path.write_text("epoch,step,train/loss,val/bbox_mAP,val/bbox_mAP_s,lr-AdamW,test/acc1\n"
+                        "0,9,1.5,,,0.1,\n0,19,1.2,0.3,-1,0.1,\n1,29,0.9,0.4,-1,0.05,\n1,30,,,,,0.8\n")
+    assert metric_panels(__import__("agentlit.utils.plots", fromlist=["read_metrics"]).read_metrics(csv_path)) == {
+        "bbox_mAP": ["val/bbox_mAP"], "learning rate": ["lr-AdamW"], "loss": ["train/loss"]}
+    assert plot_metrics(csv_path, tmp_path / "m.png").stat().st_size > 1000
+    csv_path.write_text("epoch,step,test/acc1\n0,30,0.8\n")
+    assert plot_metrics(csv_path, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
+def test_sample_grids_are_at_least_512_px():
+    from agentlit.predict_writers import enlarge_grid
+
+    grid = torch.rand(3, 171, 86)  # ten 16 px digits a row, as the digits diffusion predict draws them
+    big = enlarge_grid(grid)
+    assert big.shape == (3, 171 * 3, 86 * 3) and torch.equal(big[:, ::3, ::3], grid)
+    assert enlarge_grid(torch.rand(1, 600, 40)).shape == (1, 600, 40)

@@ -281,9 +281,10 @@ def test_folder_module_size_mismatch_names_both_files(tmp_path):
     assert dm.val_set[0]["mask"].unique().tolist() == [2]
     with pytest.raises(ValueError, match=r"ti/a\.png.*tm/a\.png"):
         dm.train_set[0]
-    dm.predict_dir = str(tmp_path / "vi")  # predict on a folder of images: no masks needed
+    dm.predict_root = str(tmp_path / "vi")  # predict on a folder of images: no masks needed
     batch = next(iter(dm.predict_dataloader()))
     assert batch["name"] == ["b"] and "mask" not in batch and batch["orig_size"] == [(20, 30)]
+    assert batch["file"] == ["b.jpg"] and batch["unreadable"] == [""]
 
 
 def test_label_check_allows_ignore_and_rejects_out_of_range():

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .base import ResumableDataModule
-from .io import IMG_EXTENSIONS, BadImageError, image_files, load_rgb
+from .io import IMG_EXTENSIONS, BadImageError, PredictFolder, image_files, load_rgb, predict_files, warn_unreadable
 from .sampling import EpochSeededDataset
 
 __all__ = ["DigitsDataModule", "ImageFolderDataModule", "IMG_EXTENSIONS", "LabeledImages", "PredictImages", "find_images"]
@@ -122,7 +122,7 @@ class DigitsDataModule(ResumableDataModule):
     def predict_names(self) -> list[str]:
         """One name per predict item: paths relative to ``predict_root``, else ``val/<index>``."""
         if self.predict_root is not None:
-            return self._predict_images().names
+            return self._predict_images().relative
         self.setup("predict")
         return [f"val/{i:04d}" for i in range(len(self.val_set))]
 
@@ -323,7 +323,7 @@ class ImageFolderDataModule(ResumableDataModule):
     def predict_names(self) -> list[str]:
         """One name per predict item: paths relative to ``predict_root`` (or to the predict split)."""
         if self.predict_root is not None:
-            return self._predict_images().names
+            return self._predict_images().relative
         folder = self._files(self.splits["predict"])
         return [str(p.relative_to(folder.root)) for p, _ in folder.samples]
 
@@ -331,27 +331,20 @@ class ImageFolderDataModule(ResumableDataModule):
 def find_images(root: str | Path) -> list[Path]:
     """Every image under ``root`` (recursively, any layout, extensions in :data:`IMG_EXTENSIONS`,
     any case), sorted by path; hidden files and folders are skipped, links followed once
-    (:func:`~agentlit.data.io.image_files`).
+    (:func:`~agentlit.data.io.predict_files`).
 
     Args:
         root: the folder to search.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"predict_root {root} is not a folder; give a folder of images (searched recursively, any layout)"
-        )
-    files = image_files(root)
-    if not files:
-        raise FileNotFoundError(f"predict_root {root} holds no images with extensions {IMG_EXTENSIONS} (searched recursively)")
-    return files
+    return predict_files(root)[0]
 
 
-class PredictImages(Dataset):
-    """The images under a folder for ``predict``: items ``{"image": transform(RGB image), "index": i}``.
+class PredictImages(PredictFolder):
+    """The images under a folder for ``predict``: items ``{"image": transform(RGB image), "index": i,
+    "file": path below the folder, "name": output name}`` (:class:`~agentlit.data.io.PredictFolder`).
 
     An unreadable file is an error naming it; with ``skip_bad`` it is reported once and its item
-    gets ``index = -1`` (a blank image), so the writer leaves it out.
+    gets ``index = -1`` (a blank image), so the writer leaves it out and counts it.
 
     Args:
         root: folder searched recursively (see :func:`find_images`).
@@ -360,34 +353,7 @@ class PredictImages(Dataset):
     """
 
     def __init__(self, root: str | Path, transform: Any, skip_bad: bool = False) -> None:
-        self.root = Path(root)
-        self.files = find_images(self.root)
-        self.names = [p.relative_to(self.root).as_posix() for p in self.files]
-        self.transform, self.skip_bad = transform, skip_bad
-        self._shape: tuple[int, ...] | None = None
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        try:
-            image = self.transform(load_rgb(self.files[index]))
-        except BadImageError as err:
-            if not self.skip_bad:
-                raise
-            _warn_once(str(err))
-            for offset in range(1, len(self)):  # the transform's output shape, from a readable file
-                if self._shape is not None:
-                    break
-                try:
-                    self._shape = tuple(self.transform(load_rgb(self.files[(index + offset) % len(self)])).shape)
-                except BadImageError:
-                    continue
-            if self._shape is None:
-                raise BadImageError(f"no readable image in {self.root}") from err
-            return {"image": torch.zeros(self._shape), "index": -1}
-        self._shape = tuple(image.shape)
-        return {"image": image, "index": index}
+        super().__init__(root, lambda image: {"image": transform(image)}, skip_bad)
 
 
 class _Indexed(Dataset):
@@ -422,16 +388,5 @@ class _CheckedFiles(Dataset):
             except BadImageError as err:
                 if not self.skip_bad:
                     raise
-                _warn_once(str(err))
+                warn_unreadable(str(err))
         raise BadImageError(f"no readable image left in {self.folder.root}")
-
-
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    from lightning.pytorch.utilities import rank_zero_warn
-
-    if message not in _warned:
-        _warned.add(message)
-        rank_zero_warn(f"skipping unreadable image (skip_bad_images=true): {message}")

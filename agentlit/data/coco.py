@@ -38,7 +38,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from .base import ResumableDataModule
 from .instances import INSTANCE_CLASSES, InstanceShapesDataset
-from .io import IMG_EXTENSIONS, image_files, load_rgb, unique_names
+from .io import PredictFolder, load_rgb, unique_names
 from .sampling import EpochSeededDataset
 
 __all__ = [
@@ -284,28 +284,20 @@ class COCOInstances(Dataset):
         return self.transform(sample) if self.transform is not None else sample
 
 
-class ImageFolderInstances(Dataset):
-    """Images of a folder (no annotations), for ``predict``.
+class ImageFolderInstances(PredictFolder):
+    """The images under a folder (searched recursively, no annotations), for ``predict``: items
+    ``{"image": uint8 (3, H, W), "image_id": i, "name", "file"}`` (:class:`~agentlit.data.io.PredictFolder`).
 
     Args:
         folder: the image folder.
+        skip_bad: skip unreadable images (named in a warning, marked ``unreadable``) instead of stopping.
     """
 
-    def __init__(self, folder: str | Path) -> None:
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"predict_dir {folder} does not exist; give a folder of images ({', '.join(IMG_EXTENSIONS)})")
-        self.files = image_files(folder, recursive=False)
-        if not self.files:
-            raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) in predict_dir {folder}")
-        self.names = unique_names(self.files, folder)
-
-    def __len__(self) -> int:
-        return len(self.files)
+    def __init__(self, folder: str | Path, skip_bad: bool = False) -> None:
+        super().__init__(folder, lambda image: {"image": TF.to_image(image)}, skip_bad)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        image = TF.to_image(load_rgb(self.files[i], skippable=False))
-        return {"image": image, "image_id": i, "name": self.names[i]}
+        return {**super().__getitem__(i), "image_id": i}
 
 
 # ----------------------------------------------------------------------------- data modules
@@ -321,7 +313,8 @@ class DetectionDataModule(ResumableDataModule):
         crop_prob: probability of the resize + random-crop branch of ``multiscale_crop``.
         crop_resize: short sides that branch resizes to before cropping.
         crop_size: (min, max) side of that branch's crop.
-        predict_dir: folder of images for ``predict`` (None: the validation set).
+        predict_root: folder of images for ``predict``, searched recursively (None: the validation set).
+        skip_bad_images: ``predict`` skips unreadable images (named in a warning and counted) instead of stopping.
         seed: augmentation seed (None: the run's ``seed_everything`` value).
     """
 
@@ -338,12 +331,13 @@ class DetectionDataModule(ResumableDataModule):
         crop_prob: float = 0.5,
         crop_resize: tuple[int, ...] = (400, 500, 600),
         crop_size: tuple[int, int] = (384, 600),
-        predict_dir: str | None = None,
+        predict_root: str | None = None,
+        skip_bad_images: bool = False,
         seed: int | None = None,
     ) -> None:
         super().__init__()
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
-        self.seed, self.predict_dir = seed, predict_dir
+        self.seed, self.predict_root, self.skip_bad_images = seed, predict_root, skip_bad_images
         self.train_transform = build_detection_transform(augment, flip_prob, crop_prob, crop_resize, crop_size)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -362,6 +356,8 @@ class DetectionDataModule(ResumableDataModule):
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict" and self.predict_root is not None:
+            return  # a plain folder of images: the dataset need not be there
         with_train = stage in (None, "fit")  # evaluation never reads (or checks) the training split
         if self.val_set is None or (with_train and self.train_set is None):
             train, self.val_set = self.build_datasets(with_train)
@@ -381,7 +377,9 @@ class DetectionDataModule(ResumableDataModule):
         return self._eval(self.val_set)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._eval(ImageFolderInstances(self.predict_dir) if self.predict_dir else self.val_set)
+        if self.predict_root is None:
+            return self._eval(self.val_set)
+        return self._eval(ImageFolderInstances(self.predict_root, self.skip_bad_images))
 
 
 class COCODetectionDataModule(DetectionDataModule):

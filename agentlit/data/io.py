@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["IMG_EXTENSIONS", "BadImageError", "image_files", "is_image_file", "load_rgb", "open_image", "to_rgb",
-           "unique_names"]
+__all__ = ["IMG_EXTENSIONS", "BadImageError", "PredictFolder", "image_files", "is_image_file", "load_rgb", "open_image",
+           "predict_files", "to_rgb", "unique_names", "warn_unreadable"]
 
 #: File endings read as images everywhere in agentlit (lower case; matching ignores case).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -172,3 +172,72 @@ def load_rgb(path: str | Path, skippable: bool = True) -> Image.Image:
         skippable: the error mentions ``skip_bad_images`` (for data modules that offer it).
     """
     return to_rgb(open_image(path, "image", skippable))
+
+
+def predict_files(root: str | Path, option: str = "predict_root") -> tuple[list[Path], list[str]]:
+    """The images ``predict`` reads from ``root`` (:func:`image_files`: recursive, any layout, hidden files
+    skipped) and one output name per image (:func:`unique_names`: its stem, or its path below ``root`` where
+    stems collide), or a one-line error naming the folder.
+
+    Args:
+        root: the folder to predict.
+        option: the setting that named it (for the message).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{option} {root} is not a folder; give a folder of images (searched recursively, any layout)")
+    files = image_files(root)
+    if not files:
+        raise FileNotFoundError(f"{option} {root} holds no images with extensions {IMG_EXTENSIONS} (searched recursively)")
+    return files, unique_names(files, root)
+
+
+class PredictFolder:
+    """The images under a folder for ``predict``, each item ``make(RGB image)`` plus ``name`` (a unique
+    output name), ``file`` (its path below the folder), ``index`` and ``unreadable`` (""). An unreadable
+    file is a one-line error naming it; with ``skip_bad`` it is reported once (a warning naming it) and its
+    item is made from a blank image, with ``unreadable`` holding the error and ``index = -1``, so batches
+    keep their shape and the task leaves it out and counts it.
+
+    Args:
+        root: the folder, searched recursively (:func:`predict_files`).
+        make: RGB image → the item's fields (e.g. ``{"image": transformed tensor}``).
+        skip_bad: skip unreadable files with a warning instead of stopping.
+        option: the setting that named the folder (for messages).
+    """
+
+    def __init__(self, root: str | Path, make: Callable[[Image.Image], dict], skip_bad: bool = False,
+                 option: str = "predict_root") -> None:
+        self.root = Path(root)
+        self.files, self.names = predict_files(self.root, option)
+        self.relative = [p.relative_to(self.root).as_posix() for p in self.files]
+        self.make, self.skip_bad = make, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        info = {"name": self.names[index], "file": self.relative[index]}
+        try:
+            image = load_rgb(self.files[index], skippable=not self.skip_bad)
+        except BadImageError as err:
+            if not self.skip_bad:
+                raise
+            warn_unreadable(str(err))
+            blank = Image.new("RGB", (32, 32))
+            return {**self.make(blank), **info, "index": -1, "unreadable": str(err)}
+        return {**self.make(image), **info, "index": index, "unreadable": ""}  # every item has every key (collate)
+
+
+_warned: set[str] = set()
+
+
+def warn_unreadable(message: str) -> None:
+    """One warning per unreadable file skipped with ``skip_bad_images`` (on rank 0).
+
+    Args:
+        message: the file's one-line read error.
+    """
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(f"skipping unreadable image (skip_bad_images=true): {message}", stacklevel=2)

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .base import ResumableDataModule
-from .io import IMG_EXTENSIONS, image_files, load_rgb, open_image, unique_names
+from .io import IMG_EXTENSIONS, PredictFolder, image_files, load_rgb, open_image, unique_names
 from .sampling import EpochSeededDataset
 from .seg_transforms import build_eval_transform, build_train_transform
 from .shapes import SHAPE_CLASSES, render_shapes
@@ -237,7 +237,8 @@ class SegmentationDataModule(ResumableDataModule):
         flip_prob: probability of a horizontal flip.
         photometric: photometric distortion (brightness, contrast, saturation, hue) on/off.
         ignore_index: label of unlabeled pixels (padding included).
-        predict_dir: folder of images for ``predict`` (default: the validation images).
+        predict_root: folder of images for ``predict``, searched recursively (None: the validation images).
+        skip_bad_images: ``predict`` skips unreadable images (named in a warning and counted) instead of stopping.
         seed: augmentation seed (None: the run's ``seed_everything`` value).
     """
 
@@ -255,14 +256,15 @@ class SegmentationDataModule(ResumableDataModule):
         flip_prob: float = 0.5,
         photometric: bool = True,
         ignore_index: int = 255,
-        predict_dir: str | None = None,
+        predict_root: str | None = None,
+        skip_bad_images: bool = False,
         seed: int | None = None,
     ) -> None:
         super().__init__()
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self.seed = seed
         self.crop_size, self.scale, self.ignore_index = crop_size, scale, ignore_index
-        self.predict_dir = predict_dir
+        self.predict_root, self.skip_bad_images = predict_root, skip_bad_images
         self.train_transform = build_train_transform(
             crop_size, scale, ratio_range, cat_max_ratio, flip_prob, photometric, ignore_index
         )
@@ -278,6 +280,8 @@ class SegmentationDataModule(ResumableDataModule):
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict" and self.predict_root is not None:
+            return  # a plain folder of images: the dataset need not be there
         if self.val_set is None:
             train, self.val_set = self.build_datasets()
             self.train_set = EpochSeededDataset(train, self.train_transform, self.seed)
@@ -296,10 +300,14 @@ class SegmentationDataModule(ResumableDataModule):
         return self._eval(self.val_set)
 
     def predict_dataloader(self) -> DataLoader:
-        if self.predict_dir is None:
+        if self.predict_root is None:
             return self._eval(self.val_set)
-        images = SegFolderDataset(self.predict_dir, None, self.num_classes, self.eval_transform, self.ignore_index)
-        return self._eval(images)
+
+        def sample(image: Any) -> dict[str, Any]:  # RGB image → the evaluation sample, as for a validation image
+            x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)  # (3, H, W) in [0, 255]
+            return self.eval_transform({"image": x, "orig_size": tuple(x.shape[-2:])})
+
+        return self._eval(PredictFolder(self.predict_root, sample, self.skip_bad_images))
 
 
 class ADE20KDataModule(SegmentationDataModule):
@@ -415,7 +423,8 @@ class ShapesDataModule(SegmentationDataModule):
         cat_max_ratio: crop retry threshold (1.0: off).
         flip_prob: probability of a horizontal flip.
         photometric: photometric distortion on/off.
-        predict_dir: folder of images for ``predict`` (default: the validation images).
+        predict_root: folder of images for ``predict``, searched recursively (None: the validation images).
+        skip_bad_images: ``predict`` skips unreadable images (named in a warning and counted) instead of stopping.
     """
 
     class_names = SHAPE_CLASSES
@@ -439,7 +448,8 @@ class ShapesDataModule(SegmentationDataModule):
         cat_max_ratio: float = 1.0,
         flip_prob: float = 0.5,
         photometric: bool = True,
-        predict_dir: str | None = None,
+        predict_root: str | None = None,
+        skip_bad_images: bool = False,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -451,7 +461,8 @@ class ShapesDataModule(SegmentationDataModule):
             cat_max_ratio=cat_max_ratio,
             flip_prob=flip_prob,
             photometric=photometric,
-            predict_dir=predict_dir,
+            predict_root=predict_root,
+            skip_bad_images=skip_bad_images,
         )
         self.save_hyperparameters()
 

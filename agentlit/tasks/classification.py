@@ -262,6 +262,7 @@ class ClassificationModule(TaskModule):
             index = torch.as_tensor(batch["index"])
             target = torch.as_tensor(batch["target"]) if "target" in batch else None
             keep = index >= 0  # unreadable files skipped with skip_bad_images
+            self._predictions.skipped += [f for f, k in zip(batch.get("file", ()), keep.tolist()) if not k]
             outputs, index = outputs[keep], index[keep]
             target = target[keep] if target is not None else None
         self._predictions.add(outputs, index, target)

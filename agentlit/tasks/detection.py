@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -123,7 +122,8 @@ class DetectionModule(TaskModule):
         mask_threshold: mask probability threshold for evaluation and prediction.
         score_threshold: detections drawn by ``predict`` (the results JSON keeps all).
         class_names: names for drawing (None: the datamodule's, else label numbers).
-        output_dir: where ``predict`` writes images and results JSON (None: ``<log dir>/predictions``).
+        output_dir: where ``predict`` writes drawings and results JSON (None: ``predictions/`` in the evaluation folder,
+            e.g. ``version_N/predict/predictions``); a folder an earlier predict wrote into gets a ``-1``, ``-2`` … twin.
         compile: ``torch.compile`` the network (``compiled_modules()``): false, true or {mode: ..., fullgraph: ...}.
     """
 
@@ -384,7 +384,11 @@ class DetectionModule(TaskModule):
         self._check_classes()  # before the optimizer is built or any batch is seen
 
     def on_predict_start(self) -> None:
+        from ..predict_writers import predictions_folder
+
         self._results = {"bbox": [], "segm": []}
+        self._predict_dir = predictions_folder(self.trainer, self.hparams.output_dir)  # never an earlier predict's
+        self._predict_read, self._predict_skipped = 0, []
 
     # -- prediction ---------------------------------------------------------------------------
     def _category_ids(self) -> list[int]:
@@ -399,46 +403,52 @@ class DetectionModule(TaskModule):
         names = list(getattr(dm, "class_names", ()) or ())
         return names if len(names) >= self.hparams.num_classes else [str(k) for k in range(1, self.hparams.num_classes + 1)]
 
-    def _output_dir(self) -> Path:
-        out = Path(self.hparams.output_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "predictions")
-        out.mkdir(parents=True, exist_ok=True)
-        return out
-
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[str]:
-        """Draws each image's detections above ``score_threshold`` (boxes, class names, scores, masks)
-        into ``<output_dir>/<name>.png`` and collects COCO results for every detection; returns the paths."""
-        from PIL import Image
-        from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+        """Draws each image's detections above ``score_threshold`` (boxes, class names, scores, masks;
+        :func:`~agentlit.predict_writers.detection_image`) into ``<predictions folder>/<name>.png`` and
+        collects COCO results for every detection; returns the paths. Inputs marked ``unreadable``
+        (``skip_bad_images``) are counted, not predicted."""
+        from ..models.segmentation import palette
+        from ..predict_writers import detection_image
 
+        self._predict_read += len(batch)
+        self._predict_skipped += [s.get("file", s["name"]) for s in batch if s.get("unreadable")]
+        batch = [s for s in batch if not s.get("unreadable")]
+        if not batch:
+            return []
         outputs = self.model(self._images(batch))
-        out_dir, names, ids = self._output_dir(), self._names(), self._category_ids()
+        names, ids, colours = self._names(), self._category_ids(), palette(self.hparams.num_classes + 1)
         written = []
         for out, s in zip(outputs, batch):
             bbox, segm = coco_results(out, s["image_id"], ids, self.hparams.mask_threshold)
             self._results["bbox"] += bbox
             self._results["segm"] += segm
-            keep = out["scores"] >= self.hparams.score_threshold
+            keep = out["scores"] >= self.hparams.score_threshold  # torchvision returns them most confident first
             image = s["image"].as_subclass(Tensor).cpu()
             image = image if image.dtype == torch.uint8 else (image.clamp(0, 1) * 255).to(torch.uint8)
-            if "masks" in out and keep.any():
-                image = draw_segmentation_masks(image, out["masks"][keep, 0].cpu() > self.hparams.mask_threshold, alpha=0.45)
-            labels = [f"{names[int(c) - 1]} {float(p):.2f}" for c, p in zip(out["labels"][keep], out["scores"][keep])]
-            image = draw_bounding_boxes(image, out["boxes"][keep].cpu(), labels, width=2)
-            path = out_dir / f"{s['name']}.png"
-            Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+            classes = [int(c) for c in out["labels"][keep]]
+            labels = [f"{names[c - 1]} {float(p):.2f}" for c, p in zip(classes, out["scores"][keep])]
+            masks = (out["masks"][keep, 0] > self.hparams.mask_threshold).cpu().numpy() if "masks" in out else None
+            picture = detection_image(image.permute(1, 2, 0).numpy(), out["boxes"][keep].cpu().numpy(), labels, classes,
+                                      colours, masks)
+            path = self._predict_dir / f"{s['name']}.png"
+            picture.save(path)
             written.append(str(path))
         return written
 
     def on_predict_epoch_end(self) -> None:
-        out_dir = self._output_dir()
+        from ..predict_writers import predict_source, report_predictions
+
+        out_dir = self._predict_dir
         rank = f".rank{self.global_rank}" if self.trainer.world_size > 1 else ""
         kinds = ("bbox", "segm") if self.with_masks else ("bbox",)
-        paths = []
+        files = []
         for kind in kinds:
-            path = out_dir / f"results{rank}.{kind}.json"
-            path.write_text(json.dumps(self._results[kind]))
-            paths.append(str(path))
-        print(f"predictions: drawn images and {', '.join(paths)} in {out_dir}", flush=True)
+            (out_dir / f"results{rank}.{kind}.json").write_text(json.dumps(self._results[kind]))
+            files.append(f"results{rank}.{kind}.json")
+        drawn = self._predict_read - len(self._predict_skipped)
+        report_predictions(self.trainer, self._predict_read, predict_source(self.trainer),
+                           f"{drawn} drawings and {' + '.join(files)}", out_dir, self._predict_skipped)
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

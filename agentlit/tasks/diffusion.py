@@ -33,7 +33,8 @@ from ..diffusion.agent_processor import ATTENTION_TYPES, set_agent_attention
 from ..diffusion.patch import AGENTSD_BROADCAST_SCALE_EXP, AGENTSD_SHORTCUT
 from ..diffusion.pipelines import load_pipeline, scheduler_from_config
 from ..errors import UserError, check_choice
-from ..utils.paths import ensure_writable_dir, fresh_dir
+from ..predict_writers import enlarge_grid, predictions_folder
+from ..utils.paths import ensure_writable_dir
 from ._schedule import warmup_cosine
 from .base import TaskModule, pair
 from .metrics import classify_digits, fid_metric, to_uint8
@@ -94,7 +95,8 @@ class DiffusionModule(TaskModule):
         classifier: "digits_svm" scores conditional accuracy with an SVM fit on scikit-learn's digits; None: off.
         fid_feature: FID features: None (:class:`~agentlit.tasks.RandomConvFeatures`, local and fixed),
             an Inception feature size (64/192/768/2048; needs torch-fidelity and its weights) or a module.
-        output_dir: where ``predict`` writes PNGs, ``grid.png`` and ``generation.json``.
+        output_dir: where ``predict`` writes PNGs, ``grid.png`` and ``generation.json`` (None: ``predictions/`` in
+            the evaluation folder, e.g. ``version_N/predict/predictions``; never a folder an earlier predict wrote into).
         predict_repeats: samples per predict item (each item gives a label or prompt).
         seed: base seed of the sampling noise (sample k uses ``seed + k``).
         compile: ``torch.compile`` the network (``compiled_modules()``): false, true or {mode: ..., fullgraph: ...}.
@@ -140,7 +142,7 @@ class DiffusionModule(TaskModule):
         eval_samples_per_class: int = 10,
         classifier: Classifier | None = "digits_svm",
         fid_feature: int | nn.Module | None = None,
-        output_dir: str = "outputs/diffusion",
+        output_dir: str | None = None,
         predict_repeats: int = 1,
         seed: int = 0,
         compile: bool | dict[str, Any] = False,
@@ -160,7 +162,7 @@ class DiffusionModule(TaskModule):
 
         self.vae = self.text_encoder = self.tokenizer = self.teacher = None
         if pipeline is not None:
-            pipe = load_pipeline(pipeline, seed=pipeline_seed)
+            pipe = load_pipeline(pipeline, seed=pipeline_seed, option="--model.pipeline")
             self.vae = pipe.vae.requires_grad_(False).eval()
             self.text_encoder = pipe.text_encoder.requires_grad_(False).eval()
             self.tokenizer = pipe.tokenizer
@@ -461,8 +463,9 @@ class DiffusionModule(TaskModule):
 
     # ------------------------------------------------------------------ validation / test
     def setup(self, stage: str) -> None:
-        if stage == "predict":
-            self.output_dir = ensure_writable_dir(fresh_dir(self.hparams.output_dir), "--model.output_dir")
+        if stage == "predict":  # the evaluation folder's predictions/ unless output_dir is set; never an earlier one
+            self.output_dir = ensure_writable_dir(predictions_folder(self._trainer, self.hparams.output_dir),
+                                                  "--model.output_dir")
         if stage in ("fit", "validate", "test") and self.fid is None:
             # Kept out of the module tree: no checkpoint entries, and it stays on the CPU.
             self.__dict__["fid"] = fid_metric(self.fid_feature)
@@ -572,7 +575,10 @@ class DiffusionModule(TaskModule):
         return records
 
     def on_predict_epoch_end(self) -> None:
+        from torchvision.utils import make_grid as tv_grid
         from torchvision.utils import save_image
+
+        from ..predict_writers import report_predictions
 
         world = self.trainer.world_size
         name = "generation.json" if world == 1 else f"generation_rank{self.global_rank}.json"
@@ -587,8 +593,11 @@ class DiffusionModule(TaskModule):
                     counts[lab] = counts.get(lab, 0) + 1
                     chosen.append((img, lab))
             imgs = torch.stack([c[0] for c in chosen])
-            save_image(imgs * 0.5 + 0.5, self.output_dir / "grid.png", nrow=per_class, padding=1)
-        print(f"agentlit: wrote {len(self._records)} samples, grid.png and {name} to {self.output_dir}")
+            save_image(enlarge_grid(tv_grid(imgs * 0.5 + 0.5, nrow=per_class, padding=1)), self.output_dir / "grid.png")
+        grid = ", grid.png" if self._images else ""
+        report_predictions(self.trainer, len(self._records) // self.hparams.predict_repeats,
+                           "labels" if self.hparams.num_classes else "prompts",
+                           f"{len(self._records)} samples{grid} and {name}", self.output_dir)
 
 
 def make_grid(images: Tensor, labels: Tensor | None, num_classes: int | None, per_row: int = 10) -> Tensor:
@@ -598,7 +607,7 @@ def make_grid(images: Tensor, labels: Tensor | None, num_classes: int | None, pe
     if labels is not None and num_classes:
         rows = [images[labels == c][:per_row] for c in range(num_classes) if (labels == c).any()]
         images = torch.cat(rows)
-    return tv_grid(images.float() * 0.5 + 0.5, nrow=per_row, padding=1).clamp(0, 1)
+    return enlarge_grid(tv_grid(images.float() * 0.5 + 0.5, nrow=per_row, padding=1).clamp(0, 1))  # ≥ 512 px
 
 
 def _build_unet(unet_class: str, kwargs: dict[str, Any]) -> nn.Module:

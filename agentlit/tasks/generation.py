@@ -26,7 +26,8 @@ from ..data.io import IMG_EXTENSIONS, image_files, load_rgb
 from ..diffusion import AgentSDConfig, remove_patch
 from ..diffusion.pipelines import load_pipeline, scheduler_from_config
 from ..errors import UserError, check_choice
-from ..utils.paths import ensure_writable_dir, fresh_dir
+from ..predict_writers import claim_output_dir
+from ..utils.paths import ensure_writable_dir
 from .base import TaskModule
 from .metrics import RandomConvFeatures, fid_metric
 
@@ -279,12 +280,17 @@ class GenerationModule(TaskModule):
         return self._record(batch, seconds, files)
 
     def on_predict_epoch_end(self) -> None:
-        self._report("generation.json", {})
+        from ..predict_writers import report_predictions
+
+        path = self._report("generation.json", {})
+        saved = sum(r["file"] is not None for r in self._records)
+        report_predictions(self._trainer, len(self._records), "prompt/seed pairs", f"{saved} images and {path.name}",
+                           self.output_dir)
 
     # ------------------------------------------------------------------ test (FID / CLIP score)
     def setup(self, stage: str) -> None:
         # Checked before any image is generated; an earlier run's images are never overwritten.
-        self.output_dir = ensure_writable_dir(fresh_dir(self.hparams.output_dir), "--model.output_dir")
+        self.output_dir = ensure_writable_dir(claim_output_dir(self._trainer, self.hparams.output_dir), "--model.output_dir")
         if self.output_dir != Path(self.hparams.output_dir):
             rank_zero_info(f"{self.hparams.output_dir} already holds outputs; writing to {self.output_dir}")
         if stage != "test":

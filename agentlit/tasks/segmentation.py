@@ -5,7 +5,6 @@ with dataset-level mIoU, whole-image or sliding-window inference.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -67,7 +66,8 @@ class SegmentationModule(TaskModule):
         flip: also predict the horizontally flipped image and average the two.
         size_divisor: pad whole images to a multiple of this for the backbone (logits are cropped back).
         class_names: names for the per-class table (None: the datamodule's, else indices).
-        output_dir: where ``predict`` writes masks (None: ``<log dir>/predictions``).
+        output_dir: where ``predict`` writes masks and overlays (None: ``predictions/`` in the evaluation folder,
+            e.g. ``version_N/predict/predictions``); a folder an earlier predict wrote into gets a ``-1``, ``-2`` … twin.
         compile: ``torch.compile`` the network (``compiled_modules()``): false, true or {mode: ..., fullgraph: ...}.
     """
 
@@ -261,20 +261,31 @@ class SegmentationModule(TaskModule):
             )
 
     # -- prediction ---------------------------------------------------------------------------
+    def on_predict_epoch_start(self) -> None:
+        from ..predict_writers import predictions_folder
+
+        self._predict_dir = predictions_folder(self.trainer, self.hparams.output_dir)  # never an earlier predict's
+        self._predict_read, self._predict_skipped = 0, []
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
-        """Writes ``<output_dir>/<input name>.png``: a palette PNG (pixel value = class id, colour
+        """Writes ``<predictions folder>/<input name>.png``: a palette PNG (pixel value = class id, colour
         from :func:`palette`) at the input's original size, and beside it ``<input name>_overlay.png``
         (the input | the prediction over it | a legend of class names and colours); returns the
-        paths of the masks."""
+        paths of the masks. Inputs marked ``unreadable`` (``skip_bad_images``) are counted, not predicted."""
         from ..predict_writers import save_overlay
 
-        out_dir = Path(self.hparams.output_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "predictions")
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = self._predict_dir
         images = batch["image"]
         images = [images[i: i + 1] for i in range(len(images))] if isinstance(images, Tensor) else [i[None] for i in images]
         pal = palette(self.hparams.num_classes).reshape(-1).tolist()
+        unreadable = batch.get("unreadable") or [""] * len(images)
         written = []
-        for x, name, size in zip(images, batch["name"], batch["orig_size"]):
+        for x, name, size, bad, file in zip(images, batch["name"], batch["orig_size"], unreadable,
+                                            batch.get("file") or batch["name"]):
+            self._predict_read += 1
+            if bad:
+                self._predict_skipped.append(file)
+                continue
             logits = self.infer(x)
             size = tuple(int(s) for s in size)
             if logits.shape[-2:] != size:
@@ -289,9 +300,14 @@ class SegmentationModule(TaskModule):
             dm = getattr(self.trainer, "datamodule", None)
             norm = {k: tuple(getattr(dm, k)) for k in ("mean", "std") if getattr(dm, k, None) is not None}
             save_overlay(out_dir / f"{name}_overlay.png", x, pred, palette(self.hparams.num_classes), self._names(), **norm)
-        if batch_idx == 0 and self.trainer.is_global_zero:
-            print(f"predicted masks and overlays are written to {out_dir}", flush=True)
         return written
+
+    def on_predict_epoch_end(self) -> None:
+        from ..predict_writers import predict_source, report_predictions
+
+        done = self._predict_read - len(self._predict_skipped)
+        report_predictions(self.trainer, self._predict_read, predict_source(self.trainer), f"{done} masks and {done} overlays",
+                           self._predict_dir, self._predict_skipped)
 
     # -- optimisation -------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:

@@ -6,7 +6,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["plot_metrics", "read_metrics"]
+__all__ = ["metric_panels", "plot_metrics", "read_metrics"]
 
 
 def read_metrics(metrics_csv: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -33,9 +33,28 @@ def read_metrics(metrics_csv: str | Path) -> dict[str, list[tuple[int, float]]]:
     return dict(series)
 
 
+def metric_panels(series: dict[str, list[tuple[int, float]]]) -> dict[str, list[str]]:
+    """The panels of ``metrics.png``: metric family (``loss``, ``acc1``, ``learning rate`` …) → the
+    metrics drawn in it. A panel of a single dot says nothing, so only metrics logged more than once
+    get one, and never a metric that is -1 throughout (COCO's "no object of this size").
+
+    Args:
+        series: ``{name: [(step, value), ...]}`` as :func:`read_metrics` returns it.
+    """
+    panels: dict[str, list[str]] = defaultdict(list)
+    for name in sorted(series):
+        points = series[name]
+        if len(points) < 2 or all(value == -1 for _, value in points):
+            continue
+        family = "learning rate" if name.startswith("lr") else name.split("/", 1)[-1].removesuffix("_step").removesuffix("_epoch")
+        panels[family].append(name)
+    return dict(panels)
+
+
 def plot_metrics(metrics_csv: str | Path, output: str | Path) -> Path | None:
     """Write ``output`` (PNG): one panel per metric family (``loss``, ``acc1`` …), train and val
-    curves over the global step; learning rates in their own panel. None when there is nothing to plot.
+    curves over the global step; learning rates in their own panel; metrics logged only once get none
+    (:func:`metric_panels`). None when there is nothing to plot.
 
     Args:
         metrics_csv: the run's ``metrics.csv``.
@@ -45,12 +64,9 @@ def plot_metrics(metrics_csv: str | Path, output: str | Path) -> Path | None:
     if not metrics_csv.is_file():
         return None
     series = read_metrics(metrics_csv)
-    if not series:
+    panels = metric_panels(series)
+    if not panels:
         return None
-    panels: dict[str, list[str]] = defaultdict(list)
-    for name in sorted(series):
-        family = "learning rate" if name.startswith("lr") else name.split("/", 1)[-1].removesuffix("_step").removesuffix("_epoch")
-        panels[family].append(name)
 
     from matplotlib.figure import Figure  # no pyplot: no global backend, no GUI
 
@@ -62,8 +78,7 @@ def plot_metrics(metrics_csv: str | Path, output: str | Path) -> Path | None:
     for ax, (family, names) in zip(axes.flat, panels.items()):
         for name in names:
             steps, values = zip(*series[name])
-            many = len(steps) > 1
-            ax.plot(steps, values, marker=None if many and len(steps) > 30 else "o", markersize=3, label=name)
+            ax.plot(steps, values, marker=None if len(steps) > 30 else "o", markersize=3, label=name)
         ax.set_title(family)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
