@@ -185,12 +185,26 @@ class AgentPositionBias(nn.Module):
             nn.init.trunc_normal_(p, std=0.02)
 
     @torch.jit.unused
+    def train(self, mode: bool = True) -> "AgentPositionBias":
+        # a mode switch ends any evaluation phase: no cached bias outlives the training steps in between
+        # (a fused optimizer updates parameters without bumping their version counters)
+        self.__dict__.pop("_bias_cache", None)
+        return super().train(mode)
+
+    @torch.jit.unused
     def bias_parameters(self) -> list[nn.Parameter]:
         """The bias parameters this layer has, in a fixed order (the official 2-D order first)."""
         return [getattr(self, k) for k in AGENT_BIAS_NAMES if isinstance(getattr(self, k, None), nn.Parameter)]
 
     def position_biases(self, size: List[int]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """B1 (1, H, n, P + N) and B2 (1, H, P + N, n) for a layout of ``size`` (N = its product).
+
+        B2 is the transposed view of an agent-major (1, H, n, P + N) tensor, the layout the fused CPU op
+        (:mod:`agentlit.core.fused`) computes in. In eager mode, when autograd records, both are marked
+        as rebuildable, so that op recomputes them in the backward pass instead of keeping them; when it
+        does not and the module is in eval mode (evaluation), the last pair is cached per size and reused
+        until a bias parameter changes (``load_state_dict``, ``.to()``, any in-place update that bumps its
+        version counter) or the module's mode changes: biases depend on the parameters alone.
 
         2-D: B1[a, (y, x)] = bilinear(an_bias)[a, y, x] + ah[a, y] + aw[a, x] (B2 likewise,
         transposed); 1-D: linear(an_bias)[a, l] + al[a, l]; 3-D: the 2-D bias of the (y, x) plane
@@ -201,6 +215,10 @@ class AgentPositionBias(nn.Module):
         Args:
             size: [L], [h, w] or [t, h, w], the layout the forward pass sees.
         """
+        if not torch.jit.is_scripting() and not torch.is_grad_enabled() and not self.training:
+            cached = _cached_biases(self, size)
+            if cached is not None:
+                return cached
         # the resize weights, shared by B1 and B2 (same template size)
         r0 = _linear_weights(self.na_bias.shape[2], size[-1] if hasattr(self, "la_bias") else size[-2], self.na_bias)
         r1 = r0 if hasattr(self, "la_bias") else _linear_weights(self.na_bias.shape[3], size[-1], self.na_bias)
@@ -218,10 +236,10 @@ class AgentPositionBias(nn.Module):
                     b1 = _add_depth(b1, resize_axis(self.ad_bias, size[0], 3))
             if hasattr(self, "ac_bias"):
                 b1 = torch.cat([self.ac_bias, b1], dim=-1)
-        if hasattr(self, "la_bias"):  # built as (L, n) per head: no transposed copy of an (n, L) bias
-            la = resize_axis(self.la_bias, size[0], 2)[0]  # (H, L, n)
-            b2 = torch.baddbmm(la, r0.expand(la.shape[0], r0.shape[0], r0.shape[1]), self.na_bias.transpose(1, 2))
-            b2 = b2.unsqueeze(0)  # (1, H, L, n)
+        if hasattr(self, "la_bias"):  # built agent-major, (n, L) per head, like every other B2
+            la = resize_axis(self.la_bias, size[0], 2)[0].transpose(-1, -2)  # (H, n, L)
+            b2 = torch.baddbmm(la, self.na_bias, r0.t().expand(la.shape[0], r0.shape[1], r0.shape[0]))
+            b2 = b2.unsqueeze(0)  # (1, H, n, L)
         else:
             H, n = self.na_bias.shape[0], self.na_bias.shape[1]
             h, w = size[-2], size[-1]
@@ -230,12 +248,46 @@ class AgentPositionBias(nn.Module):
             b2 = _map_bias(self.na_bias, r0, r1, ha, wa)
             if hasattr(self, "da_bias"):
                 b2 = _add_depth(b2, resize_axis(self.da_bias, size[0], 2).transpose(-1, -2))
-            b2 = b2.transpose(-1, -2)  # (1, H, N, n)
         if hasattr(self, "ca_bias"):
-            b2 = torch.cat([self.ca_bias, b2], dim=-2)
-        # B2 contiguous once here (a no-op after the cat): SDPA would otherwise copy a transposed mask
-        # in every call, per batch element where it broadcasts (Swin: one call over all windows)
-        return b1, b2.contiguous()
+            b2 = torch.cat([self.ca_bias.transpose(-1, -2), b2], dim=-1)
+        b2 = b2.transpose(-1, -2)  # (1, H, P + N, n), a view of agent-major memory: the fused op's layout
+        if not torch.jit.is_scripting():
+            if torch.is_grad_enabled():
+                _rebuild_in_backward(self, size, b1, b2)
+            elif not self.training:
+                _cache_biases(self, size, b1, b2)
+        return b1, b2
+
+
+def _bias_stamp(module: AgentPositionBias, size: List[int]) -> tuple:
+    # what the biases are a function of: the size and each parameter's storage and version counter
+    # (bumped by every in-place update: optimizer steps, load_state_dict, copy_)
+    params = module.bias_parameters()
+    return (tuple(size),) + tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+
+
+@torch.jit.unused
+def _cached_biases(module: AgentPositionBias, size: List[int]) -> Optional[Tuple[Optional[Tensor], Tensor]]:
+    cache = module.__dict__.get("_bias_cache")
+    if cache is not None and cache[0] == _bias_stamp(module, size):
+        return cache[1], cache[2]
+    return None
+
+
+@torch.jit.unused
+def _cache_biases(module: AgentPositionBias, size: List[int], b1: Optional[Tensor], b2: Tensor) -> None:
+    # one entry (the last size): a plain attribute, not a buffer, so it never reaches a state dict
+    module.__dict__["_bias_cache"] = (_bias_stamp(module, size), b1, b2)
+
+
+@torch.jit.unused
+def _rebuild_in_backward(module: AgentPositionBias, size: List[int], b1: Optional[Tensor], b2: Tensor) -> None:
+    # built from parameters alone: the fused op rebuilds them in the backward pass instead of keeping
+    # (n × N) tensors per layer alive until then
+    from .fused import mark_recomputable
+
+    size = list(size)
+    mark_recomputable(lambda: module.position_biases(size), b1, b2)
 
 
 def _map_bias(template: Tensor, ry: Tensor, rx: Tensor, col: Tensor, row: Tensor) -> Tensor:

@@ -13,9 +13,11 @@ Shapes (docs/reference.md §1): q (B, H, N, d); k, v (B, H, M, d); agents (B, H,
     V_A = softmax(scale · A Kᵀ + B1) V          # agent aggregation, (B, H, n, d)
     O   = softmax(broadcast_scale · Q Aᵀ + B2) V_A   # agent broadcast,  (B, H, N, d)
 
-Both steps go through ``torch.nn.functional.scaled_dot_product_attention`` with the biases as
-float masks, so whichever fused kernel the backend offers serves them, and nothing of size N×M is
-ever built: the largest intermediate is (B, H, N, n).
+On the CPU (eager, no attention dropout) both steps run in :mod:`agentlit.core.fused`: the broadcast
+step agent-major, a hand-written backward that keeps no attention map and rebuilds the biases.
+Elsewhere (CUDA, TorchScript, dropout) they go through ``scaled_dot_product_attention`` with the
+biases as float masks, so whichever fused kernel the backend offers serves them. Nothing of size
+N×M is ever built: the largest intermediate is (B, H, N, n).
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .fused import agent_attention_fused, supports_fused
 
 __all__ = [
     "LayoutSize", "agent_attention", "agent_attention_reference", "agent_attention_sdpa", "agent_attention_tokens",
@@ -87,8 +91,13 @@ def agent_attention_sdpa(
     agent_v = F.scaled_dot_product_attention(  # (B, H, n, d)
         agents, k, v, attn_mask=_mask(agent_bias, agents), dropout_p=dropout_p, scale=scale
     )
+    # B2 arrives as a transposed view of agent-major memory (what the bias modules build); SDPA
+    # would copy a non-contiguous mask in every call, per window batch where it broadcasts
+    query_mask = _mask(query_bias, q)
+    if query_mask is not None:
+        query_mask = query_mask.contiguous()
     return F.scaled_dot_product_attention(  # (B, H, N, d)
-        q, agents, agent_v, attn_mask=_mask(query_bias, q), dropout_p=dropout_p, scale=broadcast_scale
+        q, agents, agent_v, attn_mask=query_mask, dropout_p=dropout_p, scale=broadcast_scale
     )
 
 
@@ -122,12 +131,23 @@ def agent_attention(
         dropout_p: attention dropout applied to both softmax maps (pass 0 in eval).
         upcast: compute the similarities and softmaxes in float32 and cast the result back.
             Default: only for float16 inputs, whose range (65504) large logits exceed — the
-            agent path is O(N·n·d), so this costs little; bfloat16 has float32's range.
+            agent path is O(N·n·d), so this costs little; bfloat16 has float32's range. The CPU
+            op (below) always computes half types in float32.
+
+    On the CPU without attention dropout this runs :func:`agentlit.core.fused.agent_attention_fused`
+    (agent-major broadcast step, hand-written backward that keeps no attention map); elsewhere, and in
+    TorchScript, two ``scaled_dot_product_attention`` calls.
 
     Returns:
         (B, H, N, d).
     """
     _check_shapes(q, k, v, agents)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if broadcast_scale is None:
+        broadcast_scale = scale
+    if supports_fused(q, dropout_p):  # computes half types in float32 itself
+        return agent_attention_fused(q, k, v, agents, agent_bias, query_bias, scale, broadcast_scale).transpose(1, 2)
     if upcast is None:
         upcast = q.dtype == torch.float16
     if upcast and q.dtype != torch.float32:
@@ -140,10 +160,6 @@ def agent_attention(
                 scale=scale, broadcast_scale=broadcast_scale, dropout_p=dropout_p, upcast=False,
             )
         return out.to(q.dtype)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    if broadcast_scale is None:
-        broadcast_scale = scale
     return agent_attention_sdpa(q, k, v, agents, agent_bias, query_bias, scale, broadcast_scale, dropout_p)
 
 
@@ -191,18 +207,54 @@ def as_sizes(size: LayoutSize) -> List[int]:
         return [size[0], size[1], size[2]]
 
 
-def _adaptive_pool(x: Tensor, grid: List[int]) -> Tensor:
-    if len(grid) == 2:
-        return F.adaptive_avg_pool2d(x, grid)
-    if len(grid) == 1:
-        return F.adaptive_avg_pool1d(x, grid)
-    return F.adaptive_avg_pool3d(x, grid)
+def _channels_last_map(tokens: Tensor, layout: List[int]) -> Tensor:
+    """(B, N, C) tokens as a (B, C, *layout) map in channels-last memory: a view of dense token-major
+    memory, else one copy. Depthwise convs on the CPU are several times faster on dense channels-last
+    input than on the strided views a fused qkv projection gives (row stride 3C)."""
+    B, C = tokens.shape[0], tokens.shape[2]
+    x = tokens.reshape([B] + layout + [C])
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return x.movedim(-1, 1)
 
 
 def _real_padding(pad: Tensor) -> Tensor:
     # A row with nothing real (all padded) is treated as unpadded: its outputs are garbage anyway,
     # but finite, where an all -inf softmax row would put NaN into the forward and backward pass.
     return pad & ~pad.all(-1, keepdim=True)
+
+
+def _pool_weights(size_in: int, size_out: int, like: Tensor) -> Tensor:
+    """(size_out, size_in): adaptive average pooling along one axis as a matrix (taken from
+    ``F.adaptive_avg_pool1d`` itself, so the regions are PyTorch's)."""
+    eye = torch.eye(size_in, device=like.device, dtype=like.dtype).unsqueeze(0)  # (1, in, in)
+    weights = F.adaptive_avg_pool1d(eye, size_out)[0].t().contiguous()
+    if not torch.jit.is_scripting():
+        _mark_pooling(weights)
+    return weights
+
+
+@torch.jit.unused
+def _mark_pooling(weights: Tensor) -> None:
+    from ..utils.flops import POOLING  # pooling, not a counted product (the paper's MAC convention)
+
+    setattr(weights, POOLING, True)
+
+
+def _pool_tokens(tokens: Tensor, layout: List[int], grid: List[int]) -> Tensor:
+    """Adaptive average pooling of (B, N, C) tokens laid out as ``layout`` to ``grid``: (B, n, C).
+
+    One small matmul per axis with the pooling matrix, on token-major memory: no map copy (strided
+    views of a qkv projection are read in place), and autograd keeps only the constant matrices.
+    """
+    B, C = tokens.shape[0], tokens.shape[2]
+    x = tokens.reshape([B] + layout + [C])  # (B, *layout, C)
+    inner = C  # product of the axes after the one being pooled (already pooled ones included)
+    for axis in range(len(layout) - 1, -1, -1):
+        lead = [B] + [layout[i] for i in range(axis)]
+        x = torch.matmul(_pool_weights(layout[axis], grid[axis], tokens), x.reshape(lead + [layout[axis], inner]))
+        inner = inner * grid[axis]
+    return x.reshape(B, -1, C)
 
 
 def pool_agents(
@@ -222,27 +274,32 @@ def pool_agents(
     Returns:
         agents (B, n, C), and (B, n) bool True at agents that saw no real token (None without a mask).
     """
-    B, C = tokens.shape[0], tokens.shape[2]
-    if len(layout) == 1:
-        # a sequence pools along L in its own (B, L, C) layout: a 2-D pool over (L, C) to (n, C),
-        # the identity along C, so no channels-first copy of the tokens is made
-        x, out, size = tokens.unsqueeze(1), [grid[0], C], [B, 1, layout[0], 1]
-    else:
-        x, out, size = tokens.transpose(1, 2).reshape([B, C] + layout), grid, [B, 1] + layout
-    if padding_mask is not None:
-        pad = padding_mask.reshape(size)
-        share_real = _adaptive_pool((~pad).to(x.dtype), grid if len(layout) > 1 else [grid[0], 1])
-        none_real = share_real == 0  # count real / region size; 0: an agent of padding only
-        x = _adaptive_pool(x.masked_fill(pad, 0.0), out) / share_real.masked_fill(none_real, 1.0)
-        empty: Optional[Tensor] = _real_padding(none_real.flatten(1))
-    else:
-        x, empty = _adaptive_pool(x, out), None
-    agents = x.squeeze(1) if len(layout) == 1 else x.flatten(2).transpose(1, 2)  # (B, n, C)
+    if padding_mask is None:
+        return _pool_tokens(tokens, layout, grid), None
+    pad = padding_mask.unsqueeze(-1)  # (B, N, 1)
+    mean_of_real = _pool_tokens(tokens.masked_fill(pad, 0.0), layout, grid)  # Σ real / region size
+    share_real = _pool_tokens((~pad).to(tokens.dtype), layout, grid)  # (B, n, 1) count real / region size
+    none_real = share_real == 0
+    agents = mean_of_real / share_real.masked_fill(none_real, 1.0)  # all-padding regions: 0 / 1
+    empty = _real_padding(none_real.squeeze(-1))
     return agents, empty
+
+
+def _depthwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], rank: int) -> Tensor:
+    pad = weight.shape[-1] // 2
+    groups = x.shape[1]
+    if rank == 2:
+        return F.conv2d(x, weight, bias, padding=pad, groups=groups)
+    if rank == 1:
+        return F.conv1d(x, weight, bias, padding=pad, groups=groups)
+    return F.conv3d(x, weight, bias, padding=pad, groups=groups)
 
 
 def depthwise_local(tokens: Tensor, layout: List[int], weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """The depthwise conv of ``tokens`` (B, N, C) laid out as ``layout``, back as tokens (B, N, C).
+
+    Runs on a channels-last copy of the map; in eager mode that copy is made again in the backward
+    pass rather than kept (:class:`_DepthwiseTokens`), so the layer stores no more than the tokens.
 
     Args:
         tokens: (B, N, C), N = prod(layout).
@@ -250,16 +307,42 @@ def depthwise_local(tokens: Tensor, layout: List[int], weight: Tensor, bias: Opt
         weight: (C, 1, k, …) of a depthwise conv of the layout's rank (odd k, 'same' zero padding).
         bias: (C,) or None.
     """
-    B, C = tokens.shape[0], tokens.shape[2]
-    x = tokens.transpose(1, 2).reshape([B, C] + layout)
-    pad = weight.shape[-1] // 2
-    if len(layout) == 2:
-        y = F.conv2d(x, weight, bias, padding=pad, groups=C)
-    elif len(layout) == 1:
-        y = F.conv1d(x, weight, bias, padding=pad, groups=C)
-    else:
-        y = F.conv3d(x, weight, bias, padding=pad, groups=C)
-    return y.flatten(2).transpose(1, 2)
+    if not torch.jit.is_scripting() and torch.is_grad_enabled():
+        return _depthwise_tokens(tokens, layout, weight, bias)
+    y = _depthwise_conv(_channels_last_map(tokens, layout), weight, bias, len(layout))
+    return y.movedim(1, -1).reshape(tokens.shape[0], tokens.shape[1], tokens.shape[2])  # channels-last: a view
+
+
+@torch.jit.unused
+def _depthwise_tokens(tokens: Tensor, layout: List[int], weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return _DepthwiseTokens.apply(tokens, weight, bias, list(layout))
+
+
+class _DepthwiseTokens(torch.autograd.Function):
+    """Depthwise conv on tokens that keeps the tokens (a view of the projection, stored anyway), not
+    the channels-last copy the conv reads; the backward pass makes that copy again."""
+
+    @staticmethod
+    def forward(ctx, tokens: Tensor, weight: Tensor, bias: Optional[Tensor], layout: List[int]) -> Tensor:  # noqa: ANN001
+        ctx.save_for_backward(tokens, weight)
+        ctx.layout, ctx.has_bias = layout, bias is not None
+        y = _depthwise_conv(_channels_last_map(tokens, layout), weight, bias, len(layout))
+        return y.movedim(1, -1).reshape(tokens.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
+        tokens, weight = ctx.saved_tensors
+        layout = ctx.layout
+        rank, C = len(layout), tokens.shape[2]
+        pad = weight.shape[-1] // 2
+        dx, dw, db = torch.ops.aten.convolution_backward(
+            _channels_last_map(grad, layout), _channels_last_map(tokens, layout), weight,
+            [C] if ctx.has_bias else None, [1] * rank, [pad] * rank, [1] * rank, False, [0] * rank, C,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]],
+        )
+        if dx is not None:
+            dx = dx.movedim(1, -1).reshape(tokens.shape)
+        return dx, dw, db, None
 
 
 def _padding_bias(bias: Optional[Tensor], pad: Tensor, like: Tensor) -> Tensor:
@@ -341,7 +424,7 @@ def agent_attention_tokens(
         query_pad: Optional[Tensor] = None
         if query_padding_mask is not None:
             query_pad = query_padding_mask[:, P:]
-        agents, empty_agents = pool_agents(q[:, P:], layout, agent_grid, query_pad)
+        agents, empty_agents = pool_agents(q[:, P:] if P > 0 else q, layout, agent_grid, query_pad)
     elif agents.dim() == 2:  # learned agents, shared by the batch
         agents = agents.unsqueeze(0).expand(B, agents.shape[0], C)
     n = agents.shape[1]
@@ -360,17 +443,23 @@ def agent_attention_tokens(
     ah = agents.reshape(B, n, H, d).transpose(1, 2)
     s = d**-0.5 if scale is None else scale
     bs = s if broadcast_scale is None else broadcast_scale
+    fresh = False  # True: nothing keeps ``out`` for the backward pass, so the local term goes in in place
     if torch.jit.is_scripting():  # no shape checks / fp16 upcast context in TorchScript
         out = agent_attention_sdpa(qh, kh, vh, ah, agent_bias, query_bias, s, bs, dropout_p)
     else:
         out = _eager_agent_attention(qh, kh, vh, ah, agent_bias, query_bias, s, bs, dropout_p, upcast)
-    out = out.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
+        fresh = supports_fused(q, dropout_p)  # the fused op's output: new token-major memory, not saved
+    out = out.transpose(1, 2).reshape(B, N, C)  # (B, N, C), a view of the fused op's token-major output
 
     if dwc_weight is not None:
-        local = depthwise_local(v[:, P:], layout, dwc_weight, dwc_bias)  # (B, N - P, C)
-        out = torch.cat([out[:, :P], out[:, P:] + local], dim=1) if P > 0 else out + local
+        # v[P:] only where there is a prefix: slicing costs a zero-filled gradient buffer in the backward pass
+        local = depthwise_local(v[:, P:] if P > 0 else v, layout, dwc_weight, dwc_bias)  # (B, N - P, C)
+        if fresh:
+            (out[:, P:] if P > 0 else out).add_(local)
+        else:
+            out = torch.cat([out[:, :P], out[:, P:] + local], dim=1) if P > 0 else out + local
     if shortcut != 0.0:
-        out = out + shortcut * v
+        out = out.add_(v, alpha=shortcut) if fresh else out + shortcut * v
     return out
 
 

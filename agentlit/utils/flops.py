@@ -1,6 +1,7 @@
 """Multiply-accumulate counting with ``torch.utils.flop_counter.FlopCounterMode``.
 
-The counter only sees matrix products and convolutions (softmax, norms and pooling are free), and
+The counter only sees matrix products and convolutions (softmax, norms and pooling are free, pooling
+written as a product with an averaging matrix included), and
 leaves out those computed from parameters and buffers alone (the agent bias templates resized to
 the map, position embeddings): that work is the same for every input of a size and an inference
 graph folds it away; what involves the inputs or random draws (sampling noise) counts. That is the
@@ -21,6 +22,9 @@ from torch.utils.flop_counter import FlopCounterMode
 __all__ = ["count_macs", "mac_breakdown"]
 
 _CONSTANT = "_agentlit_constant"  # marks parameters, buffers and what is computed from them alone
+#: marks an averaging matrix: a product with it is pooling written as a matmul, which the convention
+#: leaves out as it leaves out pooling (agentlit.core.functional pools agents this way)
+POOLING = "_agentlit_pooling"
 
 
 class _VariableFlopCounter(FlopCounterMode):
@@ -30,6 +34,12 @@ class _VariableFlopCounter(FlopCounterMode):
 
     def _count_flops(self, func_packet, out, args, kwargs):
         operands = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if any(getattr(t, POOLING, False) for t in operands):
+            if func_packet not in self.flop_registry:  # a view / expand of the matrix: still one
+                for t in tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        setattr(t, POOLING, True)
+            return out  # the product itself: pooling, not counted
         random = any(torch.Tag.nondeterministic_seeded in op.tags for op in _overloads(func_packet))
         if not random and all(getattr(t, _CONSTANT, False) for t in operands):
             for t in tree_leaves(out):
@@ -37,8 +47,10 @@ class _VariableFlopCounter(FlopCounterMode):
                     setattr(t, _CONSTANT, True)
             return out
         for t in tree_leaves(out):  # e.g. a buffer overwritten in place with data from the input
-            if isinstance(t, torch.Tensor) and getattr(t, _CONSTANT, False):
-                delattr(t, _CONSTANT)
+            # (also the base of a view written through, such as an empty buffer filled by out= ops)
+            for alias in (t, getattr(t, "_base", None)) if isinstance(t, torch.Tensor) else ():
+                if alias is not None and getattr(alias, _CONSTANT, False):
+                    delattr(alias, _CONSTANT)
         return super()._count_flops(func_packet, out, args, kwargs)
 
 

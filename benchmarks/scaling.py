@@ -1,0 +1,255 @@
+"""Agent models vs their softmax baselines as the resolution grows: speed, MACs and training memory.
+
+    python benchmarks/scaling.py --threads 1                     # the full table (about an hour on 2 cores)
+    python benchmarks/scaling.py --threads 1 --quick             # 224² and 448² only, fewer repeats
+    python benchmarks/scaling.py --pairs deit --sizes 896:1      # one pair at one size
+
+Pairs: Agent-DeiT-T / DeiT-T, Agent-Swin-T / Swin-T and Agent-PVT-S / PVT-S, classification models
+at 224² (batch 8), 448² (batch 2) and 896² (batch 1), and the detection backbones (backbone + FPN, as
+``benchmarks/detection.py`` builds them with the dense agent grids) at 800×1344, batch 1.
+
+For every pair and size, in one spawned process:
+- **MAC ratio** = baseline MACs / agent MACs of one forward (:func:`agentlit.utils.flops.count_macs`):
+  the speed ratio a perfectly efficient implementation of both would reach (the "limit");
+- **inference** (eval, no grad) and **training step** (forward, backward, SGD step) times, the two
+  models taking turns round by round so that a change in the machine's load hits both alike; the
+  speed ratio is baseline time / agent time (medians), and **efficiency** = speed ratio / MAC ratio;
+- **training peak memory**: the peak of live tensor bytes during one training step
+  (:func:`agentlit.utils.memory.peak_memory`), agent vs baseline.
+
+Each speed ratio is printed beside its MAC ratio; JSON and a plot (speed ratio and limit vs
+resolution, memory ratio) go to ``benchmarks/results/scaling.{json,png}``. Times are process CPU
+seconds (``time.process_time``) with ``--threads 1``: other processes on the machine then cost this
+one cache and memory bandwidth but not its time slices. The load average before and after each pair
+is recorded; compare ratios inside one run, never absolute times across runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PAIRS = {
+    "deit": ("agent_deit_tiny", "deit_tiny_patch16_224"),
+    "swin": ("agent_swin_tiny", "swin_tiny_patch4_window7_224"),
+    "pvt": ("agent_pvt_small", "pvt_v1_small"),
+}
+SIZES = [(224, 8), (448, 2), (896, 1)]
+DETECTION = "800x1344"
+
+
+def _timed_rounds(fns: dict[str, Callable[[], object]], warmup: int, repeats: int, clock: Callable[[], float]) -> dict[str, list[float]]:
+    """Seconds per call of each fn, the fns taking turns round by round."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = clock()
+            fn()
+            times[name].append(clock() - t)
+    return times
+
+
+def _build(name: str, size: int | str, detection: bool) -> torch.nn.Module:
+    import timm
+
+    import agentlit  # noqa: F401  (registers the agent models)
+
+    if detection:
+        from detection import PAIRS as DET_PAIRS
+        from detection import build
+
+        spec = next(s for pair in DET_PAIRS.values() for s in pair if s[0] == name)
+        return build(*spec)
+    kwargs: dict[str, Any] = dict(img_size=size)
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _outputs_sum(out: Any) -> torch.Tensor:
+    """A scalar from a model's output (logits, or the FPN's dict / list of maps) to back-propagate."""
+    if isinstance(out, torch.Tensor):
+        return out.float().mean()
+    values = out.values() if isinstance(out, dict) else out
+    return sum(_outputs_sum(v) for v in values)
+
+
+def measure_pair(pair: str, size: int | str, batch_size: int, warmup: int, repeats: int, threads: int,
+                 modes: tuple[str, ...]) -> dict[str, Any]:
+    """Runs in a fresh process: MACs, inference and training times and training peak memory of a pair."""
+    from agentlit.utils.flops import count_macs
+    from agentlit.utils.memory import peak_memory
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    detection = size == DETECTION
+    agent_name, base_name = _detection_names(pair) if detection else PAIRS[pair]
+    hw = (800, 1344) if detection else (int(size), int(size))
+    x = torch.randn(batch_size, 3, *hw)
+    models = {"agent": _build(agent_name, size, detection), "baseline": _build(base_name, size, detection)}
+    row: dict[str, Any] = dict(pair=pair, size=str(size), batch_size=batch_size, agent=agent_name, baseline=base_name,
+                               load_before=round(os.getloadavg()[0], 2))
+    macs = {k: count_macs(m, x[:1])[0] for k, m in models.items()}
+    row.update(agent_gmacs=macs["agent"] / 1e9, baseline_gmacs=macs["baseline"] / 1e9,
+               mac_ratio=macs["baseline"] / macs["agent"])
+    clock = time.process_time if threads == 1 else time.perf_counter
+
+    if "infer" in modes:
+        for m in models.values():
+            m.eval()
+        with torch.inference_mode():
+            times = _timed_rounds({k: (lambda m=m: m(x)) for k, m in models.items()}, warmup, repeats, clock)
+        for k in models:
+            row[f"{k}_infer_s"] = statistics.median(times[k])
+        row["infer_speed_ratio"] = row["baseline_infer_s"] / row["agent_infer_s"]
+        row["infer_efficiency"] = row["infer_speed_ratio"] / row["mac_ratio"]
+
+    if "train" in modes:
+        y = torch.randint(0, 1000, (batch_size,))
+        steps = {}
+        for k, m in models.items():
+            m.train()
+            opt = torch.optim.SGD(m.parameters(), lr=1e-4)
+
+            def step(m: torch.nn.Module = m, opt: torch.optim.Optimizer = opt) -> None:
+                opt.zero_grad(set_to_none=True)
+                out = m(x)
+                loss = _outputs_sum(out) if detection else torch.nn.functional.cross_entropy(out, y)
+                loss.backward()
+                opt.step()
+
+            steps[k] = step
+        times = _timed_rounds(steps, max(1, warmup), repeats, clock)
+        for k, step in steps.items():
+            row[f"{k}_train_s"] = statistics.median(times[k])
+            row[f"{k}_train_peak_mib"] = peak_memory(step) / 2**20
+        row["train_speed_ratio"] = row["baseline_train_s"] / row["agent_train_s"]
+        row["train_efficiency"] = row["train_speed_ratio"] / row["mac_ratio"]
+        row["train_memory_ratio"] = row["agent_train_peak_mib"] / row["baseline_train_peak_mib"]
+    row["load_after"] = round(os.getloadavg()[0], 2)
+    return row
+
+
+def _detection_names(pair: str) -> tuple[str, str]:
+    names = {"swin": ("agent_swin_tiny", "swin_tiny_patch4_window7_224"), "pvt": ("agent_pvt_small", "pvt_v1_small")}
+    return names[pair]
+
+
+def _run_isolated(kwargs: dict) -> dict[str, Any]:
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(measure_pair, kwds=kwargs)
+
+
+def _ratio(row: dict[str, Any], mode: str) -> str:
+    if f"{mode}_speed_ratio" not in row:
+        return "–"
+    return f"{row[f'{mode}_speed_ratio']:.2f}× ({100 * row[f'{mode}_efficiency']:.0f}%)"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The Markdown table of docs/performance.md."""
+    lines = [
+        "| size, batch | pair | MAC ratio | inference speed ratio (of limit) | training speed ratio (of limit) "
+        "| training peak memory, agent vs baseline |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        mem = (f"{r['agent_train_peak_mib']:.0f} vs {r['baseline_train_peak_mib']:.0f} MiB ({r['train_memory_ratio']:.2f}×)"
+               if "train_memory_ratio" in r else "–")
+        size = r["size"].replace("x", "×") if r["size"] == DETECTION else f"{r['size']}²"
+        lines.append(f"| {size}, {r['batch_size']} | {r['agent']} / {r['baseline']} | {r['mac_ratio']:.2f}× | "
+                     f"{_ratio(r, 'infer')} | {_ratio(r, 'train')} | {mem} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    colors = {"deit": "tab:blue", "swin": "tab:orange", "pvt": "tab:green"}
+    sizes = list(dict.fromkeys(r["size"] for r in rows))
+    for pair, color in colors.items():
+        mine = {r["size"]: r for r in rows if r["pair"] == pair}
+        xs = [i for i, s in enumerate(sizes) if s in mine]
+        if not xs:
+            continue
+        for ax, mode in zip(axes[:2], ("infer", "train")):
+            ys = [mine[sizes[i]].get(f"{mode}_speed_ratio") for i in xs]
+            ax.plot(xs, [mine[sizes[i]]["mac_ratio"] for i in xs], "--", color=color, alpha=0.6)
+            ax.plot(xs, ys, "o-", color=color, label=f"{pair}: measured (dashed: MAC limit)")
+        axes[2].plot(xs, [mine[sizes[i]].get("train_memory_ratio") for i in xs], "o-", color=color, label=pair)
+    for ax, title in zip(axes, ("inference speed ratio (baseline time / agent time)",
+                                "training-step speed ratio", "training peak memory, agent / baseline")):
+        ax.set_xticks(range(len(sizes)), [s if s == DETECTION else f"{s}²" for s in sizes])
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("input size")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _parse_size(text: str) -> tuple[int | str, int]:
+    size, _, batch = text.partition(":")
+    if size == DETECTION:
+        return size, int(batch or 1)
+    return int(size), int(batch or 1)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    parser.add_argument("--sizes", nargs="+", default=[f"{s}:{b}" for s, b in SIZES] + [f"{DETECTION}:1"],
+                        help=f"SIZE:BATCH entries; SIZE is an int (square input) or {DETECTION} (detection backbones)")
+    parser.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per model and mode")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: time in CPU seconds)")
+    parser.add_argument("--quick", action="store_true", help="224² and 448² only, 3 repeats")
+    parser.add_argument("--output", default=str(RESULTS / "scaling.json"), help="JSON path; the PNG gets the same stem")
+    args = parser.parse_args(argv)
+    sizes = [_parse_size(s) for s in args.sizes]
+    if args.quick:
+        sizes, args.repeats = [s for s in sizes if s[0] in (224, 448)], 3
+
+    rows = []
+    for size, batch in sizes:
+        for pair in args.pairs:
+            if size == DETECTION and pair == "deit":
+                continue  # no DeiT detector
+            row = _run_isolated(dict(pair=pair, size=size, batch_size=batch, warmup=args.warmup, repeats=args.repeats,
+                                     threads=args.threads, modes=tuple(args.modes)))
+            rows.append(row)
+            print(f"{row['size']:>9s} b{batch} {row['agent']} / {row['baseline']}: MAC ratio {row['mac_ratio']:.2f}x | "
+                  f"inference {_ratio(row, 'infer')} | training {_ratio(row, 'train')} | training memory "
+                  + (f"{row['agent_train_peak_mib']:.0f} vs {row['baseline_train_peak_mib']:.0f} MiB" if "train_memory_ratio" in row else "–")
+                  + f" | load {row['load_before']}→{row['load_after']}", flush=True)
+    print("\n" + table(rows))
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = dict(settings=dict(threads=args.threads, repeats=args.repeats, warmup=args.warmup, torch=torch.__version__,
+                                machine=platform.processor() or platform.machine(), cpu_count=mp.cpu_count(),
+                                clock="process_time" if args.threads == 1 else "perf_counter"),
+                  results=rows)
+    out.write_text(json.dumps(report, indent=2))
+    plot(rows, out.with_suffix(".png"))
+    print(f"\nwrote {out} and {out.with_suffix('.png')}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

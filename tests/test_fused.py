@@ -1,0 +1,176 @@
+"""The fused CPU agent-attention op (agentlit.core.fused) against the naive reference, forward and gradients."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agentlit.core import AgentAttention, agent_attention_reference
+from agentlit.core.fused import agent_attention_fused, mark_recomputable
+
+B, H, N, M, n, d = 2, 3, 13, 11, 4, 5
+
+
+def _qkv(N: int = N, M: int = M, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
+    """q (B, H, N, d), k, v (B, H, M, d) as strided head views of packed projections, like a layer's."""
+    q = torch.randn(B, N, H, d, dtype=dtype).transpose(1, 2)
+    kv = torch.randn(B, M, 2, H, d, dtype=dtype)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    return q, k, v
+
+
+def _leaves(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+
+
+BIASES = {
+    "none": (None, None),
+    "shared": ((1, H, n, M), (1, H, N, n)),
+    "per_batch": ((B, H, n, M), (B, H, N, n)),
+    "broadcast_axes": ((B, 1, 1, M), (1, 1, N, 1)),
+    "two_dims": ((n, M), (N, n)),
+}
+
+
+@pytest.mark.parametrize("biases", list(BIASES))
+def test_forward_and_gradients_equal_the_naive_reference(biases):
+    torch.manual_seed(0)
+    q, k, v = _qkv()
+    a = torch.randn(B, H, n, d, dtype=torch.float64)
+    shapes = BIASES[biases]
+    b1, b2 = (None if s is None else torch.randn(*s, dtype=torch.float64) for s in shapes)
+    s, bs = 0.43, 0.77
+    grad = torch.randn(B, H, N, d, dtype=torch.float64)
+
+    ref_in = _leaves(q, k, v, a, b1, b2)
+    ref = agent_attention_reference(*ref_in[:4], agent_bias=ref_in[4], query_bias=ref_in[5], scale=s, broadcast_scale=bs)
+    ref.backward(grad)
+    ours_in = _leaves(q, k, v, a, b1, b2)
+    ours = agent_attention_fused(*ours_in, s, bs)  # (B, N, H, d)
+    assert ours.shape == (B, N, H, d)
+    ours.transpose(1, 2).backward(grad)
+
+    torch.testing.assert_close(ours.transpose(1, 2), ref, rtol=0, atol=1e-10)
+    for name, r, o in zip(("q", "k", "v", "agents", "agent_bias", "query_bias"), ref_in, ours_in):
+        if r is not None:
+            torch.testing.assert_close(o.grad, r.grad, rtol=0, atol=1e-10, msg=f"gradient of {name}")
+
+
+def test_gradcheck():
+    torch.manual_seed(1)
+    q, k, v = _qkv(N=6, M=5)
+    a = torch.randn(B, H, 2, d, dtype=torch.float64)
+    b1, b2 = torch.randn(1, H, 2, 5, dtype=torch.float64), torch.randn(B, 1, 6, 2, dtype=torch.float64)
+    inputs = tuple(_leaves(q, k, v, a, b1, b2))
+    assert torch.autograd.gradcheck(lambda *t: agent_attention_fused(*t, 0.6, 0.9), inputs)
+
+
+def test_float32_within_1e5_of_the_float64_reference():
+    torch.manual_seed(2)
+    q, k, v = _qkv(N=64, M=64, dtype=torch.float32)
+    a = torch.randn(B, H, 9, d)
+    b1, b2 = torch.randn(1, H, 9, 64), torch.randn(1, H, 64, 9)
+    ref = agent_attention_reference(q.double(), k.double(), v.double(), a.double(), agent_bias=b1.double(),
+                                    query_bias=b2.double())
+    ours = agent_attention_fused(q, k, v, a, b1, b2, d**-0.5, d**-0.5).transpose(1, 2)
+    torch.testing.assert_close(ours.double(), ref, rtol=0, atol=1e-5)
+
+
+def test_rebuildable_biases_are_not_kept_and_give_the_same_gradients():
+    """Biases marked rebuildable are freed after the forward pass and rebuilt, equal, in the backward pass."""
+    torch.manual_seed(3)
+    q, k, v = _qkv()
+    a = torch.randn(B, H, n, d, dtype=torch.float64)
+    t1, t2 = torch.randn(1, H, n, M, dtype=torch.float64), torch.randn(1, H, n, N, dtype=torch.float64)
+    grad = torch.randn(B, N, H, d, dtype=torch.float64)
+    calls = []
+
+    def run(rebuild: bool) -> list[torch.Tensor]:
+        p1, p2 = (t.clone().requires_grad_() for t in (t1, t2))
+        leaves = _leaves(q, k, v, a)
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            calls.append(rebuild)
+            return p1 * 2.0, (p2 * 3.0).transpose(-1, -2)  # from parameters alone; B2 agent-major
+
+        b1, b2 = build()
+        if rebuild:
+            mark_recomputable(build, b1, b2)
+        kept_storages: set[int] = set()
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            kept_storages.add(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = agent_attention_fused(*leaves, b1, b2, 0.5, 0.5)
+        kept = [b.untyped_storage().data_ptr() in kept_storages for b in (b1, b2)]
+        assert kept == [not rebuild, not rebuild]  # kept for the backward pass only when not rebuildable
+        out.backward(grad)
+        return [t.grad for t in (*leaves, p1, p2)]
+
+    kept, rebuilt = run(False), run(True)
+    assert calls == [False, True, True]  # built once each, rebuilt once in the backward pass
+    for g_kept, g_rebuilt in zip(kept, rebuilt):
+        torch.testing.assert_close(g_rebuilt, g_kept, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_a_training_layer_stores_no_attention_map_nor_bias(prefix):
+    """What a 2-D layer keeps for its backward pass: nothing of size (N × n) (maps or biases)."""
+    torch.manual_seed(4)
+    layer = AgentAttention(24, 4, feat_size=(6, 6), agent_num=16, num_prefix_tokens=prefix)  # C=24 != n=16
+    x = torch.randn(2, prefix + 36, 24, requires_grad=True)
+    saved: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x)
+    tokens = prefix + 36
+    maps = [s for s in saved if len(s) >= 2 and {s[-1], s[-2]} == {tokens, 16}]
+    assert not maps, f"saved (N x n) tensors: {maps}"
+    out.square().sum().backward()  # and the backward pass runs on what was kept
+    assert all(p.grad is not None for p in layer.parameters())
+
+
+def test_half_inputs_are_computed_in_float32():
+    torch.manual_seed(5)
+    q, k, v = (t.bfloat16() * 30 for t in _qkv(N=32, M=32))  # logits of order 1e3
+    a = q[:, :, :4] * 1.0
+    ref = agent_attention_reference(q.double(), k.double(), v.double(), a.double())
+    out = agent_attention_fused(q, k, v, a, None, None, d**-0.5, d**-0.5)
+    assert out.dtype == torch.bfloat16
+    # only the output is rounded to bfloat16 (8 bits): logits rounded to bfloat16 would be off by whole units
+    torch.testing.assert_close(out.transpose(1, 2).double(), ref, rtol=2**-7, atol=1e-3)
+
+
+def test_evaluation_reuses_biases_until_a_parameter_or_the_mode_changes():
+    """In eval mode without autograd the (n × N) biases are built once per size, then reused; any change
+    of a bias parameter (load_state_dict, an optimizer step) or of the mode rebuilds them."""
+    torch.manual_seed(6)
+    layer = AgentAttention(16, 2, feat_size=(4, 4), agent_num=4).eval()
+    with torch.no_grad():
+        first = layer.position_biases([4, 4])
+        assert all(a is b for a, b in zip(layer.position_biases([4, 4]), first))  # reused
+        assert layer.position_biases([6, 6])[0].shape[-1] == 36  # another size: built for it
+        state = {k: v + 1.0 if k.endswith("_bias") else v for k, v in layer.state_dict().items()}
+        layer.load_state_dict(state)
+        after_load = layer.position_biases([4, 4])
+    # every parameter moved by 1: a resized template by 1 (resize weights sum to 1), plus the two axis terms
+    torch.testing.assert_close(after_load[0], first[0] + 3.0)
+    torch.testing.assert_close(after_load[1], first[1] + 3.0)
+    layer.train()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer(torch.randn(2, 16, 16)).square().sum().backward()
+    opt.step()
+    layer.eval()
+    with torch.no_grad():
+        stepped = layer.position_biases([4, 4])
+        fresh = AgentAttention(16, 2, feat_size=(4, 4), agent_num=4).eval()
+        fresh.load_state_dict(layer.state_dict())
+        torch.testing.assert_close(stepped[0], fresh.position_biases([4, 4])[0], rtol=0, atol=0)
+        torch.testing.assert_close(stepped[1], fresh.position_biases([4, 4])[1], rtol=0, atol=0)
+    built = layer.position_biases([4, 4])  # autograd recording: never from the cache
+    assert built[0].requires_grad and built[0] is not stepped[0]
