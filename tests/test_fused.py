@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from agentlit.core import AgentAttention, agent_attention_reference
-from agentlit.core.fused import agent_attention_fused, mark_recomputable
+from agentlit.core.fused import agent_attention_fused
+from agentlit.core.recompute import RecomputingLinear, mark_recomputable
 
 B, H, N, M, n, d = 2, 3, 13, 11, 4, 5
 
@@ -174,3 +175,101 @@ def test_evaluation_reuses_biases_until_a_parameter_or_the_mode_changes():
         torch.testing.assert_close(stepped[1], fresh.position_biases([4, 4])[1], rtol=0, atol=0)
     built = layer.position_biases([4, 4])  # autograd recording: never from the cache
     assert built[0].requires_grad and built[0] is not stepped[0]
+
+
+@pytest.mark.parametrize("prefix", [0, 2])
+def test_local_term_and_projection_fold_in_with_exact_gradients(prefix):
+    """O + DWC(V) then the output projection, inside the op: equal to the composition of the naive
+    reference, a depthwise conv and a linear layer, forward and every gradient (fp64)."""
+    torch.manual_seed(7)
+    h, w, C = 3, 4, H * d
+    T = prefix + h * w
+    qkv = torch.randn(B, T, 3, H, d, dtype=torch.float64)
+    a = torch.randn(B, H, n, d, dtype=torch.float64)
+    b1, b2 = torch.randn(1, H, n, T, dtype=torch.float64), torch.randn(1, H, T, n, dtype=torch.float64)
+    conv_w, conv_b = torch.randn(C, 1, 3, 3, dtype=torch.float64), torch.randn(C, dtype=torch.float64)
+    proj_w, proj_b = torch.randn(7, C, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    grad = torch.randn(B, T, 7, dtype=torch.float64)
+
+    def naive(qkv, a, b1, b2, conv_w, conv_b, proj_w, proj_b):
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, H, T, d)
+        o = agent_attention_reference(q, k, v, a, agent_bias=b1, query_bias=b2).transpose(1, 2).reshape(B, T, C)
+        v_map = v.transpose(1, 2).reshape(B, T, C)[:, prefix:].transpose(1, 2).reshape(B, C, h, w)
+        local = torch.nn.functional.conv2d(v_map, conv_w, conv_b, padding=1, groups=C).flatten(2).transpose(1, 2)
+        o = torch.cat([o[:, :prefix], o[:, prefix:] + local], dim=1)
+        return torch.nn.functional.linear(o, proj_w, proj_b)
+
+    def fused(qkv, a, b1, b2, conv_w, conv_b, proj_w, proj_b):
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        return agent_attention_fused(q, k, v, a, b1, b2, d**-0.5, d**-0.5, dwc_weight=conv_w, dwc_bias=conv_b,
+                                     layout=[h, w], num_prefix_tokens=prefix, proj_weight=proj_w, proj_bias=proj_b)
+
+    inputs = (qkv, a, b1, b2, conv_w, conv_b, proj_w, proj_b)
+    ref_in, ours_in = _leaves(*inputs), _leaves(*inputs)
+    ref, ours = naive(*ref_in), fused(*ours_in)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-10)
+    ref.backward(grad)
+    ours.backward(grad)
+    for name, r, o in zip(("qkv", "agents", "B1", "B2", "conv weight", "conv bias", "proj weight", "proj bias"),
+                          ref_in, ours_in):
+        torch.testing.assert_close(o.grad, r.grad, rtol=0, atol=1e-10, msg=f"gradient of {name}")
+
+
+def test_a_training_layer_keeps_only_its_input_and_projection():
+    """A 2-D layer with a class token keeps for its backward pass its input, the qkv projection (viewed as
+    Q, K, V) and (n × d)-sized agent tensors: no attention output, no local term, no map copy."""
+    torch.manual_seed(8)
+    layer = AgentAttention(24, 4, feat_size=(6, 6), agent_num=16, num_prefix_tokens=1)
+    x = torch.randn(2, 37, 24, requires_grad=True)
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x)
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    activations = {ptr: size for ptr, size in storages.items() if ptr not in params}
+    big = sorted(size for size in activations.values() if size >= x.numel() * 4)
+    assert big == [x.numel() * 4, 3 * x.numel() * 4], big  # x (for the qkv weight) and the qkv projection
+    out.sum().backward()
+
+
+def test_a_marked_norm_output_is_rebuilt_not_kept_by_the_qkv_projection():
+    """rebuild_norm_later + RecomputingLinear: the same output and gradients as norm → nn.Linear, and
+    the projection keeps no copy of the norm's output (only the norm keeps its input)."""
+    from agentlit.core.recompute import rebuild_norm_later
+
+    torch.manual_seed(9)
+    norm, linear = torch.nn.LayerNorm(12), RecomputingLinear(12, 36)
+    plain = torch.nn.Linear(12, 36)
+    plain.load_state_dict(linear.state_dict())
+    x = torch.randn(3, 5, 12)
+    grad = torch.randn(3, 5, 36)
+
+    def run(project: torch.nn.Module, mark: bool) -> tuple[torch.Tensor, list, set[int]]:
+        xi = x.clone().requires_grad_()
+        kept: set[int] = set()
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            kept.add(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = norm(xi)
+            if mark:
+                rebuild_norm_later(norm, xi, y)
+            out = project(y)
+        was_kept = y.untyped_storage().data_ptr() in kept
+        norm.zero_grad()
+        project.zero_grad()
+        out.backward(grad)
+        return out, [xi.grad, norm.weight.grad, project.weight.grad, project.bias.grad], was_kept
+
+    out_ref, grads_ref, kept_ref = run(plain, mark=False)
+    out, grads, kept = run(linear, mark=True)
+    assert kept_ref and not kept
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-6, atol=1e-6)

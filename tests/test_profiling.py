@@ -72,7 +72,8 @@ def test_profile_tiny_classifier_report_json_and_table(tmp_path, capsys):
     # MACs from the formula: 2x2 patch tokens + class token = 5 tokens, C = 32, 4 agents
     N, P, C, n = 5, 4, 32, 4
     patch = P * (3 * 8 * 8) * C
-    block = N * C * 3 * C + N * C * C + 2 * N * C * 4 * C  # qkv, proj, MLP (ratio 4)
+    proj = N * C * C
+    block = N * C * 3 * C + proj + 2 * N * C * 4 * C  # qkv, proj, MLP (ratio 4)
     attn = 2 * n * N * C + 2 * N * n * C  # agent aggregation (A Kᵀ, S1 V) + broadcast (Q Aᵀ, S2 V_A)
     dwc = P * C * 9
     head = C * 10
@@ -80,7 +81,9 @@ def test_profile_tiny_classifier_report_json_and_table(tmp_path, capsys):
     assert saved["macs"]["per_batch"] == 6 * saved["macs"]["per_item"]
     rows = {r["module"]: r["macs"] for r in saved["macs_breakdown"]}
     # the depthwise conv runs inside the core's agent function (from the layer's weights): the layer's own work
-    assert rows["model.blocks.*.attn [direct]"] == attn + dwc and "model.blocks.*.attn.dwc" not in rows
+    # (and the output projection, which the core function applies from the layer's weights)
+    assert rows["model.blocks.*.attn [direct]"] == attn + dwc + proj and "model.blocks.*.attn.dwc" not in rows
+    assert "model.blocks.*.attn.proj" not in rows
     assert sum(rows.values()) <= saved["macs"]["per_item"]
     assert sum(rows.values()) == saved["macs"]["per_item"]  # every MAC attributed exactly once
 

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .bias import AgentPositionBias, to_grid
+from .recompute import RecomputingLinear
 from .functional import LayoutSize, agent_attention_tokens, as_sizes
 
 __all__ = ["AgentAttention", "AgentMultiheadAttention", "register_fx_leaves"]
@@ -113,7 +114,8 @@ class AgentAttention(AgentPositionBias):
         # self-attention: one fused ``qkv`` (the official name); cross-attention: ``q`` from x, ``kv``
         # from the context. Subclasses with another parameter layout override this.
         if context_dim is None:
-            self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+            # rebuilds a marked input (a block's norm output) for its weight gradient instead of keeping it
+            self.qkv = RecomputingLinear(dim, dim * 3, bias=qkv_bias)
             self.q = self.kv = None
         else:
             self.qkv = None
@@ -167,13 +169,13 @@ class AgentAttention(AgentPositionBias):
             self._check_input(x, layout, context, key_padding_mask, query_padding_mask)
         if self.qkv is not None:  # self-attention: padded tokens are padded keys and padded queries
             q, k, v = self.qkv(x).reshape(B, L, 3, C).unbind(2)  # each (B, L, C)
-            out = self.attend(q, k, v, layout, key_padding_mask, key_padding_mask, False)
+            out = self.attend(q, k, v, layout, key_padding_mask, key_padding_mask, False, project=True)
         else:
             assert self.q is not None and self.kv is not None and context is not None
             q = self.q(x)
             k, v = self.kv(context).reshape(B, context.shape[1], 2, C).unbind(2)  # each (B, M, C)
-            out = self.attend(q, k, v, layout, key_padding_mask, query_padding_mask, True)
-        return self.proj_drop(self.proj(out))
+            out = self.attend(q, k, v, layout, key_padding_mask, query_padding_mask, True, project=True)
+        return self.proj_drop(out)
 
     def attend(
         self,
@@ -184,8 +186,9 @@ class AgentAttention(AgentPositionBias):
         key_padding_mask: Optional[Tensor],
         query_padding_mask: Optional[Tensor],
         cross: bool,
+        project: bool = False,
     ) -> Tensor:
-        """The agent step on projected tokens with this layer's agents, biases and conv (no projections).
+        """The agent step on projected tokens with this layer's agents, biases and conv.
 
         Args:
             q: queries (B, P + N, C), the N layout tokens after P prefix tokens.
@@ -195,9 +198,11 @@ class AgentAttention(AgentPositionBias):
             key_padding_mask: (B, M) bool, True at padded keys, or None.
             query_padding_mask: (B, P + N) bool, True at padded queries, or None.
             cross: keys are not the query tokens: no agent→key bias, no conv.
+            project: apply the output projection ``proj`` too (inside the core function, where the CPU
+                op keeps no copy of its input).
 
         Returns:
-            (B, P + N, C), before the output projection.
+            (B, P + N, C), before the output projection unless ``project``.
         """
         agent_bias: Optional[Tensor] = None
         query_bias: Optional[Tensor] = None
@@ -213,6 +218,7 @@ class AgentAttention(AgentPositionBias):
             key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask, dwc_weight=dwc_weight,
             dwc_bias=dwc_bias, scale=self.scale, broadcast_scale=self.scale,
             dropout_p=self.attn_drop if self.training else 0.0,
+            proj_weight=self.proj.weight if project else None, proj_bias=self.proj.bias if project else None,
         )  # (B, P + N, C)
 
     @torch.jit.unused

@@ -284,7 +284,7 @@ def _cache_biases(module: AgentPositionBias, size: List[int], b1: Optional[Tenso
 def _rebuild_in_backward(module: AgentPositionBias, size: List[int], b1: Optional[Tensor], b2: Tensor) -> None:
     # built from parameters alone: the fused op rebuilds them in the backward pass instead of keeping
     # (n × N) tensors per layer alive until then
-    from .fused import mark_recomputable
+    from .recompute import mark_recomputable
 
     size = list(size)
     mark_recomputable(lambda: module.position_biases(size), b1, b2)

@@ -372,6 +372,8 @@ def agent_attention_tokens(
     broadcast_scale: Optional[float] = None,
     dropout_p: float = 0.0,
     upcast: Optional[bool] = None,
+    proj_weight: Optional[Tensor] = None,
+    proj_bias: Optional[Tensor] = None,
 ) -> Tensor:
     """Agent attention on projected tokens: pool agents → heads → padding → two softmaxes → local term.
 
@@ -408,9 +410,13 @@ def agent_attention_tokens(
         broadcast_scale: bs, defaults to ``scale``.
         dropout_p: attention dropout on both softmax maps (pass 0 in eval).
         upcast: as :func:`agent_attention` (eager only; TorchScript runs in the input dtype).
+        proj_weight: (C_out, C) output projection applied to the result, or None. Given to this
+            function rather than applied after it, the CPU op folds it in and keeps no copy of its
+            input for the backward pass (it rebuilds it from what that pass recomputes anyway).
+        proj_bias: its bias (C_out,) or None.
 
     Returns:
-        (B, N, C).
+        (B, N, C), or (B, N, C_out) with the output projection.
     """
     if not torch.jit.is_scripting():
         _check_tokens(q, k, v, num_heads, layout, agent_grid, agents, num_prefix_tokens, key_padding_mask,
@@ -443,6 +449,10 @@ def agent_attention_tokens(
     ah = agents.reshape(B, n, H, d).transpose(1, 2)
     s = d**-0.5 if scale is None else scale
     bs = s if broadcast_scale is None else broadcast_scale
+    if not torch.jit.is_scripting() and supports_fused(q, dropout_p) and shortcut == 0.0:
+        # the CPU op runs the local term and the projection too: one backward that keeps nothing of them
+        return _fused_tokens(qh, kh, vh, ah, agent_bias, query_bias, s, bs, dwc_weight, dwc_bias, layout, P,
+                             proj_weight, proj_bias)
     fresh = False  # True: nothing keeps ``out`` for the backward pass, so the local term goes in in place
     if torch.jit.is_scripting():  # no shape checks / fp16 upcast context in TorchScript
         out = agent_attention_sdpa(qh, kh, vh, ah, agent_bias, query_bias, s, bs, dropout_p)
@@ -460,7 +470,22 @@ def agent_attention_tokens(
             out = torch.cat([out[:, :P], out[:, P:] + local], dim=1) if P > 0 else out + local
     if shortcut != 0.0:
         out = out.add_(v, alpha=shortcut) if fresh else out + shortcut * v
+    if proj_weight is not None:
+        out = F.linear(out, proj_weight, proj_bias)
     return out
+
+
+@torch.jit.unused
+def _fused_tokens(
+    q: Tensor, k: Tensor, v: Tensor, agents: Tensor, agent_bias: Optional[Tensor], query_bias: Optional[Tensor],
+    scale: float, broadcast_scale: float, dwc_weight: Optional[Tensor], dwc_bias: Optional[Tensor],
+    layout: List[int], prefix: int, proj_weight: Optional[Tensor], proj_bias: Optional[Tensor],
+) -> Tensor:
+    B, H, N, d = q.shape
+    out = agent_attention_fused(q, k, v, agents, agent_bias, query_bias, scale, broadcast_scale,
+                                dwc_weight=dwc_weight, dwc_bias=dwc_bias, layout=layout, num_prefix_tokens=prefix,
+                                proj_weight=proj_weight, proj_bias=proj_bias)
+    return out if proj_weight is not None else out.reshape(B, N, H * d)
 
 
 @torch.jit.unused

@@ -18,7 +18,7 @@ Why not two ``scaled_dot_product_attention`` calls (what CUDA and TorchScript ru
   attention maps, (B, H, n, M) and (B, H, N, n), plus copies of Q, K and V. Here the backward keeps
   only Q, K, V (views of the layer's qkv projection, stored anyway), the agents and V_A, (B, H, n, d)
   each, and recomputes the two maps, which costs two of the forward's four products (of the cheap
-  O(N·n·d) kind). Biases built from parameters alone (:func:`mark_recomputable`) are not kept either:
+  O(N·n·d) kind). Biases built from parameters alone (:mod:`agentlit.core.recompute`) are not kept either:
   the backward rebuilds them, so a layer stores no (n × N) tensor at all.
 - **No layout copies.** The loops run over the batch, each step a batched matmul over heads on
   strided views of Q, K and V (every head matrix has a unit last stride), writing into token-major
@@ -36,30 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["agent_attention_fused", "mark_recomputable", "supports_fused"]
+from .recompute import recipe_of
 
-_RECIPE = "_agentlit_recompute"  # attribute on a tensor: (fn, index), fn() rebuilds it as fn()[index]
-
-
-def mark_recomputable(fn: Callable[[], Sequence[Optional[Tensor]]], *tensors: Optional[Tensor]) -> None:
-    """Let :func:`agent_attention_fused` rebuild ``tensors`` in the backward pass instead of keeping them.
-
-    ``fn()`` must return the same values again (``tensors[i] == fn()[i]``): tensors computed from
-    parameters alone, such as position biases. Eager mode only (a Python attribute on the tensors).
-
-    Args:
-        fn: rebuilds the tensors; called under ``torch.no_grad()``, once per backward pass.
-        tensors: the tensors ``fn`` returns, in its order (None entries are skipped).
-    """
-    for i, t in enumerate(tensors):
-        if t is not None:
-            setattr(t, _RECIPE, (fn, i))
-
-
-def recipe_of(t: Optional[Tensor]) -> Optional[Tuple[Callable[[], Sequence[Optional[Tensor]]], int]]:
-    """The (fn, index) :func:`mark_recomputable` attached to ``t``, or None."""
-    return None if t is None else getattr(t, _RECIPE, None)
-
+__all__ = ["agent_attention_fused", "supports_fused"]
 
 def supports_fused(q: Tensor, dropout_p: float) -> bool:
     """Whether :func:`agent_attention_fused` serves this call: eager CPU tensors, no attention dropout
@@ -108,6 +87,36 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b1: Optional[Tensor], b
     return out, agent_v
 
 
+class _Local:
+    """The local term on V: a depthwise conv of V's layout tokens (after P prefix tokens), added to O."""
+
+    def __init__(self, layout: Sequence[int], prefix: int) -> None:
+        self.layout, self.prefix = list(layout), prefix
+
+    def tokens(self, v: Tensor) -> Tensor:
+        """V (B, H, M, d) → its layout tokens (B, M - P, C), a view of token-major memory."""
+        B, H, M, d = v.shape
+        return v.transpose(1, 2).reshape(B, M, H * d)[:, self.prefix:]
+
+    def conv(self, v: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        from .functional import _channels_last_map, _depthwise_conv  # no import cycle at module load
+
+        x = self.tokens(v)
+        y = _depthwise_conv(_channels_last_map(x, self.layout), weight, bias, len(self.layout))
+        return y.movedim(1, -1).reshape(x.shape)  # channels-last output: a view
+
+    def backward(self, grad_local: Tensor, v: Tensor, weight: Tensor, has_bias: bool,
+                 mask: list[bool]) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        from .functional import _channels_last_map
+
+        rank, C, pad = len(self.layout), weight.shape[0], weight.shape[-1] // 2
+        dx, dw, db = torch.ops.aten.convolution_backward(
+            _channels_last_map(grad_local, self.layout), _channels_last_map(self.tokens(v), self.layout), weight,
+            [C] if has_bias else None, [1] * rank, [pad] * rank, [1] * rank, False, [0] * rank, C, mask,
+        )
+        return (None if dx is None else dx.movedim(1, -1).reshape(grad_local.shape)), dw, db
+
+
 def _softmax_backward_(p: Tensor, dp: Tensor, dim: int) -> Tensor:
     """dS = P ⊙ (dP − Σ_dim P ⊙ dP), written into ``dp``."""
     return dp.sub_((dp * p).sum(dim, keepdim=True)).mul_(p)
@@ -122,48 +131,63 @@ def _accumulate(grad: Optional[Tensor], i: int, value: Tensor) -> None:
 
 
 class _AgentAttentionFunction(torch.autograd.Function):
+    """O (+ local term) (+ output projection) with a hand-written backward; see the module docstring.
+
+    With the output projection folded in, its input X = O + local is not kept either: the backward
+    pass rebuilds O from the broadcast maps it recomputes anyway, and the local term from V.
+    """
+
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b1: Optional[Tensor], b2t: Optional[Tensor],
-                s: float, bs: float, recipes: Tuple[Any, Any]) -> Tensor:
-        out, agent_v = _forward(q, k, v, a, b1, b2t, s, bs)
-        ctx.recipes = recipes
-        kept = [None if r is not None else t for t, r in zip((b1, b2t), recipes)]  # rebuilt ones are not kept
+                dwc_weight: Optional[Tensor], dwc_bias: Optional[Tensor], proj_weight: Optional[Tensor],
+                proj_bias: Optional[Tensor], s: float, bs: float, recipes: Tuple[Any, Any],
+                local: Optional[_Local]) -> Tensor:
+        out, agent_v = _forward(q, k, v, a, b1, b2t, s, bs)  # (B, N, H, d)
+        B, N, H, d = out.shape
+        x = out.view(B, N, H * d)
+        if local is not None:
+            x[:, local.prefix:].add_(local.conv(v, dwc_weight, dwc_bias))
+        ctx.recipes, ctx.local, ctx.s, ctx.bs = recipes, local, s, bs
+        ctx.has = (b1 is not None, b2t is not None, dwc_bias is not None, proj_weight is not None, proj_bias is not None)
         ctx.bias_shapes = (None if b1 is None else b1.shape, None if b2t is None else b2t.shape)
-        ctx.save_for_backward(q, k, v, a, agent_v, *kept)
-        ctx.s, ctx.bs = s, bs
-        return out
+        kept = [None if r is not None else t for t, r in zip((b1, b2t), recipes)]  # rebuilt ones are not kept
+        ctx.save_for_backward(q, k, v, a, agent_v, dwc_weight, dwc_bias, proj_weight, *kept)
+        if proj_weight is None:
+            return out
+        return F.linear(x, proj_weight, proj_bias)  # (B, N, C_out); x itself is not kept
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor):  # noqa: ANN205
-        q, k, v, a, agent_v, b1, b2t = ctx.saved_tensors
-        rebuilt: dict[int, Sequence[Optional[Tensor]]] = {}
-        biases = [b1, b2t]
-        for j, recipe in enumerate(ctx.recipes):
-            if recipe is not None:
-                fn, index = recipe
-                if id(fn) not in rebuilt:
-                    with torch.no_grad():
-                        rebuilt[id(fn)] = fn()
-                biases[j] = _as_4d(rebuilt[id(fn)][index], q.dtype)
-                if j == 1:
-                    biases[j] = biases[j].transpose(-1, -2)  # as the forward pass saw it
-        b1, b2t = biases
-        s, bs = ctx.s, ctx.bs
+        q, k, v, a, agent_v, dwc_weight, dwc_bias, proj_weight, b1, b2t = ctx.saved_tensors
+        has_b1, has_b2, has_dwc_bias, has_proj, has_proj_bias = ctx.has
+        b1, b2t = _biases_for_backward(ctx.recipes, b1, b2t, q.dtype)
+        s, bs, local = ctx.s, ctx.bs, ctx.local
         B, H, N, d = q.shape
-        M = k.shape[2]
-        need_q, need_k, need_v, need_a, need_b1, need_b2 = ctx.needs_input_grad[:6]
-        g = grad_out.transpose(1, 2)  # (B, H, N, d) view of the token-major gradient
+        M, C = k.shape[2], H * d
+        need = ctx.needs_input_grad
         kw = dict(dtype=q.dtype, device=q.device)
+        x = d_proj_weight = d_proj_bias = None
+        if has_proj:  # y = X Wᵀ + b: dX = dy W; dW needs X, rebuilt below
+            grad_y = grad_out.reshape(B * N, -1)
+            g_x = torch.mm(grad_y, proj_weight).view(B, N, H, d)
+            d_proj_bias = grad_y.sum(0) if has_proj_bias and need[9] else None
+            if need[8]:
+                x = torch.empty(B, N, H, d, **kw)  # X = O + local, filled by the loop and the local term
+        else:
+            g_x = grad_out
+        g = g_x.transpose(1, 2)  # (B, H, N, d) view of the token-major gradient of O
         dq = torch.empty(B, N, H, d, **kw)
         dk = torch.empty(B, M, H, d, **kw)
         dv = torch.empty(B, M, H, d, **kw)
         da = torch.empty_like(a)
-        db1 = torch.zeros(ctx.bias_shapes[0], **kw) if need_b1 else None
-        db2t = torch.zeros(ctx.bias_shapes[1], **kw) if need_b2 else None
+        db1 = torch.zeros(ctx.bias_shapes[0], **kw) if has_b1 and need[4] else None
+        db2t = torch.zeros(ctx.bias_shapes[1], **kw) if has_b2 and need[5] else None
         for i in range(B):
             qi, ki, vi, ai, gi, vai = q[i], k[i], v[i], a[i], g[i], agent_v[i]
             # broadcast step, agent-major: O = P2 V_A, P2ᵀ (H, n, N)
             p2t = _broadcast_probs_t(ai, qi, _pick(b2t, i), bs)
+            if x is not None:
+                torch.bmm(p2t.transpose(1, 2), vai, out=x[i].transpose(0, 1))  # O rebuilt for dW of the projection
             dva = torch.bmm(p2t, gi)  # (H, n, d)
             ds2t = _softmax_backward_(p2t, torch.bmm(vai, gi.transpose(1, 2)), -2)  # (H, n, N)
             _accumulate(db2t, i, ds2t)
@@ -177,9 +201,37 @@ class _AgentAttentionFunction(torch.autograd.Function):
             _accumulate(db1, i, ds1)
             torch.baddbmm(dai, ds1, ki, alpha=s, out=da[i])
             torch.bmm(ds1.transpose(1, 2), ai, out=dk[i].transpose(0, 1)).mul_(s)
-        grads = (dq.transpose(1, 2) if need_q else None, dk.transpose(1, 2) if need_k else None,
-                 dv.transpose(1, 2) if need_v else None, da if need_a else None, db1, db2t)
-        return (*grads, None, None, None)
+        d_dwc_weight = d_dwc_bias = None
+        if local is not None:
+            if x is not None:  # the local term of X, recomputed (a depthwise conv: cheap next to keeping X)
+                x.view(B, N, C)[:, local.prefix:].add_(local.conv(v, dwc_weight, dwc_bias))
+            mask = [True, bool(need[6]), has_dwc_bias and bool(need[7])]
+            d_local, d_dwc_weight, d_dwc_bias = local.backward(
+                g_x.reshape(B, N, C)[:, local.prefix:], v, dwc_weight, has_dwc_bias, mask)
+            dv.view(B, M, C)[:, local.prefix:].add_(d_local)
+        if x is not None:
+            d_proj_weight = torch.mm(grad_out.reshape(B * N, -1).t(), x.view(B * N, C))
+        grads = (dq.transpose(1, 2) if need[0] else None, dk.transpose(1, 2) if need[1] else None,
+                 dv.transpose(1, 2) if need[2] else None, da if need[3] else None, db1, db2t,
+                 d_dwc_weight, d_dwc_bias, d_proj_weight, d_proj_bias)
+        return (*grads, None, None, None, None)
+
+
+def _biases_for_backward(recipes: Tuple[Any, Any], b1: Optional[Tensor], b2t: Optional[Tensor],
+                         dtype: torch.dtype) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """The biases the forward pass saw: kept ones as they are, rebuildable ones rebuilt (once per recipe)."""
+    rebuilt: dict[int, Sequence[Optional[Tensor]]] = {}
+    biases = [b1, b2t]
+    for j, recipe in enumerate(recipes):
+        if recipe is not None:
+            fn, index = recipe
+            if id(fn) not in rebuilt:  # B1 and B2 come from one call
+                with torch.no_grad():
+                    rebuilt[id(fn)] = fn()
+            biases[j] = _as_4d(rebuilt[id(fn)][index], dtype)
+            if j == 1:
+                biases[j] = biases[j].transpose(-1, -2)  # agent-major, as the forward pass used it
+    return biases[0], biases[1]
 
 
 def agent_attention_fused(
@@ -191,8 +243,16 @@ def agent_attention_fused(
     query_bias: Optional[Tensor],
     scale: float,
     broadcast_scale: float,
+    *,
+    dwc_weight: Optional[Tensor] = None,
+    dwc_bias: Optional[Tensor] = None,
+    layout: Optional[Sequence[int]] = None,
+    num_prefix_tokens: int = 0,
+    proj_weight: Optional[Tensor] = None,
+    proj_bias: Optional[Tensor] = None,
 ) -> Tensor:
-    """Agent attention on head-split tensors, returned in token-major memory.
+    """Agent attention on head-split tensors, returned in token-major memory; optionally with the local
+    term (depthwise conv on V) added and the output projection applied.
 
     Args:
         q: queries (B, H, N, d), any strides with a unit last stride (views of a qkv projection).
@@ -204,23 +264,38 @@ def agent_attention_fused(
             agent-major (·, H, n, N) tensor (what the bias modules return).
         scale: s of the aggregation step.
         broadcast_scale: bs of the broadcast step.
+        dwc_weight: (C, 1, k, …) depthwise conv on V's layout tokens, added to O (needs M == N), or None.
+        dwc_bias: its bias (C,) or None.
+        layout: the layout of the N - P tokens the conv runs over ([L], [h, w] or [t, h, w]).
+        num_prefix_tokens: P tokens before the layout (not convolved).
+        proj_weight: (C_out, C) output projection applied to O (+ local), or None.
+        proj_bias: its bias (C_out,) or None.
 
     Returns:
-        (B, N, H, d): O token-major (``.transpose(1, 2)`` is the (B, H, N, d) result, ``.reshape(B, N, H·d)``
-        the merged heads, both without a copy).
+        with ``proj_weight``: (B, N, C_out); else (B, N, H, d), O (+ local) token-major
+        (``.transpose(1, 2)`` is the (B, H, N, d) result, ``.reshape(B, N, H·d)`` the merged heads,
+        both without a copy).
     """
     if q.dtype not in (torch.float32, torch.float64):
         # half types: logits and softmaxes in float32 (bf16 rounds logits of order 1e3 to whole units)
         with torch.autocast("cpu", enabled=False):
-            out = agent_attention_fused(q.float(), k.float(), v.float(), agents.float(), agent_bias, query_bias,
-                                        scale, broadcast_scale)
+            f = (lambda t: None if t is None else t.float())
+            out = agent_attention_fused(
+                q.float(), k.float(), v.float(), agents.float(), agent_bias, query_bias, scale, broadcast_scale,
+                dwc_weight=f(dwc_weight), dwc_bias=f(dwc_bias), layout=layout, num_prefix_tokens=num_prefix_tokens,
+                proj_weight=f(proj_weight), proj_bias=f(proj_bias))
         return out.to(q.dtype)
     recipes = (recipe_of(agent_bias), recipe_of(query_bias))
     agent_bias = _as_4d(agent_bias, q.dtype)
     b2t = None if query_bias is None else _as_4d(query_bias, q.dtype).transpose(-1, -2)
     if agents.stride(-1) != 1:
         agents = agents.contiguous()
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (q, k, v, agents, agent_bias, b2t)):
-        return _AgentAttentionFunction.apply(q, k, v, agents, agent_bias, b2t, scale, broadcast_scale, recipes)
-    return _forward(q, k, v, agents, agent_bias, b2t, scale, broadcast_scale)[0]
+    local = None if dwc_weight is None else _Local(layout if layout is not None else [k.shape[2]], num_prefix_tokens)
+    inputs = (q, k, v, agents, agent_bias, b2t, dwc_weight, dwc_bias, proj_weight, proj_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return _AgentAttentionFunction.apply(*inputs, scale, broadcast_scale, recipes, local)
+    out = _forward(q, k, v, agents, agent_bias, b2t, scale, broadcast_scale)[0]
+    B, N, H, d = out.shape
+    if local is not None:
+        out.view(B, N, H * d)[:, num_prefix_tokens:].add_(local.conv(v, dwc_weight, dwc_bias))
+    return out if proj_weight is None else F.linear(out.view(B, N, H * d), proj_weight, proj_bias)

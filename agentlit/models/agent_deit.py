@@ -11,14 +11,27 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
+from timm.models.vision_transformer import Block, VisionTransformer, init_weights_vit_timm
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
 from ..core import AgentAttention, to_grid
+from ..core.recompute import rebuild_norm_later
 from ._helpers import adapt_agent_biases, pretrained_cfg, unwrap_checkpoint
 from ._policy import no_weight_decay_names
 
-__all__ = ["AgentVisionTransformer", "checkpoint_filter_fn"]
+__all__ = ["AgentBlock", "AgentVisionTransformer", "checkpoint_filter_fn"]
+
+
+class AgentBlock(Block):
+    """timm's ViT block (same submodules and names) whose attention input, the norm1 output, is rebuilt
+    in the backward pass by an agent layer rather than kept (:mod:`agentlit.core.recompute`)."""
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        y = self.norm1(x)
+        if not torch.jit.is_scripting():
+            rebuild_norm_later(self.norm1, x, y)
+        x = x + self.drop_path1(self.ls1(self.attn(y, attn_mask=attn_mask, is_causal=is_causal)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 class AgentVisionTransformer(VisionTransformer):
@@ -40,6 +53,7 @@ class AgentVisionTransformer(VisionTransformer):
             raise ValueError(
                 f"img_size={img_size} is not divisible by patch_size={patch_size}; use a multiple such as {fits}"
             )
+        kwargs.setdefault("block_fn", AgentBlock)
         super().__init__(**kwargs)
         depth = len(self.blocks)
         agent_layers = depth if agent_layers is None else agent_layers

@@ -23,6 +23,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from ..core import AgentAttention, to_grid
+from ..core.recompute import rebuild_norm_later
 from ._helpers import adapt_agent_biases, pretrained_cfg, unwrap_checkpoint
 from ._policy import no_weight_decay_names
 from ._stages import expand_attn_types, per_stage
@@ -102,7 +103,10 @@ class PVTBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
 
     def forward(self, x: Tensor, feat_size: Tuple[int, int]) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), feat_size))
+        y = self.norm1(x)
+        if not torch.jit.is_scripting():
+            rebuild_norm_later(self.norm1, x, y)  # an agent layer's qkv rebuilds y rather than keeping it
+        x = x + self.drop_path(self.attn(y, feat_size))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 

@@ -24,6 +24,7 @@ from timm.models.swin_transformer import checkpoint_filter_fn as swin_checkpoint
 from timm.models.vision_transformer import init_weights_vit_timm
 
 from ..core import AgentAttention, to_grid
+from ..core.recompute import rebuild_norm_later
 from ._helpers import adapt_agent_biases, pretrained_cfg, unwrap_checkpoint
 from ._policy import no_weight_decay_names
 from ._stages import expand_attn_types, per_stage
@@ -56,7 +57,10 @@ class AgentSwinBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, H, W, C = x.shape
-        y = self.attn(self.norm1(x).reshape(B, H * W, C), (H, W)).reshape(B, H, W, C)
+        y = self.norm1(x).reshape(B, H * W, C)
+        if not torch.jit.is_scripting():
+            rebuild_norm_later(self.norm1, x, y)  # the agent layer's qkv rebuilds y rather than keeping it
+        y = self.attn(y, (H, W)).reshape(B, H, W, C)
         x = x + self.drop_path1(y)
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
