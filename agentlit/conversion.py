@@ -208,7 +208,9 @@ def _from_timm(name, mod, model, modules, agent_num, feat_size, agents, dwc_kern
         dim, mod.num_heads, feat_size=size, agent_num=agent_num, agents=agents, num_prefix_tokens=prefix,
         qkv_bias=mod.qkv.bias is not None, attn_drop=mod.attn_drop.p, dwc_kernel=dwc_kernel,
     )
-    new.qkv, new.proj, new.proj_drop = mod.qkv, mod.proj, mod.proj_drop
+    # the same Parameter objects; the qkv module stays the layer's SplitLinear (Q, K, V as dense tensors)
+    new.qkv.weight, new.qkv.bias = mod.qkv.weight, mod.qkv.bias
+    new.proj, new.proj_drop = mod.proj, mod.proj_drop
     new = _zero_extras(new).to(device=mod.qkv.weight.device, dtype=mod.qkv.weight.dtype)
     if vit is not None and getattr(vit[1], "dynamic_img_size", False):
         _follow_dynamic_grid(vit[1])

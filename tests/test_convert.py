@@ -46,7 +46,8 @@ def test_converted_vit_block_is_agent_attention_on_the_original_weights():
             p.normal_()  # as after training: every term must sit where the naive reference puts it
         x = torch.randn(2, 17, 24)
         torch.testing.assert_close(layer(x), naive_layer(layer, x, (4, 4)), rtol=1e-5, atol=1e-5)
-        assert layer.qkv is original.qkv and layer.proj is original.proj
+        assert layer.qkv.weight is original.qkv.weight and layer.qkv.bias is original.qkv.bias  # same Parameters
+        assert layer.proj is original.proj
     with pytest.raises(ValueError, match="attn_mask or is_causal"):
         layer(x, is_causal=True)
 

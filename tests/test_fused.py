@@ -32,28 +32,42 @@ BIASES = {
 }
 
 
+@pytest.mark.parametrize("loop", ["batch", "heads"])
 @pytest.mark.parametrize("biases", list(BIASES))
-def test_forward_and_gradients_equal_the_naive_reference(biases):
+def test_forward_and_gradients_equal_the_naive_reference(biases, loop):
+    """Both loop axes (the op loops over the batch or the heads, whichever is shorter)."""
     torch.manual_seed(0)
     q, k, v = _qkv()
     a = torch.randn(B, H, n, d, dtype=torch.float64)
+    if loop == "heads":  # 2 batch elements, 3 heads -> 3 batch elements, 2 heads
+        q, k, v, a = (t.reshape(3, 2, t.shape[2], d) for t in (q.contiguous(), k.contiguous(), v.contiguous(), a))
     shapes = BIASES[biases]
+    if loop == "heads":  # per-batch / per-head bias shapes of the new layout
+        shapes = tuple(None if s is None else _swap(s) for s in shapes)
     b1, b2 = (None if s is None else torch.randn(*s, dtype=torch.float64) for s in shapes)
     s, bs = 0.43, 0.77
-    grad = torch.randn(B, H, N, d, dtype=torch.float64)
+    grad = torch.randn(*q.shape, dtype=torch.float64)
 
     ref_in = _leaves(q, k, v, a, b1, b2)
     ref = agent_attention_reference(*ref_in[:4], agent_bias=ref_in[4], query_bias=ref_in[5], scale=s, broadcast_scale=bs)
     ref.backward(grad)
     ours_in = _leaves(q, k, v, a, b1, b2)
     ours = agent_attention_fused(*ours_in, s, bs)  # (B, N, H, d)
-    assert ours.shape == (B, N, H, d)
+    assert ours.shape == (q.shape[0], N, q.shape[1], d)
     ours.transpose(1, 2).backward(grad)
 
     torch.testing.assert_close(ours.transpose(1, 2), ref, rtol=0, atol=1e-10)
     for name, r, o in zip(("q", "k", "v", "agents", "agent_bias", "query_bias"), ref_in, ours_in):
         if r is not None:
             torch.testing.assert_close(o.grad, r.grad, rtol=0, atol=1e-10, msg=f"gradient of {name}")
+
+
+def _swap(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A bias shape for 3 batch elements x 2 heads instead of 2 x 3 (shared axes stay shared)."""
+    if len(shape) < 4:
+        return tuple(shape)
+    b, h = shape[0], shape[1]
+    return ({2: 3}.get(b, b), {3: 2}.get(h, h), *shape[2:])
 
 
 def test_gradcheck():
@@ -273,3 +287,43 @@ def test_a_marked_norm_output_is_rebuilt_not_kept_by_the_qkv_projection():
     torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("marked", [False, True])
+def test_split_projection_equals_linear_then_chunk(marked):
+    """SplitLinear: Q, K, V as separate dense tensors, equal to nn.Linear + chunk, forward and gradients;
+    with a marked input it keeps no copy of it."""
+    from agentlit.core.recompute import SplitLinear, rebuild_norm_later
+
+    torch.manual_seed(10)
+    norm, split = torch.nn.LayerNorm(8), SplitLinear(8, 24, chunks=3)
+    plain = torch.nn.Linear(8, 24)
+    plain.load_state_dict(split.state_dict())
+    x = torch.randn(2, 5, 8)
+    grads = [torch.randn(2, 5, 8) for _ in range(3)]
+
+    def run(project, module: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:  # noqa: ANN001
+        xi = x.clone().requires_grad_()
+        kept: set[int] = set()
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            kept.add(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = norm(xi)
+            if marked:
+                rebuild_norm_later(norm, xi, y)
+            parts = project(y)
+        norm.zero_grad()
+        torch.autograd.backward(parts[:2], grads[:2])  # V unused: a missing gradient is zero
+        return list(parts), [xi.grad, norm.weight.grad, *(p.grad for p in module.parameters())], \
+            y.untyped_storage().data_ptr() in kept
+
+    ref_parts, ref_grads, _ = run(lambda y: plain(y).chunk(3, -1), plain)
+    parts, grads_, kept = run(split, split)
+    assert all(p.is_contiguous() for p in parts) and kept is not marked
+    for p, r in zip(parts, ref_parts):
+        torch.testing.assert_close(p, r, rtol=0, atol=1e-6)
+    for g, r in zip(grads_, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .bias import AgentPositionBias, to_grid
-from .recompute import RecomputingLinear
+from .recompute import SplitLinear
 from .functional import LayoutSize, agent_attention_tokens, as_sizes
 
 __all__ = ["AgentAttention", "AgentMultiheadAttention", "register_fx_leaves"]
@@ -115,7 +115,7 @@ class AgentAttention(AgentPositionBias):
         # from the context. Subclasses with another parameter layout override this.
         if context_dim is None:
             # rebuilds a marked input (a block's norm output) for its weight gradient instead of keeping it
-            self.qkv = RecomputingLinear(dim, dim * 3, bias=qkv_bias)
+            self.qkv = SplitLinear(dim, dim * 3, bias=qkv_bias, chunks=3)
             self.q = self.kv = None
         else:
             self.qkv = None
@@ -168,7 +168,7 @@ class AgentAttention(AgentPositionBias):
         if not torch.jit.is_scripting():
             self._check_input(x, layout, context, key_padding_mask, query_padding_mask)
         if self.qkv is not None:  # self-attention: padded tokens are padded keys and padded queries
-            q, k, v = self.qkv(x).reshape(B, L, 3, C).unbind(2)  # each (B, L, C)
+            q, k, v = self.qkv(x)  # each (B, L, C), dense
             out = self.attend(q, k, v, layout, key_padding_mask, key_padding_mask, False, project=True)
         else:
             assert self.q is not None and self.kv is not None and context is not None

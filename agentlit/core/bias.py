@@ -188,7 +188,8 @@ class AgentPositionBias(nn.Module):
     def train(self, mode: bool = True) -> "AgentPositionBias":
         # a mode switch ends any evaluation phase: no cached bias outlives the training steps in between
         # (a fused optimizer updates parameters without bumping their version counters)
-        self.__dict__.pop("_bias_cache", None)
+        if mode != self.training:
+            self.__dict__.pop("_bias_cache", None)
         return super().train(mode)
 
     @torch.jit.unused

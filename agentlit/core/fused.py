@@ -54,9 +54,18 @@ def _as_4d(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return t if t.dim() == 4 else t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
 
 
-def _pick(t: Optional[Tensor], i: int) -> Optional[Tensor]:
-    """Batch element ``i`` of a tensor that is per-batch (B, …) or shared (1, …)."""
-    return None if t is None else t[0 if t.shape[0] == 1 else i]
+def _loop_axis(B: int, H: int) -> int:
+    """The axis the op loops over: batch (0) or heads (1), whichever is shorter. Every slice along either
+    is a strided batch of matrices with a unit last stride, so each step is one batched matmul over the
+    other axis with no layout copy; fewer, larger steps cost less dispatch."""
+    return 0 if B <= H else 1
+
+
+def _pick(t: Optional[Tensor], axis: int, i: int) -> Optional[Tensor]:
+    """Slice ``i`` along ``axis`` (0 batch, 1 heads) of a 4-D bias that is per-slice or shared (size 1)."""
+    if t is None:
+        return None
+    return t.select(axis, 0 if t.shape[axis] == 1 else i)
 
 
 def _aggregation_probs(a: Tensor, k: Tensor, b1: Optional[Tensor], s: float) -> Tensor:
@@ -81,9 +90,11 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b1: Optional[Tensor], b
     mask = None if b1 is None else b1.detach()
     agent_v = F.scaled_dot_product_attention(a.detach(), k.detach(), v.detach(), attn_mask=mask, scale=s)  # (B, H, n, d)
     out = torch.empty(B, N, H, d, dtype=q.dtype, device=q.device)
-    for i in range(B):
-        p2t = _broadcast_probs_t(a[i], q[i], _pick(b2t, i), bs)  # (H, n, N)
-        torch.bmm(p2t.transpose(1, 2), agent_v[i], out=out[i].transpose(0, 1))  # (H, N, d) into (N, H, d)
+    axis = _loop_axis(B, H)
+    o = out.transpose(1, 2)  # (B, H, N, d) view of token-major memory
+    for i in range(q.shape[axis]):
+        p2t = _broadcast_probs_t(a.select(axis, i), q.select(axis, i), _pick(b2t, axis, i), bs)  # (·, n, N)
+        torch.bmm(p2t.transpose(1, 2), agent_v.select(axis, i), out=o.select(axis, i))
     return out, agent_v
 
 
@@ -122,11 +133,12 @@ def _softmax_backward_(p: Tensor, dp: Tensor, dim: int) -> Tensor:
     return dp.sub_((dp * p).sum(dim, keepdim=True)).mul_(p)
 
 
-def _accumulate(grad: Optional[Tensor], i: int, value: Tensor) -> None:
-    """Add one batch element's bias gradient into ``grad`` (per-batch or shared, broadcast dims summed)."""
+def _accumulate(grad: Optional[Tensor], axis: int, i: int, value: Tensor) -> None:
+    """Add one slice's bias gradient into ``grad`` (per-slice or shared, broadcast dims summed)."""
     if grad is None:
         return
-    target = grad[0 if grad.shape[0] == 1 else i]
+    target = _pick(grad, axis, i)
+    assert target is not None
     target.add_(value if value.shape == target.shape else value.sum_to_size(target.shape))
 
 
@@ -182,25 +194,28 @@ class _AgentAttentionFunction(torch.autograd.Function):
         da = torch.empty_like(a)
         db1 = torch.zeros(ctx.bias_shapes[0], **kw) if has_b1 and need[4] else None
         db2t = torch.zeros(ctx.bias_shapes[1], **kw) if has_b2 and need[5] else None
-        for i in range(B):
-            qi, ki, vi, ai, gi, vai = q[i], k[i], v[i], a[i], g[i], agent_v[i]
-            # broadcast step, agent-major: O = P2 V_A, P2ᵀ (H, n, N)
-            p2t = _broadcast_probs_t(ai, qi, _pick(b2t, i), bs)
-            if x is not None:
-                torch.bmm(p2t.transpose(1, 2), vai, out=x[i].transpose(0, 1))  # O rebuilt for dW of the projection
-            dva = torch.bmm(p2t, gi)  # (H, n, d)
-            ds2t = _softmax_backward_(p2t, torch.bmm(vai, gi.transpose(1, 2)), -2)  # (H, n, N)
-            _accumulate(db2t, i, ds2t)
-            torch.bmm(ds2t.transpose(1, 2), ai, out=dq[i].transpose(0, 1)).mul_(bs)
-            dai = torch.bmm(ds2t, qi).mul_(bs)  # (H, n, d)
+        axis = _loop_axis(B, H)
+        xh = None if x is None else x.transpose(1, 2)  # (B, H, N, d) views of token-major buffers
+        dqh, dkh, dvh = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+        for i in range(q.shape[axis]):  # each slice: (·, T, d) matrices, batched over the other axis
+            qi, ki, vi, ai, gi, vai = (t.select(axis, i) for t in (q, k, v, a, g, agent_v))
+            # broadcast step, agent-major: O = P2 V_A, P2ᵀ (·, n, N)
+            p2t = _broadcast_probs_t(ai, qi, _pick(b2t, axis, i), bs)
+            if xh is not None:
+                torch.bmm(p2t.transpose(1, 2), vai, out=xh.select(axis, i))  # O rebuilt for dW of the projection
+            dva = torch.bmm(p2t, gi)  # (·, n, d)
+            ds2t = _softmax_backward_(p2t, torch.bmm(vai, gi.transpose(1, 2)), -2)  # (·, n, N)
+            _accumulate(db2t, axis, i, ds2t)
+            torch.bmm(ds2t.transpose(1, 2), ai, out=dqh.select(axis, i)).mul_(bs)
+            dai = torch.bmm(ds2t, qi).mul_(bs)  # (·, n, d)
             del p2t, ds2t
-            # aggregation step: V_A = P1 V, P1 (H, n, M)
-            p1 = _aggregation_probs(ai, ki, _pick(b1, i), s)
-            torch.bmm(p1.transpose(1, 2), dva, out=dv[i].transpose(0, 1))
-            ds1 = _softmax_backward_(p1, torch.bmm(dva, vi.transpose(1, 2)), -1)  # (H, n, M)
-            _accumulate(db1, i, ds1)
-            torch.baddbmm(dai, ds1, ki, alpha=s, out=da[i])
-            torch.bmm(ds1.transpose(1, 2), ai, out=dk[i].transpose(0, 1)).mul_(s)
+            # aggregation step: V_A = P1 V, P1 (·, n, M)
+            p1 = _aggregation_probs(ai, ki, _pick(b1, axis, i), s)
+            torch.bmm(p1.transpose(1, 2), dva, out=dvh.select(axis, i))
+            ds1 = _softmax_backward_(p1, torch.bmm(dva, vi.transpose(1, 2)), -1)  # (·, n, M)
+            _accumulate(db1, axis, i, ds1)
+            torch.baddbmm(dai, ds1, ki, alpha=s, out=da.select(axis, i))
+            torch.bmm(ds1.transpose(1, 2), ai, out=dkh.select(axis, i)).mul_(s)
         d_dwc_weight = d_dwc_bias = None
         if local is not None:
             if x is not None:  # the local term of X, recomputed (a depthwise conv: cheap next to keeping X)

@@ -5,20 +5,21 @@ LayerNorm output from the block input its norm keeps) can carry a recipe, ``fn()
 it again. Ops that honour recipes keep the recipe for their backward pass instead of the tensor:
 
 - :func:`agentlit.core.fused.agent_attention_fused` for its biases;
-- :class:`RecomputingLinear` for its input (a ``nn.Linear`` with the same parameters and names).
+- :class:`RecomputingLinear` and :class:`SplitLinear` for their input (``nn.Linear`` modules with the
+  same parameters and names).
 
 Eager mode only (the recipe is a Python attribute on the tensor); everywhere else the tensor is
 used, and kept, as usual.
 """
-from __future__ import annotations
+# no ``from __future__ import annotations``: TorchScript reads the annotations of SplitLinear.forward
 
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["RecomputingLinear", "mark_recomputable", "rebuild", "rebuild_norm_later", "recipe_of"]
+__all__ = ["RecomputingLinear", "SplitLinear", "mark_recomputable", "rebuild", "rebuild_norm_later", "recipe_of"]
 
 _RECIPE = "_agentlit_recompute"  # attribute on a tensor: (fn, index), fn() rebuilds it as fn()[index]
 Recipe = Tuple[Callable[[], Sequence[Optional[Tensor]]], int]
@@ -111,3 +112,93 @@ def rebuild_norm_later(norm: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         shape = y.shape
         mark_recomputable(lambda: (norm(x).reshape(shape),), y)
     return y
+
+
+class _SplitLinearFunction(torch.autograd.Function):
+    """x Wᵀ + b cut into ``chunks`` equal parts along the features, each written dense by its own GEMM,
+    so the parts come with no layout copy and their gradients need no stacking."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Optional[Tensor], chunks: int,
+                recipe: Optional[Recipe]) -> Tuple[Tensor, ...]:
+        lead, width = x.shape[:-1], weight.shape[0] // chunks
+        x2d = x.reshape(-1, x.shape[-1])
+        out = torch.empty(chunks, x2d.shape[0], width, dtype=x.dtype, device=x.device)
+        for j in range(chunks):
+            rows = slice(j * width, (j + 1) * width)
+            if bias is None:
+                torch.mm(x2d, weight[rows].t(), out=out[j])
+            else:
+                torch.addmm(bias[rows], x2d, weight[rows].t(), out=out[j])
+        ctx.recipe, ctx.has_bias, ctx.chunks = recipe, bias is not None, chunks
+        ctx.save_for_backward(weight, x if recipe is None else None)  # a marked input is rebuilt instead
+        return tuple(out[j].view(*lead, width) for j in range(chunks))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Optional[Tensor]):  # noqa: ANN205
+        weight, x = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        chunks, width = ctx.chunks, weight.shape[0] // ctx.chunks
+        present = [(j, g.reshape(-1, width)) for j, g in enumerate(grads) if g is not None]
+        if x is None and need_w:
+            x = rebuild(ctx.recipe)
+        dx = dw = db = None
+        if need_x:
+            for j, g in present:
+                w_j = weight[j * width:(j + 1) * width]
+                dx = torch.mm(g, w_j) if dx is None else dx.addmm_(g, w_j)
+            if dx is None:
+                dx = torch.zeros(*grads[0].shape[:-1] if grads[0] is not None else (), weight.shape[1])
+            else:
+                lead = next(g for g in grads if g is not None).shape[:-1]
+                dx = dx.view(*lead, weight.shape[1])
+        if need_w:
+            x2d = x.reshape(-1, x.shape[-1])
+            dw = torch.zeros_like(weight)
+            for j, g in present:
+                torch.mm(g.t(), x2d, out=dw[j * width:(j + 1) * width])
+        if ctx.has_bias and need_b:
+            db = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+            for j, g in present:
+                torch.sum(g, 0, out=db[j * width:(j + 1) * width])
+        return dx, dw, db, None, None
+
+
+class SplitLinear(RecomputingLinear):
+    """A ``nn.Linear`` whose output comes as ``chunks`` separate dense tensors (the features cut in
+    equal parts): a fused qkv projection giving Q, K and V as (B, L, C) tensors with unit row stride,
+    which depthwise convs, pooling and the agent op read without layout copies, and whose gradients
+    reach the projection without being stacked. Same parameters, names and values as ``nn.Linear``
+    followed by ``chunk``; a marked input is rebuilt rather than kept (:func:`mark_recomputable`).
+
+    Args:
+        in_features: input width.
+        out_features: output width, divisible by ``chunks``.
+        bias: learn an additive bias.
+        chunks: number of equal parts.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, chunks: int = 3,
+                 device: Any = None, dtype: Any = None) -> None:
+        if out_features % chunks:
+            raise ValueError(f"SplitLinear: out_features={out_features} is not divisible by chunks={chunks}")
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.chunks = chunks
+
+    def forward(self, x: Tensor) -> List[Tensor]:  # type: ignore[override]
+        if not torch.jit.is_scripting() and _split_eagerly(x):
+            return _apply_split(x, self.weight, self.bias, self.chunks)
+        return list(F.linear(x, self.weight, self.bias).chunk(self.chunks, -1))
+
+
+@torch.jit.unused
+def _split_eagerly(x: Tensor) -> bool:
+    # CPU eager float32/64: under autocast (half GEMMs) or torch.compile the plain linear + chunk runs
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+
+@torch.jit.unused
+def _apply_split(x: Tensor, weight: Tensor, bias: Optional[Tensor], chunks: int) -> List[Tensor]:
+    recipe = recipe_of(x) if torch.is_grad_enabled() else None
+    return list(_SplitLinearFunction.apply(x, weight, bias, chunks, recipe))
