@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .errors import UserError
+
 __all__ = [
     "CheckpointError", "ConfigNode", "NoCheckpointError", "ResolvedCheckpoint", "atomic_save", "check_checkpoint_file",
     "check_fit", "file_mode", "load_checkpoint", "load_fitting", "load_state_dict_file", "register_safe_globals", "resolve",
@@ -49,7 +51,7 @@ __all__ = [
 ]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A weights file that cannot be read, or that needs Python objects a weights file must not hold."""
 
 

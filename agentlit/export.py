@@ -40,9 +40,26 @@ __all__ = ["export_weights", "load_exported", "read_export_metadata"]
 _DATA_KEYS = ("mean", "std", "interpolation", "crop_pct")
 
 
+def _timm_settings(module: L.LightningModule) -> dict[str, Any]:
+    """The ``timm.create_model`` settings the task built its network with: its flat settings, or the
+    ``init_args`` of a ``net`` given as :class:`~agentlit.tasks.networks.TimmClassifier`."""
+    from .tasks.networks import TimmClassifier
+
+    hp = dict(getattr(module, "hparams", {}))
+    net = hp.get("net")
+    if net is None and not getattr(module, "_network_object", False):
+        return hp
+    path = f"{TimmClassifier.__module__}.{TimmClassifier.__qualname__}"
+    if isinstance(net, Mapping) and net.get("class_path") == path:
+        return {**dict(net.get("init_args") or {}), "num_classes": hp.get("num_classes")}
+    raise CheckpointError(f"export writes a timm model that reloads by its registry name; this task's network was given "
+                          f"as `net` ({net.get('class_path') if isinstance(net, Mapping) else 'an object'}): give it as "
+                          f"{path} or by the flat model_name settings to export it")
+
+
 def _constructor_kwargs(hp: dict[str, Any]) -> dict[str, Any]:
-    """The ``timm.create_model`` arguments the classification task built its network with (minus
-    training-only ones: ``drop_path_rate`` is inert at inference)."""
+    """The ``timm.create_model`` arguments the network was built with (minus training-only ones:
+    ``drop_path_rate`` is inert at inference)."""
     kwargs = dict(hp.get("model_kwargs") or {})
     kwargs["num_classes"] = int(hp["num_classes"])
     if hp.get("img_size") is not None:
@@ -110,7 +127,7 @@ def export_weights(
     output = Path(output)
     ensure_writable_dir(output.parent if str(output.parent) else Path("."), "--output folder")
     weights = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-    hp = dict(getattr(module, "hparams", {}))
+    hp = _timm_settings(module)
     kwargs = _constructor_kwargs(hp)
     names = ckpt.get("class_names") or getattr(module, "class_names", None) or getattr(datamodule, "class_names", None)
     names = list(names) if names and len(names) == kwargs["num_classes"] else None

@@ -8,7 +8,9 @@ instantiated. agentlit instead checks them before anything is parsed (:func:`che
 merges only what is allowed (:func:`merge_stored`):
 
 - the class must be a task agentlit ships (``agentlit.tasks.*``), and every value plain data: no
-  ``class_path`` / ``init_args`` anywhere, no objects;
+  ``class_path`` / ``init_args`` anywhere, no objects, except in ``net`` (the task's network), whose
+  ``class_path`` must be one of agentlit's own networks (:data:`agentlit.tasks.networks.NETWORKS`)
+  for the checkpoint's value to be built, and whose ``init_args`` are plain data;
 - locations are never taken from a checkpoint: output folders, input folders and files, the
   initial weights (``pretrained``, ``checkpoint_path``: the checkpoint's own weights replace them);
 - a model name that would be used from the checkpoint must be a registry name, not a hub id,
@@ -31,10 +33,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SettingsError", "check_plain_settings", "check_stored", "merge_stored", "plain_data_problem", "shipped_task"]
+from .errors import UserError
+
+__all__ = [
+    "NET", "SettingsError", "check_plain_settings", "check_stored", "merge_stored", "network_names", "plain_data_problem",
+    "shipped_task",
+]
 
 
-class SettingsError(ValueError):
+class SettingsError(UserError):
     """Stored or configured settings that agentlit refuses, already phrased as the one line the user sees."""
 
 
@@ -179,6 +186,63 @@ def _init_params(cls: type) -> tuple[dict[str, inspect.Parameter], dict[str, Any
     return params, hints, open_kwargs
 
 
+# ------------------------------------------------------------------------------------- networks
+#: the setting that holds a task's network (a ``class_path`` and plain ``init_args``)
+NET = "net"
+
+
+def _net_shape_problem(value: Mapping[str, Any]) -> tuple[str, str] | None:
+    """What makes a stored ``net`` more than ``{class_path: str, init_args: plain data}``, else None."""
+    extra = sorted(set(value) - {"class_path", "init_args"})
+    if extra:
+        return f"{NET}.{extra[0]}", "a key other than class_path and init_args"
+    if not isinstance(value["class_path"], str):
+        return f"{NET}.class_path", "a value that is not a class path"
+    return plain_data_problem(value.get("init_args") or {}, f"{NET}.init_args")
+
+
+def network_names() -> list[str]:
+    """The class paths a checkpoint's stored ``net`` may name: agentlit's own networks."""
+    from .tasks.networks import NETWORKS
+
+    return [f"{cls.__module__}.{cls.__qualname__}" for cls in NETWORKS]
+
+
+def _stored_net(value: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
+    """A checkpoint's ``net`` as it may be built: one of agentlit's own networks, without initial
+    weights (the checkpoint's own replace them) and with model names only from the registry."""
+    named = value.get("class_path")
+    if named not in network_names():
+        raise SettingsError(f"checkpoint {path} stores net.class_path={_short(named)}; a checkpoint may only name one of "
+                            f"agentlit's networks ({', '.join(network_names())}): it was not built, nothing was run; give "
+                            "the net in your config")
+    init_args = {}
+    for key, item in (value.get("init_args") or {}).items():
+        kind = _kind(key)
+        if kind in ("weights", "location"):
+            continue  # initial weights and places: never from a checkpoint
+        remote = _remote_problem(item, f"{NET}.init_args.{key}")
+        if remote is None and kind == "source" and isinstance(item, str) and re.search(r"[/\\:]", item):
+            remote = (f"{NET}.init_args.{key}", _short(item))
+        if remote:
+            raise SettingsError(
+                f"checkpoint {path} stores {remote[0]}={remote[1]}, a place to fetch weights from; agentlit takes model "
+                "names and locations only from your config or command line: it was not used, nothing was fetched")
+        init_args[key] = item
+    return {"class_path": named, "init_args": init_args}
+
+
+def _same_net(given: Any, stored: Mapping[str, Any]) -> bool:
+    """Whether the user's ``net`` (class path and the init_args they set) agrees with the stored one."""
+    given = _plain(given)
+    if not isinstance(given, Mapping):
+        return False
+    if given.get("class_path") != stored.get("class_path"):
+        return False
+    mine, theirs = given.get("init_args") or {}, _plain(stored.get("init_args") or {})
+    return all(_kind(k) in ("weights", "location") or theirs.get(k) == v for k, v in mine.items())
+
+
 # -------------------------------------------------------------------------------- checkpoints
 def check_stored(settings: Mapping[str, Any], path: str | Path, configured: str | None,
                  what: str = "--ckpt_path") -> tuple[type | None, dict[str, Any]]:
@@ -216,7 +280,10 @@ def check_stored(settings: Mapping[str, Any], path: str | Path, configured: str 
     for key, value in settings.items():
         if key in ("_class_path", "_instantiator"):
             continue
-        problem = plain_data_problem(value, str(key)) if isinstance(key, str) else (repr(key), "a key that is not a string")
+        if key == NET and isinstance(value, Mapping) and "class_path" in value:
+            problem = _net_shape_problem(value)
+        else:
+            problem = plain_data_problem(value, str(key)) if isinstance(key, str) else (repr(key), "a key that is not a string")
         if problem:
             raise SettingsError(f"checkpoint {path} stores the setting {problem[0]} with {problem[1]}; stored settings "
                                 "are plain values and agentlit never imports or runs what they name: it was not used")
@@ -253,6 +320,14 @@ def merge_stored(settings: Mapping[str, Any], cls: type, given: Mapping[str, Any
                                 "(saved by another version or class); use a checkpoint written with this config")
         mine = key in given
         if mine and _plain(given[key]) == _plain(value):
+            continue
+        if key == NET and isinstance(value, Mapping) and "class_path" in value:
+            if not mine:
+                fill[key] = _stored_net(value, path)
+            elif not _same_net(given[key], value):
+                raise SettingsError(
+                    f"--{group}.net {_short(given[key])} conflicts with checkpoint {path}, which was trained with "
+                    f"net={_short(value)}; leave --{group}.net out or pass a checkpoint trained with that network")
             continue
         kind = _kind(key)
         if kind == "weights":

@@ -26,13 +26,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
 from ..checkpoint import check_fit
+from ..errors import UserError
 
 __all__ = ["COMPILE_KEYS", "Task", "TaskModule", "compile_options", "pair"]
 
@@ -70,6 +71,15 @@ def pair(value: int | tuple[int, int] | list[int] | None) -> tuple[int, int] | N
 
 _DIVERGED_HINT = ("Lower the learning rate, enable gradient clipping (--trainer.gradient_clip_val) "
                   "or use bf16 instead of fp16.")
+
+
+def _as_lists(value: Any) -> Any:
+    """Tuples as lists, recursively: a setting read from a config compares equal to its Python default."""
+    if isinstance(value, (list, tuple)):
+        return [_as_lists(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _as_lists(v) for k, v in value.items()}
+    return value
 
 
 def _restores_whole_module(trainer: Any) -> bool:
@@ -116,6 +126,52 @@ class TaskModule(L.LightningModule):
     monitor_mode: str = "min"
     #: the ``__init__`` settings that shape the network (classes, architecture, sizes); None: all of them
     network_settings: tuple[str, ...] | None = None
+    #: the flat settings that describe the default network, unused (and to be left unset) when ``net`` is given
+    flat_network_settings: tuple[str, ...] = ()
+
+    # ------------------------------------------------------------------ the network
+    def save_settings(self, drop: tuple[str, ...] = ()) -> None:
+        """``save_hyperparameters`` for the calling ``__init__``, with the network kept as data.
+
+        ``net`` is recorded only as the plain ``class_path`` / ``init_args`` a config gave (LightningCLI
+        hands the task its config); a network object given in Python is saved with the weights, not as a
+        setting (as lightning-hydra-template does), and ``drop`` names further object-typed settings that
+        are never recorded.
+
+        Args:
+            drop: settings never recorded (e.g. a feature-extractor module).
+        """
+        frame = inspect.currentframe().f_back  # type: ignore[union-attr]
+        self.save_hyperparameters(ignore=["net", *drop], frame=frame)
+        if "_instantiator" in self.hparams:  # built by LightningCLI: every setting is the config's plain value
+            self.save_hyperparameters(ignore=list(drop), frame=frame)
+
+    def take_network(self, net: nn.Module | None, default: Callable[[], nn.Module]) -> nn.Module:
+        """The task's network: ``net`` when given, else ``default()`` built from the flat settings.
+
+        Args:
+            net: the network the config or caller gave (None: build the default one).
+            default: builds the default network from the task's flat settings.
+
+        Raises:
+            UserError: ``net`` given together with flat settings that only describe the default network, or a
+                ``net.num_classes`` other than the task's ``num_classes``.
+        """
+        if net is None:
+            return default()
+        params = inspect.signature(type(self).__init__).parameters
+        given = [k for k in self.flat_network_settings
+                 if k in params and _as_lists(self.hparams.get(k, params[k].default)) != _as_lists(params[k].default)]
+        if given:
+            raise UserError(
+                f"{type(self).__name__} got its network as `net` and also {', '.join(given)}, which only describe the "
+                f"default network; give those as the net's init_args, or leave out `net`")
+        width, classes = getattr(net, "num_classes", None), self.hparams.get("num_classes")
+        if isinstance(width, int) and isinstance(classes, int) and width != classes:
+            raise UserError(f"net has {width} classes but num_classes={classes}; set num_classes: {width} (the "
+                            "metrics' width) or give the net that many classes")
+        self._network_object = "net" not in self.hparams  # given in Python: not rebuilt from settings
+        return net
 
     # ------------------------------------------------------------------ divergence
     def on_before_backward(self, loss: Tensor) -> None:
@@ -246,6 +302,9 @@ class TaskModule(L.LightningModule):
         Args:
             changes: ``__init__`` arguments to replace.
         """
+        if getattr(self, "_network_object", False) or self.hparams.get("net") is not None:
+            raise UserError(f"{type(self).__qualname__} was given its network as `net`, so it is not rebuilt with other "
+                            f"settings ({', '.join(changes)}); change the net's own settings instead")
         params = inspect.signature(type(self).__init__).parameters
         forwards = any(p.kind is p.VAR_KEYWORD for p in params.values())  # **kwargs handed to a parent task
         unknown = [] if forwards else sorted(set(changes) - set(params))

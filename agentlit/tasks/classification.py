@@ -10,21 +10,25 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..models import create_model, load_weights
 from ._ema import ema_update
 from ._schedule import warmup_cosine
 from .optim import create_optimizer, param_groups
 from .base import TaskModule
+from .networks import TimmClassifier
 
 __all__ = ["ClassificationModule"]
 
 
 class ClassificationModule(TaskModule):
-    """A timm classifier trained the DeiT/Swin way (docs/reference.md §2 recipe).
+    """A classifier trained the DeiT/Swin way (docs/reference.md §2 recipe).
+
+    The network is ``net`` when given (any ``nn.Module`` mapping images (B, C, H, W) to logits
+    (B, num_classes), e.g. ``class_path: agentlit.tasks.networks.TimmClassifier``); otherwise the flat
+    settings ``model_name`` … ``model_kwargs`` build it (:class:`~agentlit.tasks.networks.TimmClassifier`).
 
     Args:
         model_name: any ``timm.create_model`` name, e.g. ``agent_deit_tiny`` (agentlit's are registered on import).
-        num_classes: classifier width.
+        num_classes: classifier width (with ``net``: the width of its logits, checked against ``net.num_classes``).
         img_size: input size passed to the model (None: the model's default).
         pretrained: load the model's registered pretrained weights (from the hub).
         checkpoint_path: initial weights from a local file (an official release file, one of our checkpoints or an
@@ -47,12 +51,14 @@ class ClassificationModule(TaskModule):
         mixup_switch_prob: probability of cutmix instead of mixup when both alphas are set.
         ema_decay: keep an exponential moving average of the weights (None: off); validated as ``val_ema/*``.
         compile: ``torch.compile`` the network (``compiled_modules()``): false, true or {mode: ..., fullgraph: ...}.
+        net: the network (None: built from the flat settings above).
     """
 
     task_name = "classification"
     monitor = "val/acc1"
     monitor_mode = "max"
-    network_settings = ("model_name", "num_classes", "img_size", "model_kwargs")
+    network_settings = ("model_name", "num_classes", "img_size", "model_kwargs", "net")
+    flat_network_settings = ("model_name", "img_size", "pretrained", "checkpoint_path", "drop_path_rate", "model_kwargs")
 
     def __init__(
         self,
@@ -78,18 +84,12 @@ class ClassificationModule(TaskModule):
         mixup_switch_prob: float = 0.5,
         ema_decay: float | None = None,
         compile: bool | dict[str, Any] = False,
+        net: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        kwargs = dict(model_kwargs or {})
-        if img_size is not None:
-            kwargs["img_size"] = img_size
-        self.model = create_model(
-            model_name, pretrained=pretrained and checkpoint_path is None, num_classes=num_classes,
-            drop_path_rate=drop_path_rate, **kwargs,
-        )
-        if checkpoint_path is not None:
-            load_weights(self.model, checkpoint_path)
+        self.save_settings()
+        self.model = self.take_network(net, lambda: TimmClassifier(
+            model_name, num_classes, img_size, pretrained, checkpoint_path, drop_path_rate, model_kwargs))
         self.mixup = None
         if mixup_alpha > 0 or cutmix_alpha > 0:
             from timm.data import Mixup

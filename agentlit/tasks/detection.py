@@ -19,16 +19,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import load_state_dict_file
-from ..errors import check_choice
-from ..models import build_backbone
+from ..errors import UserError
 from ..data.sampling import default_seed, mix_seed
-from ..models.detection import DetectionBackbone, build_detector, default_out_indices, seeded_samplers
+from ..models.detection import seeded_samplers
 from .base import TaskModule
+from .networks import DetectionNet
 
 __all__ = ["DetectionModule", "coco_results", "warmup_step_decay"]
 
-Detector = Literal["mask_rcnn", "faster_rcnn", "retinanet"]
 
 _METRIC_KEYS = {"map": "mAP", "map_50": "mAP50", "map_75": "mAP75", "map_small": "mAP_s", "map_medium": "mAP_m",
                 "map_large": "mAP_l"}
@@ -91,6 +89,11 @@ def coco_results(output: dict[str, Tensor], image_id: int, category_ids: Sequenc
 class DetectionModule(TaskModule):
     """COCO-style detection / instance segmentation with a torchvision detector over a timm backbone.
 
+    The network is ``net`` when given (a torchvision-style detector: ``(images, targets)`` → loss dict in
+    training, ``images`` → detections in eval; e.g. ``class_path: agentlit.tasks.networks.DetectionNet``);
+    otherwise the flat settings ``backbone`` … ``detector_kwargs`` build it
+    (:class:`~agentlit.tasks.networks.DetectionNet`).
+
     Args:
         backbone: timm model name with ``features_only`` support, e.g. ``agent_pvt_small``, ``agent_swin_tiny``, ``pvt_v1_small``.
         num_classes: object classes (background is added inside; COCO: 80).
@@ -125,19 +128,23 @@ class DetectionModule(TaskModule):
         output_dir: where ``predict`` writes drawings and results JSON (None: ``predictions/`` in the evaluation folder,
             e.g. ``version_N/predict/predictions``); a folder an earlier predict wrote into gets a ``-1``, ``-2`` … twin.
         compile: ``torch.compile`` the network (``compiled_modules()``): false, true or {mode: ..., fullgraph: ...}.
+        net: the network (None: built from the flat settings above).
     """
 
     task_name = "detection"
     monitor = "val/bbox_mAP"
     monitor_mode = "max"
     network_settings = ("backbone", "num_classes", "detector", "backbone_kwargs", "out_indices", "out_norm", "fpn_channels",
-                        "anchor_sizes", "representation_size", "mask_head_channels", "detector_kwargs")
+                        "anchor_sizes", "representation_size", "mask_head_channels", "detector_kwargs", "net")
+    flat_network_settings = ("backbone", "detector", "backbone_kwargs", "out_indices", "pretrained", "backbone_checkpoint",
+                             "out_norm", "fpn_channels", "min_size", "max_size", "size_divisible", "anchor_sizes",
+                             "representation_size", "mask_head_channels", "roi_sampling_ratio", "detector_kwargs")
 
     def __init__(
         self,
         backbone: str = "agent_pvt_tiny",
         num_classes: int = 80,
-        detector: Detector = "mask_rcnn",
+        detector: Literal["mask_rcnn", "faster_rcnn", "retinanet"] = "mask_rcnn",
         backbone_kwargs: dict[str, Any] | None = None,
         out_indices: tuple[int, ...] | None = None,
         pretrained: bool = False,
@@ -165,26 +172,18 @@ class DetectionModule(TaskModule):
         class_names: list[str] | None = None,
         output_dir: str | None = None,
         compile: bool | dict[str, Any] = False,
+        net: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        check_choice("detector", detector, Detector)
+        self.save_settings()
         if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"class_names has {len(class_names)} names but num_classes={num_classes}")
-        kwargs = dict(backbone_kwargs or {})
-        indices = tuple(out_indices) if out_indices is not None else default_out_indices(detector)
-        state_dict = load_state_dict_file(backbone_checkpoint, what="backbone checkpoint") if backbone_checkpoint else None
-        body = build_backbone(backbone, indices, state_dict, pretrained, **kwargs)
-        cfg = getattr(body, "pretrained_cfg", None) or {}
-        mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
-        adapter = DetectionBackbone(body, fpn_channels, "p6p7" if detector == "retinanet" else "pool", out_norm)
-        self.model = build_detector(
-            detector, adapter, num_classes, mean, std, min_size=min_size, max_size=max_size,
-            size_divisible=size_divisible, anchor_sizes=anchor_sizes, representation_size=representation_size,
-            mask_head_channels=mask_head_channels,
-            roi_sampling_ratio=roi_sampling_ratio, **(detector_kwargs or {}),
-        )
-        self.with_masks = detector == "mask_rcnn"
+            raise UserError(f"class_names has {len(class_names)} names but num_classes={num_classes}")
+        self.model = self.take_network(net, lambda: DetectionNet(
+            backbone, num_classes, detector, backbone_kwargs, out_indices, pretrained, backbone_checkpoint, out_norm,
+            fpn_channels, min_size, max_size, size_divisible, anchor_sizes, representation_size, mask_head_channels,
+            roi_sampling_ratio, detector_kwargs))
+        heads = getattr(self.model, "roi_heads", None)
+        self.with_masks = bool(heads is not None and heads.has_mask())
         self.val_metric = self._metric()
         self.test_metric = self._metric()
         self._results: dict[str, list[dict[str, Any]]] = {"bbox": [], "segm": []}
@@ -284,9 +283,11 @@ class DetectionModule(TaskModule):
 
     def input_size(self) -> tuple[int, int]:
         """(short side, long-side cap): the size a landscape image is resized to (800×1333 in the recipes)."""
-        short = self.hparams.min_size
+        transform = getattr(self.model, "transform", None)  # torchvision's resize, however the network was given
+        short = transform.min_size if transform is not None else self.hparams.min_size
         short = max(short) if isinstance(short, (list, tuple)) else int(short)
-        return short, max(short, int(self.hparams.max_size))
+        long = transform.max_size if transform is not None else self.hparams.max_size
+        return short, max(short, int(long))
 
     def at_input_size(self, size: tuple[int, int]) -> "DetectionModule":
         """This task with the detector's resize set to ``size`` (short, long); weights are not copied.
@@ -296,9 +297,7 @@ class DetectionModule(TaskModule):
         """
         if tuple(size) == self.input_size():
             return self
-        hp = dict(self.hparams)
-        hp["min_size"], hp["max_size"] = min(size), max(size)
-        return type(self)(**hp)
+        return self.with_hparams(min_size=min(size), max_size=max(size))
 
     # -- training -----------------------------------------------------------------------------
     def seed_samplers(self, n: int, step: int, micro: int = 0, shard: tuple[int, int] = (0, 1)) -> None:
@@ -452,13 +451,10 @@ class DetectionModule(TaskModule):
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        if hp.decay_all:
-            optimizer = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
-        else:
-            from .optim import create_optimizer
+        from .optim import create_optimizer
 
-            optimizer = create_optimizer(self.model, hp.lr, hp.weight_decay, tuple(hp.betas))
+        hp = self.hparams
+        optimizer = create_optimizer(self.model, hp.lr, hp.weight_decay, tuple(hp.betas), decay_all=hp.decay_all)
         total = self.trainer.estimated_stepping_batches  # also sets up the training loader
         epochs = self.trainer.max_epochs
         if epochs is not None and epochs > 0 and math.isfinite(total):

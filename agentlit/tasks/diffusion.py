@@ -29,8 +29,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.sampling import default_seed, seeded_generator
-from ..diffusion.agent_processor import ATTENTION_TYPES, set_agent_attention
-from ..diffusion.patch import AGENTSD_BROADCAST_SCALE_EXP, AGENTSD_SHORTCUT
 from ..diffusion.pipelines import load_pipeline, scheduler_from_config
 from ..errors import UserError, check_choice
 from ..predict_writers import enlarge_grid, predictions_folder
@@ -38,14 +36,13 @@ from ..utils.paths import ensure_writable_dir
 from ._schedule import warmup_cosine
 from .base import TaskModule, pair
 from .metrics import classify_digits, fid_metric, to_uint8
+from .networks import AgentInit, DiffusionUNet, UNetClass, agent_attention_layers, with_agent_attention
 
 __all__ = ["DiffusionModule", "make_grid"]
 
 Scheduler = Literal["ddim", "dpm", "ddpm"]
 PredictionType = Literal["epsilon", "v_prediction"]
 Trainable = Literal["all", "attention", "agent"]
-AgentInit = Literal["default", "zero"]
-UNetClass = Literal["UNet2DModel", "UNet2DConditionModel"]
 Classifier = Literal["digits_svm"]
 #: the seed stream of the fixed evaluation noise (beside the training steps' (seed, step, micro-batch))
 _EVAL_STREAM = 1
@@ -54,6 +51,10 @@ _EVAL_STREAM = 1
 # ---------------------------------------------------------------------------------- the module
 class DiffusionModule(TaskModule):
     """Train, evaluate and sample a diffusion model whose self-attention is agent attention.
+
+    The network (the UNet) is ``net`` when given (a diffusers ``UNet2DModel`` / ``UNet2DConditionModel``,
+    e.g. ``class_path: agentlit.tasks.networks.DiffusionUNet``); otherwise the flat settings ``unet``,
+    ``unet_class`` and ``attention`` … ``agent_init`` build it, or give the pipeline's UNet agent attention.
 
     Args:
         unet: keyword arguments of a new diffusers UNet (any size), e.g. ``block_out_channels``,
@@ -100,6 +101,7 @@ class DiffusionModule(TaskModule):
         predict_repeats: samples per predict item (each item gives a label or prompt).
         seed: base seed of the sampling noise (sample k uses ``seed + k``).
         compile: ``torch.compile`` the network (``compiled_modules()``): false, true or {mode: ..., fullgraph: ...}.
+        net: the UNet (None: built from the flat settings above); with ``pipeline`` it denoises the pipeline's latents.
     """
 
     task_name = "diffusion"
@@ -108,7 +110,8 @@ class DiffusionModule(TaskModule):
     monitor = "val/loss"
     monitor_mode = "min"
     network_settings = ("unet", "unet_class", "pipeline", "img_size", "num_classes", "attention", "agent_downsample",
-                        "agent_num", "dwc_kernel")
+                        "agent_num", "dwc_kernel", "net")
+    flat_network_settings = ("unet", "unet_class", "attention", "agent_downsample", "agent_num", "dwc_kernel", "agent_init")
 
     def __init__(
         self,
@@ -146,43 +149,34 @@ class DiffusionModule(TaskModule):
         predict_repeats: int = 1,
         seed: int = 0,
         compile: bool | dict[str, Any] = False,
+        net: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["fid_feature"])
-        check_choice("attention", attention, ATTENTION_TYPES)
+        self.save_settings(drop=("fid_feature",))
         check_choice("scheduler", scheduler, Scheduler)
         check_choice("prediction_type", prediction_type, PredictionType)
         check_choice("trainable", trainable, Trainable)
-        check_choice("agent_init", agent_init, AgentInit)
-        check_choice("unet_class", unet_class, UNetClass)
         check_choice("classifier", classifier, Classifier | None)
         if distill_weight > 0 and pipeline is None:
             raise UserError("distill_weight > 0 needs a pretrained `pipeline` (its UNet is the teacher)")
         from diffusers import DDPMScheduler
 
         self.vae = self.text_encoder = self.tokenizer = self.teacher = None
-        if pipeline is not None:
-            pipe = load_pipeline(pipeline, seed=pipeline_seed, option="--model.pipeline")
+        pipe = load_pipeline(pipeline, seed=pipeline_seed, option="--model.pipeline") if pipeline is not None else None
+        if pipe is not None:
             self.vae = pipe.vae.requires_grad_(False).eval()
             self.text_encoder = pipe.text_encoder.requires_grad_(False).eval()
             self.tokenizer = pipe.tokenizer
             self.vae_scale = pipe.vae_scale_factor
             self.train_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type)
-            if unet is None:
-                self.unet = pipe.unet
-                if distill_weight > 0:
-                    self.teacher = copy.deepcopy(pipe.unet).requires_grad_(False).eval()
-            else:
-                self.unet = _build_unet(unet_class, unet)
         else:
-            if unet is None:
-                raise UserError("give `unet` (UNet keyword arguments) or a `pipeline` to fine-tune")
             self.vae_scale = 1
-            self.unet = _build_unet(unet_class, unet)
             self.train_scheduler = DDPMScheduler(
                 num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type=prediction_type,
                 clip_sample=True,
             )
+        self.unet = self.take_network(net, lambda: self._default_unet(pipe))
+        self.agent_layers = agent_attention_layers(self.unet)
         self.text_conditioned = type(self.unet).__name__ == "UNet2DConditionModel"
         if self.text_conditioned and self.text_encoder is None:
             raise UserError("a UNet2DConditionModel needs a text encoder: set `pipeline` (e.g. tiny)")
@@ -193,11 +187,6 @@ class DiffusionModule(TaskModule):
                     f"num_classes={num_classes} needs unet num_class_embeds={num_classes + 1} (one more for the "
                     f"'no class' of classifier-free guidance), got {embeds}"
                 )
-        zero = agent_init == "zero"
-        self.agent_layers = set_agent_attention(
-            self.unet, attention, agent_downsample or [1], agent_num=agent_num, dwc_kernel=dwc_kernel, zero_init=zero,
-            broadcast_scale_exp=AGENTSD_BROADCAST_SCALE_EXP if zero else 1.0, shortcut=AGENTSD_SHORTCUT if zero else 0.0,
-        )
         self._select_trainable(trainable)
         self.ema = copy.deepcopy(self.unet).requires_grad_(False).eval() if ema_decay is not None else None
         self.fid_feature = fid_feature
@@ -208,6 +197,20 @@ class DiffusionModule(TaskModule):
         self.output_dir: Path | None = None
 
     # ------------------------------------------------------------------ building blocks
+    def _default_unet(self, pipe: Any) -> nn.Module:
+        """The UNet of the flat settings: a new one from ``unet`` (:class:`~agentlit.tasks.networks.DiffusionUNet`),
+        else the pipeline's own, given agent attention (its softmax original kept as the distillation teacher)."""
+        hp = self.hparams
+        attention = dict(attention=hp.attention, agent_downsample=hp.agent_downsample, agent_num=hp.agent_num,
+                         dwc_kernel=hp.dwc_kernel, agent_init=hp.agent_init)
+        if hp.unet is not None:
+            return DiffusionUNet(hp.unet_class, hp.unet, **attention)
+        if pipe is None:
+            raise UserError("give `unet` (UNet keyword arguments), a `net` or a `pipeline` to fine-tune")
+        if hp.distill_weight > 0:
+            self.teacher = copy.deepcopy(pipe.unet).requires_grad_(False).eval()
+        return with_agent_attention(pipe.unet, **attention)
+
     def _select_trainable(self, trainable: str) -> None:
         if trainable == "all":
             return
@@ -608,12 +611,3 @@ def make_grid(images: Tensor, labels: Tensor | None, num_classes: int | None, pe
         rows = [images[labels == c][:per_row] for c in range(num_classes) if (labels == c).any()]
         images = torch.cat(rows)
     return enlarge_grid(tv_grid(images.float() * 0.5 + 0.5, nrow=per_row, padding=1).clamp(0, 1))  # ≥ 512 px
-
-
-def _build_unet(unet_class: str, kwargs: dict[str, Any]) -> nn.Module:
-    import diffusers
-
-    try:
-        return getattr(diffusers, unet_class)(**kwargs)
-    except TypeError as err:
-        raise UserError(f"unet: {err}; see diffusers' {unet_class} for the valid keyword arguments") from err

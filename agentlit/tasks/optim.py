@@ -72,6 +72,7 @@ def param_groups(
     modules: nn.Module | Mapping[str, nn.Module],
     weight_decay: float,
     no_decay_extra: Iterable[str] = (),
+    decay_all: bool = False,
 ) -> list[dict[str, Any]]:
     """Two optimiser groups, ``[decayed, not decayed]`` (both always present, possibly empty).
 
@@ -79,8 +80,12 @@ def param_groups(
         modules: one module, or a mapping name -> module whose parameters are all optimised.
         weight_decay: decay of the first group (the second has 0).
         no_decay_extra: further parameter names or ``fnmatch`` patterns never decayed.
+        decay_all: decay every trainable parameter (recipes that do, e.g. Agent-PVT's detection recipe);
+            ``no_decay_extra`` must then be empty.
     """
-    skip = no_decay_names(modules, no_decay_extra)
+    if decay_all and tuple(no_decay_extra):
+        raise ValueError(f"decay_all decays every parameter; no_decay_extra {list(no_decay_extra)} contradicts it")
+    skip = set() if decay_all else no_decay_names(modules, no_decay_extra)
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     seen: set[int] = set()
@@ -99,6 +104,7 @@ def create_optimizer(
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.999),
     no_decay_extra: Iterable[str] = (),
+    decay_all: bool = False,
 ) -> torch.optim.Optimizer:
     """AdamW over :func:`param_groups` (the optimiser of every agentlit recipe).
 
@@ -108,5 +114,7 @@ def create_optimizer(
         weight_decay: decoupled weight decay of the decayed group.
         betas: AdamW's moment coefficients.
         no_decay_extra: further parameter names or ``fnmatch`` patterns never decayed.
+        decay_all: decay every trainable parameter (see :func:`param_groups`).
     """
-    return torch.optim.AdamW(param_groups(modules, weight_decay, no_decay_extra), lr=lr, betas=tuple(betas))
+    groups = param_groups(modules, weight_decay, no_decay_extra, decay_all)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))

@@ -11,24 +11,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..checkpoint import load_state_dict_file
-from ..errors import check_choice
+from ..errors import UserError, check_choice
 from ..models.segmentation import SegmentationModel, build_backbone, palette, slide_inference
 from ._schedule import warmup_poly
 from .base import TaskModule, pair
+from .networks import SegmentationNet
 from .optim import create_optimizer, param_groups
 from .metrics import SegmentationMetrics, format_iou_table
 
 __all__ = ["SegmentationModule", "SegmentationModel", "build_backbone", "palette", "slide_inference"]
 
-Head = Literal["fpn", "upernet"]
 Inference = Literal["whole", "slide"]
 
 
 class SegmentationModule(TaskModule):
     """Semantic segmentation with any ``features_only`` timm backbone (agent backbones included).
+
+    The network is ``net`` when given (any ``nn.Module`` mapping images (B, C, H, W) to logits
+    (B, num_classes, h, w), and in training optionally ``(logits, aux_logits)``; e.g. ``class_path:
+    agentlit.tasks.networks.SegmentationNet``); otherwise the flat settings ``backbone`` …
+    ``aux_channels`` build it (:class:`~agentlit.tasks.networks.SegmentationNet`).
 
     Args:
         backbone: timm model name, e.g. ``agent_pvt_tiny``, ``agent_swin_tiny``, ``resnet50``.
@@ -69,19 +73,23 @@ class SegmentationModule(TaskModule):
         output_dir: where ``predict`` writes masks and overlays (None: ``predictions/`` in the evaluation folder,
             e.g. ``version_N/predict/predictions``); a folder an earlier predict wrote into gets a ``-1``, ``-2`` … twin.
         compile: ``torch.compile`` the network (``compiled_modules()``): false, true or {mode: ..., fullgraph: ...}.
+        net: the network (None: built from the flat settings above).
     """
 
     task_name = "segmentation"
     monitor = "val/mIoU"
     monitor_mode = "max"
     network_settings = ("backbone", "num_classes", "head", "backbone_kwargs", "out_indices", "head_channels", "neck_channels",
-                        "pool_scales", "simple_pyramid", "aux_weight", "aux_index", "aux_channels")
+                        "pool_scales", "simple_pyramid", "aux_weight", "aux_index", "aux_channels", "net")
+    flat_network_settings = ("backbone", "head", "backbone_kwargs", "out_indices", "pretrained", "backbone_checkpoint",
+                             "head_channels", "neck_channels", "pool_scales", "dropout", "simple_pyramid", "aux_index",
+                             "aux_channels")
 
     def __init__(
         self,
         backbone: str = "agent_pvt_tiny",
         num_classes: int = 150,
-        head: Head = "fpn",
+        head: Literal["fpn", "upernet"] = "fpn",
         backbone_kwargs: dict[str, Any] | None = None,
         out_indices: tuple[int, ...] | None = None,
         pretrained: bool = False,
@@ -111,19 +119,16 @@ class SegmentationModule(TaskModule):
         class_names: list[str] | None = None,
         output_dir: str | None = None,
         compile: bool | dict[str, Any] = False,
+        net: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        check_choice("head", head, Head)
+        self.save_settings()
         check_choice("inference", inference, Inference)
         if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"class_names has {len(class_names)} names but num_classes={num_classes}")
-        state_dict = load_state_dict_file(backbone_checkpoint, what="backbone checkpoint") if backbone_checkpoint else None
-        net = build_backbone(backbone, out_indices, state_dict, pretrained, **(backbone_kwargs or {}))
-        self.model = SegmentationModel(
-            net, num_classes, head, head_channels, neck_channels, tuple(pool_scales), dropout,
-            simple_pyramid, aux_weight > 0, aux_index, aux_channels,
-        )
+            raise UserError(f"class_names has {len(class_names)} names but num_classes={num_classes}")
+        self.model = self.take_network(net, lambda: SegmentationNet(
+            backbone, num_classes, head, backbone_kwargs, out_indices, pretrained, backbone_checkpoint, head_channels,
+            neck_channels, pool_scales, dropout, simple_pyramid, aux_weight > 0, aux_index, aux_channels))
         self.val_metrics = SegmentationMetrics(num_classes, ignore_index)
         self.test_metrics = SegmentationMetrics(num_classes, ignore_index)
         self.class_names = list(class_names) if class_names else None
