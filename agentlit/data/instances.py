@@ -12,7 +12,6 @@ path can be exercised offline.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from .shapes import SHAPE_CLASSES, _grey, _paint_visible, _shape_mask, _texture, _vivid
+from .shapes import SHAPE_CLASSES, paint_shapes
 
 __all__ = ["INSTANCE_CLASSES", "InstanceShapesDataset", "export_coco", "render_instances"]
 
@@ -68,21 +67,15 @@ def render_instances(
     if unknown or not classes:
         raise ValueError(f"classes={list(classes)}: unknown {unknown}; choose a non-empty subset of {list(INSTANCE_CLASSES)}")
     rng = np.random.default_rng([seed, index, 7])
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    image = _texture(rng, yy, xx, size, _grey, background_contrast)
-    full: list[np.ndarray] = []
     labels: list[int] = []
-    for _ in range(int(rng.integers(num_shapes[0], num_shapes[1] + 1))):
-        label = int(rng.integers(1, len(classes) + 1))
-        shape_id = INSTANCE_CLASSES.index(classes[label - 1]) + 1  # the renderer's class index
-        r = rng.uniform(*radius) * size
-        cy, cx = rng.uniform(0.15, 0.85, 2) * size
-        m = _shape_mask(shape_id, yy, xx, cy, cx, r, rng.uniform(0, 2 * math.pi))
-        hue = (shape_id - 1) / len(INSTANCE_CLASSES)
-        tex = _texture(rng, yy, xx, size, lambda g: _vivid(g, hue, hue_jitter), shape_contrast)
-        _paint_visible(image, m, tex)
-        full.append(m)
-        labels.append(label)
+
+    def draw_class() -> tuple[int, float]:
+        labels.append(int(rng.integers(1, len(classes) + 1)))
+        shape_id = INSTANCE_CLASSES.index(classes[labels[-1] - 1]) + 1  # the renderer's class index
+        return shape_id, (shape_id - 1) / len(INSTANCE_CLASSES)
+
+    image, full, _ = paint_shapes(rng, size, num_shapes, draw_class, radius, (0.15, 0.85), shape_contrast,
+                                  background_contrast, hue_jitter)
     image = np.clip(image + rng.normal(0, noise, image.shape), 0, 1)
     masks, keep = [], []
     covered = np.zeros((size, size), dtype=bool)

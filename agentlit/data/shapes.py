@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import colorsys
 import math
+from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["SHAPE_CLASSES", "render_shapes"]
+__all__ = ["SHAPE_CLASSES", "paint_shapes", "render_shapes"]
 
 SHAPE_CLASSES = ("background", "circle", "square", "triangle", "cross", "ring")
 
@@ -89,6 +90,50 @@ def _paint_visible(image: np.ndarray, m: np.ndarray, tex: np.ndarray) -> None:
     image[m] = tex[m]
 
 
+def paint_shapes(
+    rng: np.random.Generator,
+    size: int,
+    num_shapes: tuple[int, int],
+    draw_class: Callable[[], tuple[int, float]],
+    radius: tuple[float, float],
+    centre: tuple[float, float] = (0.1, 0.9),
+    shape_contrast: float = 1.0,
+    background_contrast: float = 1.0,
+    hue_jitter: float = 0.5,
+) -> tuple[np.ndarray, list[np.ndarray], list[int]]:
+    """The one painter of the generated sets: a textured background, then shapes in drawing order
+    (a later one occludes what it covers), each kept visible against what it is painted over.
+
+    Args:
+        rng: the sample's generator (everything below is drawn from it, in a fixed order).
+        size: image side in pixels.
+        num_shapes: inclusive range of shapes per image.
+        draw_class: draws one shape's (renderer class id in 1..5 of :data:`SHAPE_CLASSES`, hue in [0, 1)).
+        radius: shape radius range as a fraction of ``size``.
+        centre: range of the shape centres as a fraction of ``size``.
+        shape_contrast: texture contrast inside shapes.
+        background_contrast: texture contrast of the background.
+        hue_jitter: half-width of the hue band around each shape's hue (0.5: any hue).
+
+    Returns:
+        ``image`` float (size, size, 3) in [0, 1], the full boolean (size, size) mask of every shape, and
+        the class id of every shape, in drawing order.
+    """
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    image = _texture(rng, yy, xx, size, _grey, background_contrast)
+    masks, ids = [], []
+    for _ in range(int(rng.integers(num_shapes[0], num_shapes[1] + 1))):
+        shape_id, hue = draw_class()
+        r = rng.uniform(*radius) * size
+        cy, cx = rng.uniform(*centre, 2) * size
+        m = _shape_mask(shape_id, yy, xx, cy, cx, r, rng.uniform(0, 2 * math.pi))
+        tex = _texture(rng, yy, xx, size, lambda g: _vivid(g, hue, hue_jitter), shape_contrast)
+        _paint_visible(image, m, tex)
+        masks.append(m)
+        ids.append(shape_id)
+    return image, masks, ids
+
+
 def render_shapes(
     index: int,
     size: int = 64,
@@ -111,17 +156,15 @@ def render_shapes(
     band, as real classes have typical colours (sky, grass), which makes training much faster.
     """
     rng = np.random.default_rng([seed, index])
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    image = _texture(rng, yy, xx, size, _grey, background_contrast)
-    mask = np.zeros((size, size), dtype=np.uint8)
-    for _ in range(int(rng.integers(num_shapes[0], num_shapes[1] + 1))):
+
+    def draw_class() -> tuple[int, float]:
         cls = int(rng.integers(1, len(SHAPE_CLASSES)))
-        r = rng.uniform(*radius) * size
-        cy, cx = rng.uniform(0.1, 0.9, 2) * size
-        m = _shape_mask(cls, yy, xx, cy, cx, r, rng.uniform(0, 2 * math.pi))
-        hue = (cls - 1) / (len(SHAPE_CLASSES) - 1)
-        tex = _texture(rng, yy, xx, size, lambda g: _vivid(g, hue, hue_jitter), shape_contrast)
-        _paint_visible(image, m, tex)
+        return cls, (cls - 1) / (len(SHAPE_CLASSES) - 1)
+
+    image, masks, ids = paint_shapes(rng, size, num_shapes, draw_class, radius, (0.1, 0.9), shape_contrast,
+                                     background_contrast, hue_jitter)
+    mask = np.zeros((size, size), dtype=np.uint8)
+    for m, cls in zip(masks, ids):
         mask[m] = cls
     image = image + rng.normal(0, noise, image.shape)
     return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), mask

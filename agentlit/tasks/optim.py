@@ -6,8 +6,8 @@ encoder): a trainable parameter is *not* decayed when
 
 - it is one-dimensional or a bias (timm's ``param_groups_weight_decay`` rule: norms, biases), or
 - a sub-module's ``no_weight_decay()`` names it (timm's hook; agentlit's families fill it with
-  :func:`agentlit.models._policy.no_weight_decay_names`), or
-- :func:`~agentlit.models._policy.no_weight_decay_names` of the whole tree names it (agent biases
+  :func:`agentlit.models.no_weight_decay_names`), or
+- :func:`~agentlit.models.no_weight_decay_names` of the whole tree names it (agent biases
   by module type, position embeddings / tables and class tokens by name), which also covers
   wrappers that hide the model's own ``no_weight_decay()`` (timm's feature extractors), or
 - it matches a pattern of ``no_decay_extra`` (``fnmatch`` wildcards, as in timm).
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models._policy import no_weight_decay_names
+from ..models import no_weight_decay_names
 
 __all__ = ["create_optimizer", "no_decay_names", "param_groups"]
 
