@@ -73,6 +73,21 @@ _DIVERGED_HINT = ("Lower the learning rate, enable gradient clipping (--trainer.
                   "or use bf16 instead of fp16.")
 
 
+def _init_defaults(cls: type) -> dict[str, Any]:
+    """The defaults of ``cls.__init__``'s parameters, followed through ``**kwargs`` into the parent tasks."""
+    defaults: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        if "__init__" not in klass.__dict__:
+            continue
+        params = list(inspect.signature(klass.__init__).parameters.values())[1:]
+        for p in params:
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                defaults.setdefault(p.name, p.default)
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return defaults
+
+
 def _as_lists(value: Any) -> Any:
     """Tuples as lists, recursively: a setting read from a config compares equal to its Python default."""
     if isinstance(value, (list, tuple)):
@@ -159,9 +174,9 @@ class TaskModule(L.LightningModule):
         """
         if net is None:
             return default()
-        params = inspect.signature(type(self).__init__).parameters
+        defaults = _init_defaults(type(self))
         given = [k for k in self.flat_network_settings
-                 if k in params and _as_lists(self.hparams.get(k, params[k].default)) != _as_lists(params[k].default)]
+                 if k in defaults and _as_lists(self.hparams.get(k, defaults[k])) != _as_lists(defaults[k])]
         if given:
             raise UserError(
                 f"{type(self).__name__} got its network as `net` and also {', '.join(given)}, which only describe the "
