@@ -181,6 +181,17 @@ def _init_params(cls: type) -> tuple[dict[str, inspect.Parameter], dict[str, Any
             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 params.setdefault(p.name, p)
         open_kwargs = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+        builder = klass.__dict__.get("network_class")
+        if open_kwargs and builder is not None:  # a task's **network: the flat settings of its default network
+            passed = getattr(klass, "network_passed", ())
+            for p in inspect.signature(builder).parameters.values():
+                if p.name not in passed and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                    params.setdefault(p.name, p)
+            try:
+                hints.update({k: v for k, v in typing.get_type_hints(builder.__new__).items() if k not in hints})
+            except Exception:  # an unresolvable annotation: its setting is treated as plain data
+                pass
+            open_kwargs = False
         if not open_kwargs:
             break
     return params, hints, open_kwargs

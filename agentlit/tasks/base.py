@@ -26,7 +26,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
 import torch
@@ -71,21 +71,6 @@ def pair(value: int | tuple[int, int] | list[int] | None) -> tuple[int, int] | N
 
 _DIVERGED_HINT = ("Lower the learning rate, enable gradient clipping (--trainer.gradient_clip_val) "
                   "or use bf16 instead of fp16.")
-
-
-def _init_defaults(cls: type) -> dict[str, Any]:
-    """The defaults of ``cls.__init__``'s parameters, followed through ``**kwargs`` into the parent tasks."""
-    defaults: dict[str, Any] = {}
-    for klass in cls.__mro__:
-        if "__init__" not in klass.__dict__:
-            continue
-        params = list(inspect.signature(klass.__init__).parameters.values())[1:]
-        for p in params:
-            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                defaults.setdefault(p.name, p.default)
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            break
-    return defaults
 
 
 def _as_lists(value: Any) -> Any:
@@ -141,8 +126,11 @@ class TaskModule(L.LightningModule):
     monitor_mode: str = "min"
     #: the ``__init__`` settings that shape the network (classes, architecture, sizes); None: all of them
     network_settings: tuple[str, ...] | None = None
-    #: the flat settings that describe the default network, unused (and to be left unset) when ``net`` is given
-    flat_network_settings: tuple[str, ...] = ()
+    #: builds the default network from the task's flat settings (its ``**network`` and the ones it names);
+    #: see :mod:`agentlit.tasks.networks`
+    network_class: type | None = None
+    #: arguments of ``network_class`` the task passes itself (not flat settings)
+    network_passed: tuple[str, ...] = ("num_classes",)
 
     # ------------------------------------------------------------------ the network
     def save_settings(self, drop: tuple[str, ...] = ()) -> None:
@@ -161,22 +149,40 @@ class TaskModule(L.LightningModule):
         if "_instantiator" in self.hparams:  # built by LightningCLI: every setting is the config's plain value
             self.save_hyperparameters(ignore=list(drop), frame=frame)
 
-    def take_network(self, net: nn.Module | None, default: Callable[[], nn.Module]) -> nn.Module:
-        """The task's network: ``net`` when given, else ``default()`` built from the flat settings.
+    @classmethod
+    def flat_defaults(cls) -> dict[str, Any]:
+        """The flat settings of the default network (``network_class``'s arguments but those the task
+        passes itself) and their defaults."""
+        if cls.network_class is None:
+            return {}
+        params = inspect.signature(cls.network_class).parameters  # a network class's __new__ arguments
+        return {k: p.default for k, p in params.items()
+                if k not in cls.network_passed and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+    def flat_settings(self) -> dict[str, Any]:
+        """The settings the default network is (or would be) built with: defaults, then what was given."""
+        return {k: self.hparams.get(k, v) for k, v in self.flat_defaults().items()}
+
+    def take_network(self, net: nn.Module | None, network: Mapping[str, Any]) -> nn.Module | None:
+        """``net`` when given (checked), else None: the caller builds the default network from its flat
+        settings with ``network_class``.
 
         Args:
-            net: the network the config or caller gave (None: build the default one).
-            default: builds the default network from the task's flat settings.
+            net: the network the config or caller gave.
+            network: the flat settings given (the ``__init__``'s ``**network`` and the ones it names).
 
         Raises:
-            UserError: ``net`` given together with flat settings that only describe the default network, or a
-                ``net.num_classes`` other than the task's ``num_classes``.
+            UserError: a flat setting the default network does not take; ``net`` given together with flat
+                settings; a ``net.num_classes`` other than the task's ``num_classes``.
         """
+        defaults = self.flat_defaults()
+        unknown = sorted(set(network) - set(defaults))
+        if unknown:
+            raise UserError(f"{type(self).__name__} has no argument(s) {unknown}; its default network "
+                            f"({getattr(self.network_class, '__name__', 'none')}) takes {sorted(defaults)}")
         if net is None:
-            return default()
-        defaults = _init_defaults(type(self))
-        given = [k for k in self.flat_network_settings
-                 if k in defaults and _as_lists(self.hparams.get(k, defaults[k])) != _as_lists(defaults[k])]
+            return None
+        given = [k for k in defaults if k in network and _as_lists(network[k]) != _as_lists(defaults[k])]
         if given:
             raise UserError(
                 f"{type(self).__name__} got its network as `net` and also {', '.join(given)}, which only describe the "
@@ -188,35 +194,22 @@ class TaskModule(L.LightningModule):
         self._network_object = "net" not in self.hparams  # given in Python: not rebuilt from settings
         return net
 
-    # ------------------------------------------------------------------ divergence
-    def on_before_backward(self, loss: Tensor) -> None:
-        """Lightning hook: stop on a non-finite loss before its gradients reach the weights."""
-        if not bool(torch.isfinite(loss.detach()).all()):
-            raise FloatingPointError(
-                f"non-finite training loss ({float(loss.detach().float().sum())}) at global step {self.global_step}, "
-                f"epoch {self.current_epoch}; the last good checkpoint is {self._last_checkpoint()}. " + _DIVERGED_HINT)
+    # ------------------------------------------------------------------ the data's classes
+    def check_data_classes(self, exact: bool = True) -> None:
+        """Refuse data whose class count does not fit the task's ``num_classes`` (one line, before any batch).
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Lightning hook: refuse to write non-finite weights (a diverged run keeps its last good
-        checkpoints; the new file is not written). Subclasses that override it call ``super()``."""
-        state = checkpoint.get("state_dict") or self.state_dict()  # parameters and buffers (BatchNorm statistics …)
-        bad = next((name for name, t in state.items()
-                    if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
-        if bad is not None:
-            raise FloatingPointError(
-                f"non-finite weights ({bad}) at global step {self.global_step}, epoch {self.current_epoch}: the checkpoint "
-                f"was not written; the last good checkpoint is {self._last_checkpoint()}. " + _DIVERGED_HINT)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Lightning hook, before a checkpoint's weights are restored: weights that do not fit the
-        configured network are one line naming the keys (the package's one fit rule,
-        :func:`agentlit.checkpoint.check_fit`). Subclasses that override it call ``super()``."""
-        state, trainer = checkpoint.get("state_dict"), self._trainer
-        if not isinstance(state, Mapping) or not self.strict_loading or not _restores_whole_module(trainer):
+        Args:
+            exact: the counts must be equal (segmentation); False: the data may have fewer (detection,
+                whose datasets may leave categories unused).
+        """
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        n, mine = getattr(dm, "num_classes", None), self.hparams.get("num_classes")
+        if n is None or mine is None or n == mine or (not exact and n < mine):
             return
-        path = getattr(trainer, "ckpt_path", None) or "(restored)"
-        check_fit(self.state_dict(), state, f"checkpoint {path} does not fit the configured {type(self).__name__}",
-                  hint="it was written for another architecture or task — use the config it was trained with")
+        source = getattr(dm, "root", None) or type(dm).__name__
+        relation = "does not match" if exact else "is smaller than"
+        raise UserError(f"model num_classes={mine} {relation} the {n} categories of the dataset ({source}); "
+                        f"set model.init_args.num_classes: {n}")
 
     def _last_checkpoint(self) -> str:
         trainer = self._trainer
@@ -326,7 +319,7 @@ class TaskModule(L.LightningModule):
         if unknown:
             valid = [p for p in params if p != "self"]
             raise ValueError(f"{type(self).__qualname__} has no argument(s) {unknown}; valid: {valid}")
-        hp = {**dict(self.hparams), **changes}
+        hp = {k: v for k, v in {**dict(self.hparams), **changes}.items() if not k.startswith("_")}  # not _class_path …
         return type(self)(**{k: v for k, v in hp.items() if forwards or k in params})
 
     def describe(self) -> dict[str, Any]:

@@ -24,18 +24,11 @@ class ClassificationModule(TaskModule):
 
     The network is ``net`` when given (any ``nn.Module`` mapping images (B, C, H, W) to logits
     (B, num_classes), e.g. ``class_path: agentlit.tasks.networks.TimmClassifier``); otherwise the flat
-    settings ``model_name`` … ``model_kwargs`` build it (:class:`~agentlit.tasks.networks.TimmClassifier`).
+    settings ``model_name`` and ``**network`` build it with :class:`~agentlit.tasks.networks.TimmClassifier`.
 
     Args:
-        model_name: any ``timm.create_model`` name, e.g. ``agent_deit_tiny`` (agentlit's are registered on import).
+        model_name: the default network's timm name, e.g. ``agent_deit_tiny`` (agentlit's are registered on import).
         num_classes: classifier width (with ``net``: the width of its logits, checked against ``net.num_classes``).
-        img_size: input size passed to the model (None: the model's default).
-        pretrained: load the model's registered pretrained weights (from the hub).
-        checkpoint_path: initial weights from a local file (an official release file, one of our checkpoints or an
-            export); it goes through the model's ``checkpoint_filter_fn``, so other resolutions / class counts are
-            adapted, and a file of another architecture is an error naming the keys that do not fit.
-        drop_path_rate: stochastic depth.
-        model_kwargs: further model arguments (``agent_num``, ``depth``, ``patch_size`` …).
         lr: peak learning rate at ``lr_reference_batch`` (None: use ``lr`` as is).
         lr_reference_batch: batch size ``lr`` was tuned for; the effective lr scales linearly with the global batch.
         weight_decay: AdamW decay (never on norms, biases, position embeddings or agent biases).
@@ -51,24 +44,22 @@ class ClassificationModule(TaskModule):
         mixup_switch_prob: probability of cutmix instead of mixup when both alphas are set.
         ema_decay: keep an exponential moving average of the weights (None: off); validated as ``val_ema/*``.
         compile: ``torch.compile`` the network (``compiled_modules()``): false, true or {mode: ..., fullgraph: ...}.
-        net: the network (None: built from the flat settings above).
+        net: the network (None: built from ``model_name`` and ``**network``).
+        **network: the default network's other settings, :class:`~agentlit.tasks.networks.TimmClassifier`'s arguments:
+            ``img_size``, ``pretrained``, ``checkpoint_path`` (initial weights from a local file, adapted by the
+            family's ``checkpoint_filter_fn``), ``drop_path_rate``, ``model_kwargs`` (``agent_num``, ``depth`` …).
     """
 
     task_name = "classification"
     monitor = "val/acc1"
     monitor_mode = "max"
     network_settings = ("model_name", "num_classes", "img_size", "model_kwargs", "net")
-    flat_network_settings = ("model_name", "img_size", "pretrained", "checkpoint_path", "drop_path_rate", "model_kwargs")
+    network_class = TimmClassifier
 
     def __init__(
         self,
         model_name: str = "agent_deit_tiny",
         num_classes: int = 1000,
-        img_size: int | None = None,
-        pretrained: bool = False,
-        checkpoint_path: str | None = None,
-        drop_path_rate: float = 0.1,
-        model_kwargs: dict[str, Any] | None = None,
         lr: float = 5e-4,
         lr_reference_batch: int | None = None,
         weight_decay: float = 0.05,
@@ -85,11 +76,12 @@ class ClassificationModule(TaskModule):
         ema_decay: float | None = None,
         compile: bool | dict[str, Any] = False,
         net: nn.Module | None = None,
+        **network: Any,
     ) -> None:
         super().__init__()
         self.save_settings()
-        self.model = self.take_network(net, lambda: TimmClassifier(
-            model_name, num_classes, img_size, pretrained, checkpoint_path, drop_path_rate, model_kwargs))
+        given = self.take_network(net, dict(network, model_name=model_name))
+        self.model = given if given is not None else TimmClassifier(model_name=model_name, num_classes=num_classes, **network)
         self.mixup = None
         if mixup_alpha > 0 or cutmix_alpha > 0:
             from timm.data import Mixup
@@ -125,7 +117,7 @@ class ClassificationModule(TaskModule):
             img_size: (H, W) of the images (None: :meth:`input_size`, else 224²).
         """
         h, w = img_size or self.input_size() or (224, 224)
-        in_chans = int((self.hparams.model_kwargs or {}).get("in_chans", 3))
+        in_chans = int((self.flat_settings()["model_kwargs"] or {}).get("in_chans", 3))
         x = torch.randn(batch_size, in_chans, h, w, device=self.device)
         return x, torch.randint(0, self.hparams.num_classes, (batch_size,), device=self.device)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,28 +91,13 @@ class DetectionModule(TaskModule):
 
     The network is ``net`` when given (a torchvision-style detector: ``(images, targets)`` → loss dict in
     training, ``images`` → detections in eval; e.g. ``class_path: agentlit.tasks.networks.DetectionNet``);
-    otherwise the flat settings ``backbone`` … ``detector_kwargs`` build it
-    (:class:`~agentlit.tasks.networks.DetectionNet`).
+    otherwise the flat settings ``backbone`` and ``**network`` build it with
+    :class:`~agentlit.tasks.networks.DetectionNet`.
 
     Args:
-        backbone: timm model name with ``features_only`` support, e.g. ``agent_pvt_small``, ``agent_swin_tiny``, ``pvt_v1_small``.
+        backbone: the default network's timm backbone with ``features_only`` support, e.g. ``agent_pvt_small``,
+            ``agent_swin_tiny``, ``pvt_v1_small``.
         num_classes: object classes (background is added inside; COCO: 80).
-        detector: ``mask_rcnn``, ``faster_rcnn`` or ``retinanet``.
-        backbone_kwargs: extra model arguments (``img_size``, dense ``agent_num`` grids, ``drop_path_rate``, reduced depths …).
-        out_indices: backbone stages the FPN reads (None: 0-3 for the R-CNNs, 1-3 for RetinaNet).
-        pretrained: load the backbone's registered pretrained weights.
-        backbone_checkpoint: classification weights for the backbone (an official release file or one of ours),
-            mapped through the family's ``checkpoint_filter_fn`` (agent biases resized to the dense grids).
-        out_norm: a LayerNorm on every backbone output (official Swin detection backbones).
-        fpn_channels: FPN width.
-        min_size: short side the detector resizes images to; a list draws one per training step (multi-scale).
-        max_size: cap of the long side.
-        size_divisible: batches are padded to a multiple of this.
-        anchor_sizes: base anchor size per FPN level (None: 32-512).
-        representation_size: box head FC width (R-CNNs).
-        mask_head_channels: mask head conv width (Mask R-CNN).
-        roi_sampling_ratio: RoIAlign sampling points per bin side (0: adaptive, as mmdet).
-        detector_kwargs: further torchvision detector arguments (``rpn_post_nms_top_n_train``, ``box_detections_per_img`` …).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
@@ -128,7 +113,12 @@ class DetectionModule(TaskModule):
         output_dir: where ``predict`` writes drawings and results JSON (None: ``predictions/`` in the evaluation folder,
             e.g. ``version_N/predict/predictions``); a folder an earlier predict wrote into gets a ``-1``, ``-2`` … twin.
         compile: ``torch.compile`` the network (``compiled_modules()``): false, true or {mode: ..., fullgraph: ...}.
-        net: the network (None: built from the flat settings above).
+        net: the network (None: built from ``backbone`` and ``**network``).
+        **network: the default network's other settings, :class:`~agentlit.tasks.networks.DetectionNet`'s arguments:
+            ``detector`` (``mask_rcnn``, ``faster_rcnn``, ``retinanet``), ``backbone_kwargs``, ``out_indices``,
+            ``pretrained``, ``backbone_checkpoint``, ``out_norm``, ``fpn_channels``, ``min_size`` / ``max_size``
+            (the resize), ``size_divisible``, ``anchor_sizes``, ``representation_size``, ``mask_head_channels``,
+            ``roi_sampling_ratio``, ``detector_kwargs``.
     """
 
     task_name = "detection"
@@ -136,29 +126,12 @@ class DetectionModule(TaskModule):
     monitor_mode = "max"
     network_settings = ("backbone", "num_classes", "detector", "backbone_kwargs", "out_indices", "out_norm", "fpn_channels",
                         "anchor_sizes", "representation_size", "mask_head_channels", "detector_kwargs", "net")
-    flat_network_settings = ("backbone", "detector", "backbone_kwargs", "out_indices", "pretrained", "backbone_checkpoint",
-                             "out_norm", "fpn_channels", "min_size", "max_size", "size_divisible", "anchor_sizes",
-                             "representation_size", "mask_head_channels", "roi_sampling_ratio", "detector_kwargs")
+    network_class = DetectionNet
 
     def __init__(
         self,
         backbone: str = "agent_pvt_tiny",
         num_classes: int = 80,
-        detector: Literal["mask_rcnn", "faster_rcnn", "retinanet"] = "mask_rcnn",
-        backbone_kwargs: dict[str, Any] | None = None,
-        out_indices: tuple[int, ...] | None = None,
-        pretrained: bool = False,
-        backbone_checkpoint: str | None = None,
-        out_norm: bool = False,
-        fpn_channels: int = 256,
-        min_size: int | list[int] = 800,
-        max_size: int = 1333,
-        size_divisible: int = 32,
-        anchor_sizes: list[int] | None = None,
-        representation_size: int = 1024,
-        mask_head_channels: int = 256,
-        roi_sampling_ratio: int = 0,
-        detector_kwargs: dict[str, Any] | None = None,
         lr: float = 2e-4,
         weight_decay: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -173,15 +146,14 @@ class DetectionModule(TaskModule):
         output_dir: str | None = None,
         compile: bool | dict[str, Any] = False,
         net: nn.Module | None = None,
+        **network: Any,
     ) -> None:
         super().__init__()
         self.save_settings()
         if class_names is not None and len(class_names) != num_classes:
             raise UserError(f"class_names has {len(class_names)} names but num_classes={num_classes}")
-        self.model = self.take_network(net, lambda: DetectionNet(
-            backbone, num_classes, detector, backbone_kwargs, out_indices, pretrained, backbone_checkpoint, out_norm,
-            fpn_channels, min_size, max_size, size_divisible, anchor_sizes, representation_size, mask_head_channels,
-            roi_sampling_ratio, detector_kwargs))
+        given = self.take_network(net, dict(network, backbone=backbone))
+        self.model = given if given is not None else DetectionNet(backbone=backbone, num_classes=num_classes, **network)
         heads = getattr(self.model, "roi_heads", None)
         self.with_masks = bool(heads is not None and heads.has_mask())
         self.val_metric = self._metric()
@@ -284,9 +256,10 @@ class DetectionModule(TaskModule):
     def input_size(self) -> tuple[int, int]:
         """(short side, long-side cap): the size a landscape image is resized to (800×1333 in the recipes)."""
         transform = getattr(self.model, "transform", None)  # torchvision's resize, however the network was given
-        short = transform.min_size if transform is not None else self.hparams.min_size
+        flat = self.flat_settings()
+        short = transform.min_size if transform is not None else flat["min_size"]
         short = max(short) if isinstance(short, (list, tuple)) else int(short)
-        long = transform.max_size if transform is not None else self.hparams.max_size
+        long = transform.max_size if transform is not None else flat["max_size"]
         return short, max(short, int(long))
 
     def at_input_size(self, size: tuple[int, int]) -> "DetectionModule":
@@ -369,18 +342,8 @@ class DetectionModule(TaskModule):
     def on_test_epoch_end(self) -> None:
         self._end_epoch(self.test_metric, "test")
 
-    def _check_classes(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        n = getattr(dm, "num_classes", None)
-        if n is not None and n > self.hparams.num_classes:
-            source = getattr(dm, "root", None) or type(dm).__name__
-            raise ValueError(
-                f"model num_classes={self.hparams.num_classes} is smaller than the {n} categories of the dataset "
-                f"({source}); set model.init_args.num_classes: {n}"
-            )
-
     def setup(self, stage: str) -> None:
-        self._check_classes()  # before the optimizer is built or any batch is seen
+        self.check_data_classes(exact=False)  # before the optimizer is built or any batch is seen
 
     def on_predict_start(self) -> None:
         from ..predict_writers import predictions_folder

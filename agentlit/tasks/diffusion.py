@@ -36,7 +36,7 @@ from ..utils.paths import ensure_writable_dir
 from ._schedule import warmup_cosine
 from .base import TaskModule, pair
 from .metrics import classify_digits, fid_metric, to_uint8
-from .networks import AgentInit, DiffusionUNet, UNetClass, agent_attention_layers, with_agent_attention
+from .networks import DiffusionUNet, agent_attention_layers, with_agent_attention
 
 __all__ = ["DiffusionModule", "make_grid"]
 
@@ -53,29 +53,20 @@ class DiffusionModule(TaskModule):
     """Train, evaluate and sample a diffusion model whose self-attention is agent attention.
 
     The network (the UNet) is ``net`` when given (a diffusers ``UNet2DModel`` / ``UNet2DConditionModel``,
-    e.g. ``class_path: agentlit.tasks.networks.DiffusionUNet``); otherwise the flat settings ``unet``,
-    ``unet_class`` and ``attention`` … ``agent_init`` build it, or give the pipeline's UNet agent attention.
+    e.g. ``class_path: agentlit.tasks.networks.DiffusionUNet``); otherwise the flat settings ``**network``
+    build one with :class:`~agentlit.tasks.networks.DiffusionUNet`, or, without ``unet`` and with a
+    ``pipeline``, give the pipeline's UNet agent attention.
 
     Args:
-        unet: keyword arguments of a new diffusers UNet (any size), e.g. ``block_out_channels``,
-            ``down_block_types``; None with ``pipeline`` fine-tunes the pipeline's UNet.
-        unet_class: "UNet2DModel" (pixels or latents, class conditioning) or "UNet2DConditionModel" (text).
         pipeline: None (pixel space), "tiny" (the tiny local Stable Diffusion pipeline, random weights)
-            or a hub id / folder for ``StableDiffusionPipeline.from_pretrained``: its VAE (latent
-            space), tokenizer and text encoder are used frozen, and its UNet unless ``unet`` is given.
+            or a hub id / folder for ``from_pretrained``: its VAE (latent space), tokenizer and text encoder
+            are used frozen, and its UNet unless ``unet`` or ``net`` is given.
         pipeline_seed: weight seed of the tiny pipeline.
         img_size: training image side in pixels (used for example batches and sampling).
         num_classes: class count for class conditioning (the UNet gets one more embedding, the
             "no class" of classifier-free guidance); None for text or unconditional models.
         prompt_template: with a text-conditioned UNet and class-labelled data, each label becomes
             ``prompt_template.format(label=…)``.
-        attention: "agent" or "softmax" self-attention.
-        agent_downsample: latent downsampling factors (1 = full resolution) whose self-attention uses agents.
-        agent_num: agents per agent-attention layer (square count).
-        dwc_kernel: depthwise conv kernel on V in agent attention (0: none).
-        agent_init: "default" (trunc-normal biases, default DWC init: training from scratch) or
-            "zero" (zero biases and DWC, AgentSD's sharper broadcast softmax and 0.075·V shortcut: the
-            student starts as training-free agent attention; for fine-tuning a pretrained UNet).
         trainable: what trains: "all" weights, "attention" (the agent-attention layers, processors included)
             or "agent" (only the agent biases and DWC).
         prediction_type: "epsilon" or "v_prediction".
@@ -101,7 +92,11 @@ class DiffusionModule(TaskModule):
         predict_repeats: samples per predict item (each item gives a label or prompt).
         seed: base seed of the sampling noise (sample k uses ``seed + k``).
         compile: ``torch.compile`` the network (``compiled_modules()``): false, true or {mode: ..., fullgraph: ...}.
-        net: the UNet (None: built from the flat settings above); with ``pipeline`` it denoises the pipeline's latents.
+        net: the UNet (None: built from ``**network``); with ``pipeline`` it denoises the pipeline's latents.
+        **network: the default UNet's settings, :class:`~agentlit.tasks.networks.DiffusionUNet`'s arguments: ``unet``
+            (keyword arguments of a new diffusers UNet: ``block_out_channels``, ``down_block_types`` …), ``unet_class``,
+            ``attention`` ("agent" or "softmax"), ``agent_downsample``, ``agent_num``, ``dwc_kernel``, ``agent_init``
+            ("zero": the layers start as AgentSD's training-free agent attention, for fine-tuning a pretrained UNet).
     """
 
     task_name = "diffusion"
@@ -111,22 +106,16 @@ class DiffusionModule(TaskModule):
     monitor_mode = "min"
     network_settings = ("unet", "unet_class", "pipeline", "img_size", "num_classes", "attention", "agent_downsample",
                         "agent_num", "dwc_kernel", "net")
-    flat_network_settings = ("unet", "unet_class", "attention", "agent_downsample", "agent_num", "dwc_kernel", "agent_init")
+    network_class = DiffusionUNet
+    network_passed = ()
 
     def __init__(
         self,
-        unet: dict[str, Any] | None = None,
-        unet_class: UNetClass = "UNet2DModel",
         pipeline: str | None = None,
         pipeline_seed: int = 0,
         img_size: int = 16,
         num_classes: int | None = 10,
         prompt_template: str = "a handwritten digit {label}",
-        attention: str = "agent",
-        agent_downsample: list[int] | None = None,
-        agent_num: int = 16,
-        dwc_kernel: int = 3,
-        agent_init: AgentInit = "default",
         trainable: Trainable = "all",
         prediction_type: PredictionType = "epsilon",
         num_train_timesteps: int = 1000,
@@ -150,6 +139,7 @@ class DiffusionModule(TaskModule):
         seed: int = 0,
         compile: bool | dict[str, Any] = False,
         net: nn.Module | None = None,
+        **network: Any,
     ) -> None:
         super().__init__()
         self.save_settings(drop=("fid_feature",))
@@ -175,7 +165,10 @@ class DiffusionModule(TaskModule):
                 num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type=prediction_type,
                 clip_sample=True,
             )
-        self.unet = self.take_network(net, lambda: self._default_unet(pipe))
+        given = self.take_network(net, network)
+        if given is None and network.get("unet") is None:
+            given = self._pipeline_unet(pipe, network)
+        self.unet = given if given is not None else DiffusionUNet(**network)
         self.agent_layers = agent_attention_layers(self.unet)
         self.text_conditioned = type(self.unet).__name__ == "UNet2DConditionModel"
         if self.text_conditioned and self.text_encoder is None:
@@ -197,19 +190,14 @@ class DiffusionModule(TaskModule):
         self.output_dir: Path | None = None
 
     # ------------------------------------------------------------------ building blocks
-    def _default_unet(self, pipe: Any) -> nn.Module:
-        """The UNet of the flat settings: a new one from ``unet`` (:class:`~agentlit.tasks.networks.DiffusionUNet`),
-        else the pipeline's own, given agent attention (its softmax original kept as the distillation teacher)."""
-        hp = self.hparams
-        attention = dict(attention=hp.attention, agent_downsample=hp.agent_downsample, agent_num=hp.agent_num,
-                         dwc_kernel=hp.dwc_kernel, agent_init=hp.agent_init)
-        if hp.unet is not None:
-            return DiffusionUNet(hp.unet_class, hp.unet, **attention)
+    def _pipeline_unet(self, pipe: Any, network: dict[str, Any]) -> nn.Module:
+        """The pipeline's UNet given agent attention by the flat settings (its softmax original kept as the
+        distillation teacher)."""
         if pipe is None:
             raise UserError("give `unet` (UNet keyword arguments), a `net` or a `pipeline` to fine-tune")
-        if hp.distill_weight > 0:
+        if self.hparams.distill_weight > 0:
             self.teacher = copy.deepcopy(pipe.unet).requires_grad_(False).eval()
-        return with_agent_attention(pipe.unet, **attention)
+        return with_agent_attention(pipe.unet, **{k: v for k, v in network.items() if k not in ("unet", "unet_class")})
 
     def _select_trainable(self, trainable: str) -> None:
         if trainable == "all":
@@ -460,8 +448,9 @@ class DiffusionModule(TaskModule):
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
-        info.update(model=type(self.unet).__name__, model_kwargs=dict(self.hparams.unet or {}),
-                    attention=self.hparams.attention, agent_layers=list(self.agent_layers))
+        flat = self.flat_settings()
+        info.update(model=type(self.unet).__name__, model_kwargs=dict(flat["unet"] or {}),
+                    attention="agent" if self.agent_layers else "softmax", agent_layers=list(self.agent_layers))
         return info
 
     # ------------------------------------------------------------------ validation / test

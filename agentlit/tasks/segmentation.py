@@ -31,30 +31,14 @@ class SegmentationModule(TaskModule):
 
     The network is ``net`` when given (any ``nn.Module`` mapping images (B, C, H, W) to logits
     (B, num_classes, h, w), and in training optionally ``(logits, aux_logits)``; e.g. ``class_path:
-    agentlit.tasks.networks.SegmentationNet``); otherwise the flat settings ``backbone`` …
-    ``aux_channels`` build it (:class:`~agentlit.tasks.networks.SegmentationNet`).
+    agentlit.tasks.networks.SegmentationNet``); otherwise the flat settings ``backbone`` and ``**network``
+    build it with :class:`~agentlit.tasks.networks.SegmentationNet`.
 
     Args:
-        backbone: timm model name, e.g. ``agent_pvt_tiny``, ``agent_swin_tiny``, ``resnet50``.
+        backbone: the default network's timm backbone, e.g. ``agent_pvt_tiny``, ``agent_swin_tiny``, ``resnet50``.
         num_classes: classes (ADE20K: 150).
-        head: ``fpn`` (Semantic FPN: the paper's Agent-PVT recipe) or ``upernet`` (Agent-Swin recipe).
-        backbone_kwargs: extra model arguments (``img_size``, ``agent_num``, ``drop_path_rate``,
-            reduced ``embed_dims``/``depths`` …).
-        out_indices: which feature levels to use (None: the model's default pyramid).
-        pretrained: load the model's registered pretrained weights.
-        backbone_checkpoint: a classification checkpoint to initialise the backbone from — one of
-            ours (Lightning ``.ckpt``) or an official release file; classifier weights are dropped,
-            agent biases / position embeddings resized by the family's filter.
-        head_channels: decode width (None: 128 for fpn, 512 for upernet).
-        neck_channels: FPN width (the lateral/output channels of every level).
-        pool_scales: UperNet's pyramid-pooling bins.
-        dropout: dropout before the classifier.
-        simple_pyramid: build a 4-level pyramid from single-stride (ViT) features; None = when the
-            backbone reports a single stride.
-        aux_weight: loss weight of an auxiliary FCN head on level ``aux_index`` (0 = no aux head;
-            the UperNet recipe uses 0.4 on the third level).
-        aux_index: feature level the auxiliary head reads (negative: from the last).
-        aux_channels: width of the auxiliary FCN head.
+        aux_weight: loss weight of the auxiliary head's logits, when the network returns them in training
+            (0: the default network gets no auxiliary head; the UperNet recipe uses 0.4 on the third level).
         ignore_index: label excluded from loss and metrics.
         lr: AdamW peak learning rate.
         weight_decay: AdamW decay (never on norms, biases, position embeddings / tables or agent biases).
@@ -73,7 +57,11 @@ class SegmentationModule(TaskModule):
         output_dir: where ``predict`` writes masks and overlays (None: ``predictions/`` in the evaluation folder,
             e.g. ``version_N/predict/predictions``); a folder an earlier predict wrote into gets a ``-1``, ``-2`` … twin.
         compile: ``torch.compile`` the network (``compiled_modules()``): false, true or {mode: ..., fullgraph: ...}.
-        net: the network (None: built from the flat settings above).
+        net: the network (None: built from ``backbone`` and ``**network``).
+        **network: the default network's other settings, :class:`~agentlit.tasks.networks.SegmentationNet`'s arguments:
+            ``head`` (``fpn``: the Agent-PVT recipe, ``upernet``: Agent-Swin), ``backbone_kwargs``, ``out_indices``,
+            ``pretrained``, ``backbone_checkpoint`` (classification weights for the backbone), ``head_channels``,
+            ``neck_channels``, ``pool_scales``, ``dropout``, ``simple_pyramid``, ``aux_index``, ``aux_channels``.
     """
 
     task_name = "segmentation"
@@ -81,27 +69,14 @@ class SegmentationModule(TaskModule):
     monitor_mode = "max"
     network_settings = ("backbone", "num_classes", "head", "backbone_kwargs", "out_indices", "head_channels", "neck_channels",
                         "pool_scales", "simple_pyramid", "aux_weight", "aux_index", "aux_channels", "net")
-    flat_network_settings = ("backbone", "head", "backbone_kwargs", "out_indices", "pretrained", "backbone_checkpoint",
-                             "head_channels", "neck_channels", "pool_scales", "dropout", "simple_pyramid", "aux_index",
-                             "aux_channels")
+    network_class = SegmentationNet
+    network_passed = ("num_classes", "aux")
 
     def __init__(
         self,
         backbone: str = "agent_pvt_tiny",
         num_classes: int = 150,
-        head: Literal["fpn", "upernet"] = "fpn",
-        backbone_kwargs: dict[str, Any] | None = None,
-        out_indices: tuple[int, ...] | None = None,
-        pretrained: bool = False,
-        backbone_checkpoint: str | None = None,
-        head_channels: int | None = None,
-        neck_channels: int = 256,
-        pool_scales: tuple[int, ...] = (1, 2, 3, 6),
-        dropout: float = 0.1,
-        simple_pyramid: bool | None = None,
         aux_weight: float = 0.0,
-        aux_index: int = -2,
-        aux_channels: int = 256,
         ignore_index: int = 255,
         lr: float = 1e-4,
         weight_decay: float = 1e-4,
@@ -120,15 +95,16 @@ class SegmentationModule(TaskModule):
         output_dir: str | None = None,
         compile: bool | dict[str, Any] = False,
         net: nn.Module | None = None,
+        **network: Any,
     ) -> None:
         super().__init__()
         self.save_settings()
         check_choice("inference", inference, Inference)
         if class_names is not None and len(class_names) != num_classes:
             raise UserError(f"class_names has {len(class_names)} names but num_classes={num_classes}")
-        self.model = self.take_network(net, lambda: SegmentationNet(
-            backbone, num_classes, head, backbone_kwargs, out_indices, pretrained, backbone_checkpoint, head_channels,
-            neck_channels, pool_scales, dropout, simple_pyramid, aux_weight > 0, aux_index, aux_channels))
+        given = self.take_network(net, dict(network, backbone=backbone))
+        self.model = given if given is not None else SegmentationNet(
+            backbone=backbone, num_classes=num_classes, aux=aux_weight > 0, **network)
         self.val_metrics = SegmentationMetrics(num_classes, ignore_index)
         self.test_metrics = SegmentationMetrics(num_classes, ignore_index)
         self.class_names = list(class_names) if class_names else None
@@ -147,13 +123,13 @@ class SegmentationModule(TaskModule):
             img_size: (H, W) of the images (None: :meth:`input_size`, else ``crop_size``).
         """
         h, w = img_size or self.input_size() or pair(self.hparams.crop_size)
-        in_chans = int((self.hparams.backbone_kwargs or {}).get("in_chans", 3))
+        in_chans = int((self.flat_settings()["backbone_kwargs"] or {}).get("in_chans", 3))
         x = torch.randn(batch_size, in_chans, h, w, device=self.device)
         return {"image": x, "mask": torch.randint(0, self.hparams.num_classes, (batch_size, h, w), device=self.device)}
 
     def input_size(self) -> tuple[int, int] | None:
         """The backbone's ``img_size`` (``backbone_kwargs``), else its default input size."""
-        return pair((self.hparams.backbone_kwargs or {}).get("img_size")) or super().input_size()
+        return pair((self.flat_settings()["backbone_kwargs"] or {}).get("img_size")) or super().input_size()
 
     def at_input_size(self, size: tuple[int, int]) -> "SegmentationModule":
         """Rebuilt with ``backbone_kwargs.img_size = size`` when the config sets one (agent biases
@@ -162,7 +138,7 @@ class SegmentationModule(TaskModule):
         Args:
             size: the new (H, W).
         """
-        kwargs = dict(self.hparams.backbone_kwargs or {})
+        kwargs = dict(self.flat_settings()["backbone_kwargs"] or {})
         if "img_size" not in kwargs or pair(kwargs["img_size"]) == tuple(size):
             return self
         kwargs["img_size"] = size[0] if size[0] == size[1] else list(size)
@@ -257,13 +233,8 @@ class SegmentationModule(TaskModule):
     def on_test_epoch_end(self) -> None:
         self._end_epoch(self.test_metrics, "test")
 
-    def on_fit_start(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        n = getattr(dm, "num_classes", None)
-        if n is not None and n != self.hparams.num_classes:
-            raise ValueError(
-                f"model num_classes={self.hparams.num_classes} but the datamodule {type(dm).__name__} has {n} classes"
-            )
+    def setup(self, stage: str) -> None:
+        self.check_data_classes()  # before the optimizer is built or any batch is seen
 
     # -- prediction ---------------------------------------------------------------------------
     def on_predict_epoch_start(self) -> None:
