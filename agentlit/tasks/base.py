@@ -195,6 +195,18 @@ class TaskModule(L.LightningModule):
         return net
 
     # ------------------------------------------------------------------ the data's classes
+    @staticmethod
+    def checked_class_names(names: list[str] | None, num_classes: int) -> list[str] | None:
+        """``names`` as a list when given, refused unless there is one per class.
+
+        Args:
+            names: the configured class names (None: none configured).
+            num_classes: the task's class count.
+        """
+        if names is not None and len(names) != num_classes:
+            raise UserError(f"class_names has {len(names)} names but num_classes={num_classes}")
+        return list(names) if names else None
+
     def check_data_classes(self, exact: bool = True) -> None:
         """Refuse data whose class count does not fit the task's ``num_classes`` (one line, before any batch).
 

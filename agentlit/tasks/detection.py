@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import UserError
 from ..data.sampling import default_seed, mix_seed
 from ..models.detection import seeded_samplers
 from .base import TaskModule
@@ -150,8 +149,7 @@ class DetectionModule(TaskModule):
     ) -> None:
         super().__init__()
         self.save_settings()
-        if class_names is not None and len(class_names) != num_classes:
-            raise UserError(f"class_names has {len(class_names)} names but num_classes={num_classes}")
+        self.checked_class_names(class_names, num_classes)
         given = self.take_network(net, dict(network, backbone=backbone))
         self.model = given if given is not None else DetectionNet(backbone=backbone, num_classes=num_classes, **network)
         heads = getattr(self.model, "roi_heads", None)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from ..errors import UserError, check_choice
+from ..errors import check_choice
 from ..models.segmentation import SegmentationModel, build_backbone, palette, slide_inference
 from ._schedule import warmup_poly
 from .base import TaskModule, pair
@@ -100,14 +100,12 @@ class SegmentationModule(TaskModule):
         super().__init__()
         self.save_settings()
         check_choice("inference", inference, Inference)
-        if class_names is not None and len(class_names) != num_classes:
-            raise UserError(f"class_names has {len(class_names)} names but num_classes={num_classes}")
         given = self.take_network(net, dict(network, backbone=backbone))
         self.model = given if given is not None else SegmentationNet(
             backbone=backbone, num_classes=num_classes, aux=aux_weight > 0, **network)
         self.val_metrics = SegmentationMetrics(num_classes, ignore_index)
         self.test_metrics = SegmentationMetrics(num_classes, ignore_index)
-        self.class_names = list(class_names) if class_names else None
+        self.class_names = self.checked_class_names(class_names, num_classes)
 
     # -- forward / inference ------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
