@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import difflib
-import inspect
 import logging
 import os
-import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -25,9 +22,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from . import runs
 from .callbacks import LastModelCheckpoint, ModelSummary, SafeInterrupt, StepSeed
 from .checkpoint import NoCheckpointError, ResolvedCheckpoint, resolve
-from .cli import unwrap_error_text
+from .errors import ConfigError, explain_parse_error
 from .runs import CREATED_RUN_DIRS  # noqa: F401  (re-exported: the tests reset it between in-process runs)
-from .stored_settings import check_plain_settings, check_stored, merge_stored
+from .stored_settings import check_plain_settings, check_stored, merge_stored, setting_names
 from .utils.paths import ensure_writable_dir
 
 __all__ = ["AgentLitCLI", "ConfigError", "build_cli", "default_checkpoints", "latest_last_checkpoint"]
@@ -35,9 +32,6 @@ __all__ = ["AgentLitCLI", "ConfigError", "build_cli", "default_checkpoints", "la
 #: ``--ckpt_path none``: run validate/test/predict with the weights the config builds
 UNTRAINED = "none"
 
-
-class ConfigError(ValueError):
-    """A configuration mistake, already phrased as the one line the user sees."""
 
 
 # ---------------------------------------------------------------------------------------- output
@@ -151,7 +145,7 @@ class AgentLitCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except argparse.ArgumentError as err:
-            raise ConfigError(explain_parse_error(str(err), parser, args)) from err
+            raise ConfigError(_explain(str(err), parser, args)) from err
         sub = self.config.get("subcommand")
         if sub:
             self._resolve_ckpt_path(sub)
@@ -206,7 +200,7 @@ class AgentLitCLI(LightningCLI):
             self.config = self.parser.parse_object({sub: {"model": {"class_path": wanted, "init_args": fill}}}, self.config)
         except (argparse.ArgumentError, SystemExit) as err:
             raise ConfigError(
-                f"checkpoint {self.resolved.path} does not fit {wanted}: {explain_parse_error(str(err), self.parser, [])}"
+                f"checkpoint {self.resolved.path} does not fit {wanted}: {_explain(str(err), self.parser, [])}"
                 "; use a checkpoint written by `agentlit fit` with this config") from err
 
     def before_instantiate_classes(self) -> None:
@@ -411,89 +405,15 @@ def _valid_options(parser: Any, args: list[str]) -> list[str]:
     return [s for action in target._actions for s in action.option_strings if s.startswith("--")]
 
 
-def _init_params(class_path: str) -> list[str]:
-    cls = _import_class(class_path)
-    if cls is None:
-        return []
-    names: list[str] = []
-    for klass in cls.__mro__:
-        if "__init__" not in klass.__dict__:
-            continue
-        params = inspect.signature(klass.__init__).parameters.values()
-        names += [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-        if not any(p.kind == p.VAR_KEYWORD for p in params):
-            break
-    return list(dict.fromkeys(names))
+def _explain(text: str, parser: Any, args: list[str]) -> str:
+    """:func:`agentlit.errors.explain_parse_error` for this parser and command line."""
+    def params_of(class_path: str) -> list[str]:
+        cls = _import_class(class_path)
+        return setting_names(cls) if cls is not None else []
 
-
-def explain_parse_error(text: str, parser: Any, args: list[str]) -> str:
-    """One line for a jsonargparse error, with the closest valid key for an unknown one."""
-    import re
-
-    # --model.learning_rate / a YAML key under init_args
-    m = re.search(r"key \"?(\w+)\"?:.*?class_path '([\w.]+)':\s*(?:Option|Key) '([\w.]+)' is not (?:accepted|expected)",
-                  unwrap_error_text(text))
-    if m:
-        group, class_path, key = m.groups()
-        valid = _init_params(class_path)
-        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-        hint = f"did you mean --{group}.{close[0]}? " if close else ""
-        return (f"--{group}.{key}: {class_path} has no argument '{key}'; {hint}"
-                f"valid: {', '.join(valid)}")
-    m = re.search(r"key \"?(\w+)\"?:.*?class_path '([\w.]+)':\s*module '([\w.]+)' has no attribute '(\w+)'", text, re.S)
-    if m:
-        group, class_path, module, name = m.groups()
-        import importlib
-
-        try:
-            mod = importlib.import_module(module)
-            names = [n for n in getattr(mod, "__all__", dir(mod)) if n[:1].isupper()]
-        except ImportError:
-            names = []
-        close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
-        return (f"--{group} {class_path}: {module} has no class '{name}'; "
-                + (f"did you mean {module}.{close[0]}? " if close else "") + (f"available: {', '.join(names)}" if names else ""))
-    m = re.search(r"[Uu]nrecognized arguments: (.+)", text)
-    if m:
-        bad = [a for a in shlex.split(m.group(1)) if a.startswith("--")] or [m.group(1).split()[0]]
-        key = bad[0].split("=", 1)[0]
-        close = difflib.get_close_matches(key, _valid_options(parser, args), n=1, cutoff=0.6)
-        return f"unknown option {key}" + (f"; did you mean {close[0]}?" if close else "; see `agentlit <sub-command> --help`")
-    m = re.search(r"does not accept option '([\w.]+)'", text)
-    if m:
-        key = m.group(1)
-        close = difflib.get_close_matches("--" + key, _valid_options(parser, args), n=1, cutoff=0.6)
-        return f"unknown key '{key}' in the config" + (f"; did you mean '{close[0][2:]}'?" if close else "")
-    m = re.search(r"Problems parsing config:\s*(.*)", text, re.S)
-    if m:
-        bad = [c for c in _config_files(args) if _yaml_error(c)]
-        where = f"--config {bad[0]}" if bad else "a --config file"
-        return f"{where} is not valid YAML: " + " ".join(m.group(1).replace('in "<unicode string>", ', "").split())
-    m = re.search(r"File does not exist: '([^']+)'", text)
-    if m:
-        return f"--config {m.group(1)} does not exist"
-    m = re.search(r"Key \"?([\w.]+)\"? is not expected", text) or re.search(r"No action for key \"?([\w.]+)\"?", text)
-    if m:
-        key = m.group(1)
-        options = [o[2:] for o in _valid_options(parser, args)]
-        close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
-        return f"unknown key '{key}' in the config" + (f"; did you mean '{close[0]}'?" if close else "")
-    return unwrap_error_text(text)
-
-
-def _config_files(args: list[str]) -> list[str]:
-    return [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--config", "-c")] + [
-        a.split("=", 1)[1] for a in args if a.startswith("--config=")]
-
-
-def _yaml_error(path: str) -> bool:
-    import yaml
-
-    try:
-        yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
-        return True
-    return False
+    configs = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--config", "-c")]
+    configs += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    return explain_parse_error(text, _valid_options(parser, args), configs, params_of)
 
 
 # ---------------------------------------------------------------------------------------- summary

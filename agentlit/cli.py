@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import difflib
 import os
-import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import errors
 from .environment import apply_thread_default, check_imports, import_failure, version_text
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -61,9 +61,6 @@ unless you set OMP_NUM_THREADS, OMP_WAIT_POLICY or another thread variable yours
 """
 
 _TRACEBACK_ENV = "AGENTLIT_TRACEBACK"
-_GPU_HINT = ("this config asks for a GPU but none is available; to run it on the CPU add "
-             "--trainer.accelerator cpu --trainer.devices 1 --trainer.strategy auto --trainer.precision 32-true "
-             "(or bf16-mixed)")
 
 
 def __getattr__(name: str) -> Any:
@@ -95,132 +92,15 @@ def cli(args: list[str] | None = None, run: bool = True) -> AgentLitCLI:
 
 
 # ------------------------------------------------------------------------------------------ errors
-_PHRASED = {"CheckpointError", "ConfigError", "SettingsError", "BadImageError", "BrokenInstallError", "HubMissError"}
-_USER_ERRORS = (ValueError, OSError, KeyError, FloatingPointError, ImportError, TypeError)
-_USER_ERROR_NAMES = {"ArgumentError", "MisconfigurationException", "UnpicklingError", "BadZipFile", "ConfigError"}
-_NOISE = (
-    "Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value type:",
-    "Given value:", "- Expected a <class 'NoneType'>", "Expected a <class 'NoneType'>",
-    "Expected a <class 'lightning", "- Expected a <class 'lightning", "Expected a path but",
-    "- Expected a path but",
-)
-
-
-def unwrap_error_text(text: str) -> str:
-    """jsonargparse's Union/NestedArg dumps (and multi-line messages) → the sentence that matters,
-    on one line.
-
-    Args:
-        text: the error message.
-    """
-    if "Original Traceback (most recent call last):" in text:  # re-raised from a DataLoader worker
-        text = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
-        text = re.sub(r"^[\w.]+(Error|Exception): ", "", text)
-    lines = []
-    for raw in text.splitlines():
-        line = raw.strip()
-        line = line[2:] if line.startswith("- ") else line
-        if line.startswith("Given value:"):  # keep a short offending value, drop object dumps
-            value = line.split(":", 1)[1].strip()
-            if len(value) < 60 and not re.match(r"(Namespace|NestedArg|\{|\[)", value):
-                lines.append(f"(got {value})")
-            continue
-        if not line or any(line.startswith(n) for n in _NOISE):
-            continue
-        lines.append(line)
-    out = " ".join(lines).replace("Parser key ", "key ")
-    out = re.sub(r"Expected a <class '(\w+)'>\.?", r"expected \1", out)
-    return re.sub(r"\.? Got value: (.+)$", r" (got \1)", out)
-
-
-def _arg_value(argv: list[str], name: str) -> str | None:
-    for i, a in enumerate(argv):
-        if a == name and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith(name + "="):
-            return a.split("=", 1)[1]
-    return None
-
-
-def _state_dict_mismatch(text: str, ckpt: str) -> str:
-    """torch's "Error(s) in loading state_dict" → one sentence with counts and the first keys."""
-    def keys(label: str) -> list[str]:
-        m = re.search(label + r' key\(s\) in state_dict: (.*?)(?:\.\s*$|\.\s*\n|\. [A-Z])', text, re.S)
-        return re.findall(r'"([^"]+)"', m.group(1)) if m else []
-
-    missing, unexpected = keys("Missing"), keys("Unexpected")
-    shapes = re.findall(r"size mismatch for ([\w.]+)", text)
-    model = re.search(r"loading state_dict for (\w+)", text)
-    parts = []
-    for label, names in (("missing from the checkpoint", missing), ("not in the model", unexpected),
-                         ("shape mismatches", shapes)):
-        if names:
-            parts.append(f"{label} ({len(names)}): {', '.join(names[:3])}{', …' if len(names) > 3 else ''}")
-    what = f"checkpoint {ckpt}" if ckpt else "the checkpoint"
-    return (f"{what} does not fit the configured {model.group(1) if model else 'model'}: " + "; ".join(parts)
-            + "; it was written for another architecture or task — use the config it was trained with")
-
-
-def _chain(err: BaseException) -> list[BaseException]:
-    """``err`` and the exceptions it was raised from or while handling, outermost first."""
-    seen: list[BaseException] = []
-    while err is not None and err not in seen:
-        seen.append(err)
-        err = err.__cause__ or err.__context__
-    return seen
-
-
-def _installed_top(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module.split(".")[0]) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def describe_error(err: BaseException, argv: list[str] | None = None) -> str | None:
-    """The one line a user sees for ``err``, or None when it is not a user mistake (a bug: the
+def describe_error(err: BaseException) -> str | None:
+    """The one line the command prints for ``err`` (:func:`agentlit.errors.describe_error`, with a
+    library that fails while it is imported named with its versions), or None for a bug (the
     traceback is shown).
 
     Args:
         err: the exception that ended the command.
-        argv: the command-line arguments (to name the checkpoint in checkpoint errors).
     """
-    names = {k.__name__ for k in type(err).__mro__}
-    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-    ckpt = _arg_value(argv or [], "--ckpt_path") or ""
-    for cause in _chain(err):  # ours, already phrased for the user (also when jsonargparse wrapped it)
-        if {k.__name__ for k in type(cause).__mro__} & _PHRASED:
-            return unwrap_error_text(str(cause))
-    if "No supported gpu backend found" in text or re.search(r"CUDA.*(not available|can not run)", text):
-        return _GPU_HINT
-    if "Weights only load failed" in text or "weights_only" in text:
-        found = sorted(set(re.findall(r"GLOBAL ([\w.]+)", text)))
-        return (f"checkpoint {ckpt or '(file)'} holds Python objects, not only tensors and plain data"
-                + (f" ({', '.join(found)})" if found else "")
-                + "; agentlit does not run code from weight files: re-save just the state dict "
-                "(torch.save(model.state_dict(), path)) or convert it to .safetensors")
-    if "Error(s) in loading state_dict" in text:
-        return _state_dict_mismatch(text, ckpt)
-    if "PytorchStreamReader failed" in text or "invalid load key" in text or isinstance(err, EOFError):
-        return (f"checkpoint {ckpt or '(file)'} is truncated or corrupt ({unwrap_error_text(text)[:120]}); "
-                "use another checkpoint, e.g. the run's last.ckpt or the best one")
-    m = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", text)
-    if m and ckpt:
-        return (f"checkpoint {ckpt} stores the setting '{m.group(2)}', which {m.group(1)} does not take "
-                "(saved by another version or class); use a checkpoint written with this config")
-    if isinstance(err, ModuleNotFoundError) and err.name and not _installed_top(err.name):
-        return f"this command needs the package '{err.name}', which is not installed: pip install {err.name}"
-    for cause in _chain(err):  # e.g. diffusers failing on its first use, inside a task jsonargparse builds
-        broken = import_failure(cause)
-        if broken is not None:
-            return broken
-    if isinstance(err, _USER_ERRORS) or names & _USER_ERROR_NAMES:
-        if isinstance(err, TypeError) and "Traceback" not in text and not re.search(r"argument|parameter", text):
-            return None
-        return unwrap_error_text(text) or type(err).__name__
-    return None
+    return errors.describe_error(err, import_failure)
 
 
 def _discard_empty_runs() -> None:
@@ -318,7 +198,7 @@ def main(args: list[str] | None = None) -> None:
             print(f"agentlit: resume with: {resume_command(argv)}", file=sys.stderr)
             _plot_curves(Path(err.checkpoint).parent.parent)
             sys.exit(err.exit_code)
-        message = None if os.environ.get(_TRACEBACK_ENV) else describe_error(err, argv)
+        message = None if os.environ.get(_TRACEBACK_ENV) else describe_error(err)
         if message is None:
             raise
         _discard_empty_runs()

@@ -14,6 +14,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import MutableMapping
 
+from .errors import UserError
+
 __all__ = [
     "BrokenInstallError", "THREAD_VARIABLES", "apply_thread_default", "check_imports", "describe_broken_install",
     "import_failure", "installed", "version_text",
@@ -75,7 +77,7 @@ def version_text() -> str:
     return f"agentlit {__version__} ({libs}; Python {sys.version.split()[0]})"
 
 
-class BrokenInstallError(ImportError):
+class BrokenInstallError(UserError, ImportError):
     """An installed library that fails to import (mismatched torch / torchvision, a half-upgraded
     package), already phrased as the one line the user sees."""
 

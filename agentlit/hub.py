@@ -10,13 +10,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .errors import UserError
+
 __all__ = ["HubMissError", "from_pretrained"]
 
 T = TypeVar("T")
 _TRUE = ("1", "on", "yes", "true")
 
 
-class HubMissError(OSError):
+class HubMissError(UserError, OSError):
     """A model id that is neither a local folder nor in the hub cache, and could not be fetched;
     already phrased as the one line the user sees."""
 

@@ -37,7 +37,7 @@ from .errors import UserError
 
 __all__ = [
     "NET", "SettingsError", "check_plain_settings", "check_stored", "merge_stored", "network_names", "plain_data_problem",
-    "shipped_task",
+    "setting_names", "shipped_task",
 ]
 
 
@@ -252,6 +252,16 @@ def _same_net(given: Any, stored: Mapping[str, Any]) -> bool:
         return False
     mine, theirs = given.get("init_args") or {}, _plain(stored.get("init_args") or {})
     return all(_kind(k) in ("weights", "location") or theirs.get(k) == v for k, v in mine.items())
+
+
+def setting_names(cls: type) -> list[str]:
+    """Every setting ``cls`` takes, in signature order: its ``__init__`` arguments, followed through
+    ``**kwargs`` into the parent tasks and into a task's default network (``network_class``).
+
+    Args:
+        cls: a task (or any class).
+    """
+    return list(_init_params(cls)[0])
 
 
 # -------------------------------------------------------------------------------- checkpoints

@@ -270,11 +270,11 @@ def test_a_library_failing_inside_a_task_is_named_with_its_versions(tmp_path):
         try:
             raise ValueError("Problem with given class_path 'agentlit.tasks.GenerationModule'") from inner
         except ValueError as outer:
-            line = describe_error(outer, [])
+            line = describe_error(outer)
     assert line.startswith("diffusers ") and "fails to import (cannot import name 'cached_download_gone' from 'huggingface_hub'" in line
     assert "huggingface_hub " in line and "a set that works: torch " in line and 'pip install "diffusers==' in line
     # an unrelated error raised in a module body of ours is not mistaken for a broken install
-    assert describe_error(RuntimeError("boom"), []) is None
+    assert describe_error(RuntimeError("boom")) is None
 
 
 def test_an_evaluation_that_wrote_its_outputs_elsewhere_leaves_no_run_folder(tmp_path):

@@ -7,12 +7,13 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import UserError
 from .sampling import EvalDistributedSampler, ResumableDistributedSampler
 
 __all__ = ["ResumableDataModule", "ResumeError", "global_batch_error"]
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError):
     """A checkpoint that cannot be resumed with this run's batch layout (one line for the user)."""
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import UserError
+
 __all__ = ["IMG_EXTENSIONS", "BadImageError", "PredictFolder", "image_files", "is_image_file", "load_rgb", "open_image",
            "predict_files", "to_rgb", "unique_names", "warn_unreadable"]
 
@@ -117,7 +119,7 @@ def unique_names(paths: Sequence[str | Path], root: str | Path | None = None) ->
     return out
 
 
-class BadImageError(ValueError):
+class BadImageError(UserError):
     """An image file that cannot be decoded (truncated, corrupt, not an image, a decompression bomb)."""
 
 

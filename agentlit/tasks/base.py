@@ -194,6 +194,36 @@ class TaskModule(L.LightningModule):
         self._network_object = "net" not in self.hparams  # given in Python: not rebuilt from settings
         return net
 
+    # ------------------------------------------------------------------ divergence
+    def on_before_backward(self, loss: Tensor) -> None:
+        """Lightning hook: stop on a non-finite loss before its gradients reach the weights."""
+        if not bool(torch.isfinite(loss.detach()).all()):
+            raise FloatingPointError(
+                f"non-finite training loss ({float(loss.detach().float().sum())}) at global step {self.global_step}, "
+                f"epoch {self.current_epoch}; the last good checkpoint is {self._last_checkpoint()}. " + _DIVERGED_HINT)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Lightning hook: refuse to write non-finite weights (a diverged run keeps its last good
+        checkpoints; the new file is not written). Subclasses that override it call ``super()``."""
+        state = checkpoint.get("state_dict") or self.state_dict()  # parameters and buffers (BatchNorm statistics …)
+        bad = next((name for name, t in state.items()
+                    if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+        if bad is not None:
+            raise FloatingPointError(
+                f"non-finite weights ({bad}) at global step {self.global_step}, epoch {self.current_epoch}: the checkpoint "
+                f"was not written; the last good checkpoint is {self._last_checkpoint()}. " + _DIVERGED_HINT)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Lightning hook, before a checkpoint's weights are restored: weights that do not fit the
+        configured network are one line naming the keys (the package's one fit rule,
+        :func:`agentlit.checkpoint.check_fit`). Subclasses that override it call ``super()``."""
+        state, trainer = checkpoint.get("state_dict"), self._trainer
+        if not isinstance(state, Mapping) or not self.strict_loading or not _restores_whole_module(trainer):
+            return
+        path = getattr(trainer, "ckpt_path", None) or "(restored)"
+        check_fit(self.state_dict(), state, f"checkpoint {path} does not fit the configured {type(self).__name__}",
+                  hint="it was written for another architecture or task — use the config it was trained with")
+
     # ------------------------------------------------------------------ the data's classes
     @staticmethod
     def checked_class_names(names: list[str] | None, num_classes: int) -> list[str] | None:

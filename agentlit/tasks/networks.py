@@ -46,16 +46,6 @@ AgentInit = Literal["default", "zero"]
 class TimmClassifier(nn.Module):
     """A timm classifier by registry name (agentlit's agent models included): what
     :class:`~agentlit.tasks.ClassificationModule` trains.
-
-    Args:
-        model_name: any ``timm.create_model`` name, e.g. ``agent_deit_tiny``.
-        num_classes: classifier width.
-        img_size: input size (None: the model's default).
-        pretrained: load the model's registered pretrained weights (from the hub).
-        checkpoint_path: initial weights from a local file, through the family's ``checkpoint_filter_fn``
-            (other resolutions / class counts adapted; a file of another architecture is an error).
-        drop_path_rate: stochastic depth.
-        model_kwargs: further model arguments (``agent_num``, ``depth``, ``patch_size`` …).
     """
 
     def __new__(  # type: ignore[misc]
@@ -68,6 +58,18 @@ class TimmClassifier(nn.Module):
         drop_path_rate: float = 0.1,
         model_kwargs: dict[str, Any] | None = None,
     ) -> nn.Module:
+        """Build the network (the call returns it: a factory in class form).
+
+        Args:
+            model_name: any ``timm.create_model`` name, e.g. ``agent_deit_tiny``.
+            num_classes: classifier width.
+            img_size: input size (None: the model's default).
+            pretrained: load the model's registered pretrained weights (from the hub).
+            checkpoint_path: initial weights from a local file, through the family's ``checkpoint_filter_fn``
+                (other resolutions / class counts adapted; a file of another architecture is an error).
+            drop_path_rate: stochastic depth.
+            model_kwargs: further model arguments (``agent_num``, ``depth``, ``patch_size`` …).
+        """
         kwargs = dict(model_kwargs or {})
         if img_size is not None:
             kwargs["img_size"] = img_size
@@ -88,24 +90,6 @@ def _backbone(name: str, out_indices: Sequence[int] | None, checkpoint: str | No
 class SegmentationNet(nn.Module):
     """A timm ``features_only`` backbone + Semantic FPN or UperNet: what
     :class:`~agentlit.tasks.SegmentationModule` trains (a :class:`~agentlit.models.SegmentationModel`).
-
-    Args:
-        backbone: timm model name, e.g. ``agent_pvt_tiny``, ``agent_swin_tiny``, ``resnet50``.
-        num_classes: classes (ADE20K: 150).
-        head: ``fpn`` (Semantic FPN) or ``upernet``.
-        backbone_kwargs: extra model arguments (``img_size``, ``agent_num``, reduced depths …).
-        out_indices: which feature levels to use (None: the model's default pyramid).
-        pretrained: load the backbone's registered pretrained weights.
-        backbone_checkpoint: classification weights for the backbone (one of ours or an official release file).
-        head_channels: decode width (None: 128 for fpn, 512 for upernet).
-        neck_channels: FPN width.
-        pool_scales: UperNet's pyramid-pooling bins.
-        dropout: dropout before the classifier.
-        simple_pyramid: build a 4-level pyramid from single-stride (ViT) features; None: when the backbone
-            reports a single stride.
-        aux: add an auxiliary FCN head on level ``aux_index`` (its output is returned in training).
-        aux_index: feature level the auxiliary head reads.
-        aux_channels: width of the auxiliary head.
     """
 
     def __new__(  # type: ignore[misc]
@@ -126,6 +110,26 @@ class SegmentationNet(nn.Module):
         aux_index: int = -2,
         aux_channels: int = 256,
     ) -> nn.Module:
+        """Build the network (the call returns it: a factory in class form).
+
+        Args:
+            backbone: timm model name, e.g. ``agent_pvt_tiny``, ``agent_swin_tiny``, ``resnet50``.
+            num_classes: classes (ADE20K: 150).
+            head: ``fpn`` (Semantic FPN) or ``upernet``.
+            backbone_kwargs: extra model arguments (``img_size``, ``agent_num``, reduced depths …).
+            out_indices: which feature levels to use (None: the model's default pyramid).
+            pretrained: load the backbone's registered pretrained weights.
+            backbone_checkpoint: classification weights for the backbone (one of ours or an official release file).
+            head_channels: decode width (None: 128 for fpn, 512 for upernet).
+            neck_channels: FPN width.
+            pool_scales: UperNet's pyramid-pooling bins.
+            dropout: dropout before the classifier.
+            simple_pyramid: build a 4-level pyramid from single-stride (ViT) features; None: when the backbone
+                reports a single stride.
+            aux: add an auxiliary FCN head on level ``aux_index`` (its output is returned in training).
+            aux_index: feature level the auxiliary head reads.
+            aux_channels: width of the auxiliary head.
+        """
         from ..models.segmentation import SegmentationModel
 
         check_choice("head", head, Head)
@@ -137,25 +141,6 @@ class SegmentationNet(nn.Module):
 class DetectionNet(nn.Module):
     """A torchvision Mask R-CNN, Faster R-CNN or RetinaNet over a timm ``features_only`` backbone with
     the paper's mmdet settings: what :class:`~agentlit.tasks.DetectionModule` trains.
-
-    Args:
-        backbone: timm model name with ``features_only`` support, e.g. ``agent_pvt_small``.
-        num_classes: object classes (background is added inside; COCO: 80).
-        detector: ``mask_rcnn``, ``faster_rcnn`` or ``retinanet``.
-        backbone_kwargs: extra model arguments (``img_size``, dense ``agent_num`` grids, ``drop_path_rate`` …).
-        out_indices: backbone stages the FPN reads (None: 0-3 for the R-CNNs, 1-3 for RetinaNet).
-        pretrained: load the backbone's registered pretrained weights.
-        backbone_checkpoint: classification weights for the backbone, through the family's ``checkpoint_filter_fn``.
-        out_norm: a LayerNorm on every backbone output (official Swin detection backbones).
-        fpn_channels: FPN width.
-        min_size: short side the detector resizes images to; a list draws one per training step (multi-scale).
-        max_size: cap of the long side.
-        size_divisible: batches are padded to a multiple of this.
-        anchor_sizes: base anchor size per FPN level (None: 32-512).
-        representation_size: box head FC width (R-CNNs).
-        mask_head_channels: mask head conv width (Mask R-CNN).
-        roi_sampling_ratio: RoIAlign sampling points per bin side (0: adaptive, as mmdet).
-        detector_kwargs: further torchvision detector arguments (``rpn_post_nms_top_n_train`` …).
     """
 
     def __new__(  # type: ignore[misc]
@@ -178,6 +163,27 @@ class DetectionNet(nn.Module):
         roi_sampling_ratio: int = 0,
         detector_kwargs: dict[str, Any] | None = None,
     ) -> nn.Module:
+        """Build the network (the call returns it: a factory in class form).
+
+        Args:
+            backbone: timm model name with ``features_only`` support, e.g. ``agent_pvt_small``.
+            num_classes: object classes (background is added inside; COCO: 80).
+            detector: ``mask_rcnn``, ``faster_rcnn`` or ``retinanet``.
+            backbone_kwargs: extra model arguments (``img_size``, dense ``agent_num`` grids, ``drop_path_rate`` …).
+            out_indices: backbone stages the FPN reads (None: 0-3 for the R-CNNs, 1-3 for RetinaNet).
+            pretrained: load the backbone's registered pretrained weights.
+            backbone_checkpoint: classification weights for the backbone, through the family's ``checkpoint_filter_fn``.
+            out_norm: a LayerNorm on every backbone output (official Swin detection backbones).
+            fpn_channels: FPN width.
+            min_size: short side the detector resizes images to; a list draws one per training step (multi-scale).
+            max_size: cap of the long side.
+            size_divisible: batches are padded to a multiple of this.
+            anchor_sizes: base anchor size per FPN level (None: 32-512).
+            representation_size: box head FC width (R-CNNs).
+            mask_head_channels: mask head conv width (Mask R-CNN).
+            roi_sampling_ratio: RoIAlign sampling points per bin side (0: adaptive, as mmdet).
+            detector_kwargs: further torchvision detector arguments (``rpn_post_nms_top_n_train`` …).
+        """
         from ..models.detection import DetectionBackbone, build_detector, default_out_indices
 
         check_choice("detector", detector, Detector)
@@ -228,15 +234,6 @@ def agent_attention_layers(unet: nn.Module) -> list[str]:
 class DiffusionUNet(nn.Module):
     """A new diffusers UNet whose self-attention is agent attention: what
     :class:`~agentlit.tasks.DiffusionModule` trains from scratch.
-
-    Args:
-        unet_class: "UNet2DModel" (pixels or latents, class conditioning) or "UNet2DConditionModel" (text).
-        unet: the UNet's keyword arguments (``block_out_channels``, ``down_block_types``, ``num_class_embeds`` …).
-        attention: "agent" or "softmax" self-attention.
-        agent_downsample: latent downsampling factors (1 = full resolution) whose self-attention uses agents.
-        agent_num: agents per agent-attention layer (square count).
-        dwc_kernel: depthwise conv kernel on V (0: none).
-        agent_init: "default" or "zero" (see :func:`with_agent_attention`).
     """
 
     def __new__(  # type: ignore[misc]
@@ -249,6 +246,17 @@ class DiffusionUNet(nn.Module):
         dwc_kernel: int = 3,
         agent_init: AgentInit = "default",
     ) -> nn.Module:
+        """Build the network (the call returns it: a factory in class form).
+
+        Args:
+            unet_class: "UNet2DModel" (pixels or latents, class conditioning) or "UNet2DConditionModel" (text).
+            unet: the UNet's keyword arguments (``block_out_channels``, ``down_block_types``, ``num_class_embeds`` …).
+            attention: "agent" or "softmax" self-attention.
+            agent_downsample: latent downsampling factors (1 = full resolution) whose self-attention uses agents.
+            agent_num: agents per agent-attention layer (square count).
+            dwc_kernel: depthwise conv kernel on V (0: none).
+            agent_init: "default" or "zero" (see :func:`with_agent_attention`).
+        """
         import diffusers
 
         check_choice("unet_class", unet_class, UNetClass)
