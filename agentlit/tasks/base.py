@@ -341,7 +341,8 @@ class TaskModule(L.LightningModule):
         Args:
             size: the new (H, W).
         """
-        if "img_size" not in self.hparams or pair(self.hparams["img_size"]) == tuple(size):
+        takes = "img_size" in self.hparams or "img_size" in self.flat_defaults()  # its own or its network's setting
+        if not takes or pair(self.hparams.get("img_size")) == tuple(size):
             return self
         return self.with_hparams(img_size=size[0] if size[0] == size[1] else list(size))
 
