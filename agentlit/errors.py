@@ -103,6 +103,8 @@ LIBRARY_MESSAGES: dict[str, re.Pattern[str]] = {
     "given_value": re.compile(r"^Given value: (.*)$"),
     # jsonargparse: "Expected a <class 'int'>" → "expected int"
     "expected_class": re.compile(r"Expected a <class '(\w+)'>\.?"),
+    # jsonargparse: "Expected a typing.Literal['a', 'b']" (a setting with fixed choices) → "must be one of [...]"
+    "expected_literal": re.compile(r"Expected a typing\.Literal\[(.*?)\]\.?"),
     # jsonargparse: the value at the end of a type error
     "got_value": re.compile(r"\.? Got value: (.+)$"),
     # Lightning: accelerator "gpu" / "cuda" on a machine without one
@@ -150,6 +152,7 @@ def unwrap_error_text(text: str) -> str:
             lines.append(line)
     out = " ".join(lines).replace("Parser key ", "key ")
     out = _M["expected_class"].sub(r"expected \1", out)
+    out = _M["expected_literal"].sub(r"must be one of [\1]", out)
     return _M["got_value"].sub(r" (got \1)", out)
 
 

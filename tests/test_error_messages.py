@@ -10,12 +10,12 @@ from unittest import mock
 
 import pytest
 import torch
-from cli_helpers import QUICKSTART
+from cli_helpers import QUICKSTART, SEG_CONFIG
 
 from agentlit.errors import LIBRARY_MESSAGES, ConfigError, UserError, describe_error, unwrap_error_text
 
 
-def _parse_error(tmp_path: Path, *args: str, yaml: str | None = None) -> str:
+def _parse_error(tmp_path: Path, *args: str, yaml: str | None = None, config: str = QUICKSTART) -> str:
     """jsonargparse's own message for a command line (the cause of agentlit's ConfigError)."""
     from agentlit.cli import cli
 
@@ -23,7 +23,7 @@ def _parse_error(tmp_path: Path, *args: str, yaml: str | None = None) -> str:
         (tmp_path / "extra.yaml").write_text(yaml)
         args = (*args, "--config", str(tmp_path / "extra.yaml"))
     with pytest.raises(ConfigError) as info:
-        cli(["--config", QUICKSTART, *args, "--trainer.default_root_dir", str(tmp_path)], run=False)
+        cli(["--config", config, *args, "--trainer.default_root_dir", str(tmp_path)], run=False)
     assert info.value.__cause__ is not None
     return str(info.value.__cause__)
 
@@ -79,6 +79,7 @@ PROVOKE = {
     "union_not_a_path": lambda t: _parse_error(t, "--model", "agentlit.tasks.ClassificationModul"),
     "given_value": lambda t: _parse_error(t, "--model", "agentlit.tasks.ClassificationModul"),
     "expected_class": lambda t: _parse_error(t, "--model.num_classes", "abc"),
+    "expected_literal": lambda t: _parse_error(t, "--model.inference", "slid", config=SEG_CONFIG),
     "got_value": lambda t: _parse_error(t, "--model.num_classes", "abc"),
     "no_gpu_backend": lambda t: _gpu_error("gpu"),
     "cuda_unavailable": lambda t: _gpu_error("cuda"),
@@ -103,6 +104,8 @@ def test_what_the_user_reads_for_them(tmp_path):
     assert unwrap_error_text(_parse_error(tmp_path, "--model.num_classes", "abc")) == (
         "key \"model\": Problem with given class_path 'agentlit.tasks.ClassificationModule': key \"num_classes\": "
         "expected int (got abc)")
+    assert unwrap_error_text(_parse_error(tmp_path, "--model.inference", "slid", config=SEG_CONFIG)).endswith(
+        "key \"inference\": must be one of ['whole', 'slide'] (got slid)")
     assert describe_error(ValueError(_worker_error())) == "cannot read image 0.png: truncated"
     assert describe_error(TypeError(_call_error())).endswith("got an unexpected keyword argument 'depht'")
     assert describe_error(TypeError("unsupported operand type(s) for +: 'int' and 'str'")) is None  # a bug: traceback
