@@ -8,6 +8,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+#: what a run hands the processes it starts (its run folder, its evaluation folder): never inherited by the next one
+RUN_STATE = ("AGENTLIT_RUN_VERSION", "AGENTLIT_EVAL_FOLDER")
 SEG_CONFIG = str(ROOT / "configs" / "segmentation" / "quickstart.yaml")
 # The segmentation quickstart on 8 training and 4 validation images, 4 a batch.
 SEG_TINY = ["--data.num_train", "8", "--data.num_val", "4", "--data.batch_size", "4", "--data.val_batch_size", "4",
@@ -27,7 +29,8 @@ def pythonpath(cwd: Path) -> str:
 def agentlit_env(cwd: Path) -> dict[str, str]:
     """The environment of an ``agentlit`` subprocess of this checkout: offline, no inherited run version."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": pythonpath(cwd)}
-    env.pop("AGENTLIT_RUN_VERSION", None)
+    for name in RUN_STATE:
+        env.pop(name, None)
     return env
 
 
@@ -54,7 +57,8 @@ def run_main(*args: str, cwd: Path | None = None) -> tuple[int, str, str]:
 
     out, err = io.StringIO(), io.StringIO()
     old_cwd = Path.cwd()
-    os.environ.pop("AGENTLIT_RUN_VERSION", None)
+    for name in RUN_STATE:
+        os.environ.pop(name, None)
     _lightning_cli.CREATED_RUN_DIRS.clear()
     code = 0
     try:
@@ -69,7 +73,8 @@ def run_main(*args: str, cwd: Path | None = None) -> tuple[int, str, str]:
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
         os.chdir(old_cwd)
-        os.environ.pop("AGENTLIT_RUN_VERSION", None)
+        for name in RUN_STATE:
+            os.environ.pop(name, None)
     shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, "") for w in seen)
     return code, out.getvalue(), err.getvalue() + shown
 
