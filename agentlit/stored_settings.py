@@ -183,14 +183,17 @@ def _init_params(cls: type) -> tuple[dict[str, inspect.Parameter], dict[str, Any
         open_kwargs = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
         builder = klass.__dict__.get("network_class")
         if open_kwargs and builder is not None:  # a task's **network: the flat settings of its default network
+            from .tasks.networks import network_parameters
+
             passed = getattr(klass, "network_passed", ())
-            for p in inspect.signature(builder).parameters.values():
-                if p.name not in passed and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                    params.setdefault(p.name, p)
-            try:
-                hints.update({k: v for k, v in typing.get_type_hints(builder.__new__).items() if k not in hints})
-            except Exception:  # an unresolvable annotation: its setting is treated as plain data
-                pass
+            for name, p in network_parameters(builder).items():
+                if name not in passed:
+                    params.setdefault(name, p)
+            for fn in (builder.__new__, getattr(getattr(builder, "forwards", (None,))[0], "__init__", None)):
+                try:
+                    hints.update({k: v for k, v in typing.get_type_hints(fn).items() if k not in hints} if fn else {})
+                except Exception:  # an unresolvable annotation: its setting is treated as plain data
+                    pass
             open_kwargs = False
         if not open_kwargs:
             break

@@ -153,11 +153,11 @@ class TaskModule(L.LightningModule):
     def flat_defaults(cls) -> dict[str, Any]:
         """The flat settings of the default network (``network_class``'s arguments but those the task
         passes itself) and their defaults."""
+        from .networks import network_parameters
+
         if cls.network_class is None:
             return {}
-        params = inspect.signature(cls.network_class).parameters  # a network class's __new__ arguments
-        return {k: p.default for k, p in params.items()
-                if k not in cls.network_passed and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        return {k: p.default for k, p in network_parameters(cls.network_class).items() if k not in cls.network_passed}
 
     def flat_settings(self) -> dict[str, Any]:
         """The settings the default network is (or would be) built with: defaults, then what was given."""

@@ -23,6 +23,7 @@ A checkpoint's stored ``net`` is only ever built when its class is one of :data:
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -32,12 +33,11 @@ from ..checkpoint import load_state_dict_file
 from ..diffusion.agent_processor import ATTENTION_TYPES, agent_processors, set_agent_attention
 from ..diffusion.patch import AGENTSD_BROADCAST_SCALE_EXP, AGENTSD_SHORTCUT
 from ..errors import UserError, check_choice
-from ..models import build_backbone, create_model, load_weights
+from ..models import SegmentationModel, build_backbone, create_model, load_weights
 
 __all__ = ["DetectionNet", "DiffusionUNet", "NETWORKS", "SegmentationNet", "TimmClassifier", "agent_attention_layers",
-           "with_agent_attention"]
+           "network_parameters", "with_agent_attention"]
 
-Head = Literal["fpn", "upernet"]
 Detector = Literal["mask_rcnn", "faster_rcnn", "retinanet"]
 UNetClass = Literal["UNet2DModel", "UNet2DConditionModel"]
 AgentInit = Literal["default", "zero"]
@@ -92,50 +92,34 @@ class SegmentationNet(nn.Module):
     :class:`~agentlit.tasks.SegmentationModule` trains (a :class:`~agentlit.models.SegmentationModel`).
     """
 
+    #: the model its ``**decoder`` goes to, and the arguments it gives that model itself
+    forwards = (SegmentationModel, ("backbone", "num_classes"))
+
     def __new__(  # type: ignore[misc]
         cls,
         backbone: str = "agent_pvt_tiny",
         num_classes: int = 150,
-        head: Head = "fpn",
         backbone_kwargs: dict[str, Any] | None = None,
         out_indices: tuple[int, ...] | None = None,
         pretrained: bool = False,
         backbone_checkpoint: str | None = None,
-        head_channels: int | None = None,
-        neck_channels: int = 256,
-        pool_scales: tuple[int, ...] = (1, 2, 3, 6),
-        dropout: float = 0.1,
-        simple_pyramid: bool | None = None,
-        aux: bool = False,
-        aux_index: int = -2,
-        aux_channels: int = 256,
+        **decoder: Any,
     ) -> nn.Module:
         """Build the network (the call returns it: a factory in class form).
 
         Args:
             backbone: timm model name, e.g. ``agent_pvt_tiny``, ``agent_swin_tiny``, ``resnet50``.
             num_classes: classes (ADE20K: 150).
-            head: ``fpn`` (Semantic FPN) or ``upernet``.
             backbone_kwargs: extra model arguments (``img_size``, ``agent_num``, reduced depths …).
             out_indices: which feature levels to use (None: the model's default pyramid).
             pretrained: load the backbone's registered pretrained weights.
             backbone_checkpoint: classification weights for the backbone (one of ours or an official release file).
-            head_channels: decode width (None: 128 for fpn, 512 for upernet).
-            neck_channels: FPN width.
-            pool_scales: UperNet's pyramid-pooling bins.
-            dropout: dropout before the classifier.
-            simple_pyramid: build a 4-level pyramid from single-stride (ViT) features; None: when the backbone
-                reports a single stride.
-            aux: add an auxiliary FCN head on level ``aux_index`` (its output is returned in training).
-            aux_index: feature level the auxiliary head reads.
-            aux_channels: width of the auxiliary head.
+            **decoder: :class:`~agentlit.models.SegmentationModel`'s decode-head settings: ``head`` (``fpn`` /
+                ``upernet``), ``head_channels``, ``neck_channels``, ``pool_scales``, ``dropout``, ``simple_pyramid``,
+                ``aux``, ``aux_index``, ``aux_channels``.
         """
-        from ..models.segmentation import SegmentationModel
-
-        check_choice("head", head, Head)
         body = _backbone(backbone, out_indices, backbone_checkpoint, pretrained, backbone_kwargs)
-        return SegmentationModel(body, num_classes, head, head_channels, neck_channels, tuple(pool_scales), dropout,
-                                 simple_pyramid, aux, aux_index, aux_channels)
+        return SegmentationModel(body, num_classes, **decoder)
 
 
 class DetectionNet(nn.Module):
@@ -265,6 +249,23 @@ class DiffusionUNet(nn.Module):
         except TypeError as err:
             raise UserError(f"unet: {err}; see diffusers' {unet_class} for the valid keyword arguments") from None
         return with_agent_attention(net, attention, agent_downsample, agent_num, dwc_kernel, agent_init)
+
+
+def network_parameters(network_class: type) -> dict[str, inspect.Parameter]:
+    """The settings a network class takes: its own arguments and, through its ``**kwargs``, those of
+    the model it hands them to (``forwards``), minus the ones it gives that model itself.
+
+    Args:
+        network_class: one of :data:`NETWORKS` (or any class).
+    """
+    own = inspect.signature(network_class).parameters.values()
+    params = {p.name: p for p in own if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    target, passed = getattr(network_class, "forwards", (None, ()))
+    if target is not None and any(p.kind is p.VAR_KEYWORD for p in own):
+        for p in inspect.signature(target).parameters.values():
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in passed:
+                params.setdefault(p.name, p)
+    return params
 
 
 #: the network classes a checkpoint's stored ``net`` may name (anything else is refused there)
