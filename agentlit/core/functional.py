@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fused import agent_attention_fused, supports_fused
+from .fused import agent_attention_fused, channels_last_map, depthwise_conv, supports_fused
 
 __all__ = [
     "LayoutSize", "agent_attention", "agent_attention_reference", "agent_attention_sdpa", "agent_attention_tokens",
@@ -207,17 +207,6 @@ def as_sizes(size: LayoutSize) -> List[int]:
         return [size[0], size[1], size[2]]
 
 
-def _channels_last_map(tokens: Tensor, layout: List[int]) -> Tensor:
-    """(B, N, C) tokens as a (B, C, *layout) map in channels-last memory: a view of dense token-major
-    memory, else one copy. Depthwise convs on the CPU are several times faster on dense channels-last
-    input than on the strided views a fused qkv projection gives (row stride 3C)."""
-    B, C = tokens.shape[0], tokens.shape[2]
-    x = tokens.reshape([B] + layout + [C])
-    if not x.is_contiguous():
-        x = x.contiguous()
-    return x.movedim(-1, 1)
-
-
 def _real_padding(pad: Tensor) -> Tensor:
     # A row with nothing real (all padded) is treated as unpadded: its outputs are garbage anyway,
     # but finite, where an all -inf softmax row would put NaN into the forward and backward pass.
@@ -285,16 +274,6 @@ def pool_agents(
     return agents, empty
 
 
-def _depthwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], rank: int) -> Tensor:
-    pad = weight.shape[-1] // 2
-    groups = x.shape[1]
-    if rank == 2:
-        return F.conv2d(x, weight, bias, padding=pad, groups=groups)
-    if rank == 1:
-        return F.conv1d(x, weight, bias, padding=pad, groups=groups)
-    return F.conv3d(x, weight, bias, padding=pad, groups=groups)
-
-
 def depthwise_local(tokens: Tensor, layout: List[int], weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """The depthwise conv of ``tokens`` (B, N, C) laid out as ``layout``, back as tokens (B, N, C).
 
@@ -309,7 +288,7 @@ def depthwise_local(tokens: Tensor, layout: List[int], weight: Tensor, bias: Opt
     """
     if not torch.jit.is_scripting() and torch.is_grad_enabled():
         return _depthwise_tokens(tokens, layout, weight, bias)
-    y = _depthwise_conv(_channels_last_map(tokens, layout), weight, bias, len(layout))
+    y = depthwise_conv(channels_last_map(tokens, layout), weight, bias, len(layout))
     return y.movedim(1, -1).reshape(tokens.shape[0], tokens.shape[1], tokens.shape[2])  # channels-last: a view
 
 
@@ -326,7 +305,7 @@ class _DepthwiseTokens(torch.autograd.Function):
     def forward(ctx, tokens: Tensor, weight: Tensor, bias: Optional[Tensor], layout: List[int]) -> Tensor:  # noqa: ANN001
         ctx.save_for_backward(tokens, weight)
         ctx.layout, ctx.has_bias = layout, bias is not None
-        y = _depthwise_conv(_channels_last_map(tokens, layout), weight, bias, len(layout))
+        y = depthwise_conv(channels_last_map(tokens, layout), weight, bias, len(layout))
         return y.movedim(1, -1).reshape(tokens.shape)
 
     @staticmethod
@@ -336,7 +315,7 @@ class _DepthwiseTokens(torch.autograd.Function):
         rank, C = len(layout), tokens.shape[2]
         pad = weight.shape[-1] // 2
         dx, dw, db = torch.ops.aten.convolution_backward(
-            _channels_last_map(grad, layout), _channels_last_map(tokens, layout), weight,
+            channels_last_map(grad, layout), channels_last_map(tokens, layout), weight,
             [C] if ctx.has_bias else None, [1] * rank, [pad] * rank, [1] * rank, False, [0] * rank, C,
             [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]],
         )
