@@ -334,8 +334,10 @@ def test_two_ranks_sample_what_one_process_samples(detector):
     one, one_grads = losses_and_grads(batch, (0, 1))
     ranks = [losses_and_grads(batch[r::2], (r, 2)) for r in range(2)]
     assert len(one) >= 2
+    # rtol 1e-4: the backbone's float rounding depends on how many images share a GEMM (features of
+    # one image differ by ~1e-6 between batches of 2 and 4); a different sample moves a loss by far more
     for k in one.keys() - {"loss_mask"}:
-        torch.testing.assert_close((ranks[0][0][k] + ranks[1][0][k]) / 2, one[k], rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close((ranks[0][0][k] + ranks[1][0][k]) / 2, one[k], rtol=1e-4, atol=1e-6, msg=k)
     if detector != "mask_rcnn":
         for n, g in one_grads.items():
             torch.testing.assert_close((ranks[0][1][n] + ranks[1][1][n]) / 2, g, rtol=1e-4, atol=1e-6, msg=n)
