@@ -63,16 +63,6 @@ def test_registry_lists_every_family():
 
 
 # ----------------------------------------------------------------------------- compute checks
-#: families that do not implement timm's ``set_grad_checkpointing`` yet, and why; the test below
-#: fails once one gains it, so the entry is removed and the family is checked like the others
-NO_GRAD_CHECKPOINTING = {
-    "agent_pvt_tiny": "AgentPVT runs its blocks in plain loops (no checkpoint_seq)",
-    "pvt_v1_tiny": "the softmax PVT baseline is the AgentPVT class",
-    "agent_cswin_tiny": "CSwinTransformer runs its blocks in plain loops (no checkpoint_seq)",
-    "cswin_tiny": "the softmax CSwin baseline is the CSwinTransformer class",
-}
-
-
 @pytest.mark.parametrize("name", SMALLEST)
 def test_forward(name):
     model = timm.create_model(name).eval()
@@ -101,7 +91,7 @@ def _block_calls_and_grads(model: torch.nn.Module, x: torch.Tensor) -> tuple[int
     return len(calls), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("name", [n for n in SMALLEST if n not in NO_GRAD_CHECKPOINTING])
+@pytest.mark.parametrize("name", SMALLEST)
 def test_grad_checkpointing_recomputes_blocks_with_the_same_gradients(name):
     torch.manual_seed(0)
     model = timm.create_model(name, drop_path_rate=0.0, num_classes=5).train()
@@ -113,13 +103,6 @@ def test_grad_checkpointing_recomputes_blocks_with_the_same_gradients(name):
     assert plain.keys() == ckpt.keys() and len(plain) == len(list(model.parameters()))
     for key in plain:
         torch.testing.assert_close(ckpt[key], plain[key], rtol=1e-4, atol=1e-6, msg=key)
-
-
-@pytest.mark.parametrize("name", sorted(NO_GRAD_CHECKPOINTING))
-def test_families_listed_without_grad_checkpointing_still_lack_it(name):
-    model = timm.create_model(name)
-    assert not hasattr(model, "set_grad_checkpointing"), (
-        f"{name} now implements set_grad_checkpointing: remove it from NO_GRAD_CHECKPOINTING so it is checked")
 
 
 @pytest.mark.parametrize("name", SMALLEST)

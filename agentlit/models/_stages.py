@@ -1,9 +1,14 @@
-"""Per-stage settings of the hierarchical families (PVT, Swin, CSwin): one spec, one entry per stage."""
+"""Per-stage settings of the hierarchical families (PVT, Swin, CSwin): one spec, one entry per stage;
+and how a stage runs its blocks (with or without gradient checkpointing)."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
-__all__ = ["expand_attn_types", "per_stage"]
+import torch
+from timm.models import checkpoint
+from torch import Tensor, nn
+
+__all__ = ["expand_attn_types", "per_stage", "run_blocks"]
 
 
 def expand_attn_types(attn_type: str | Sequence[str], depths: Sequence[int]) -> list[list[str]]:
@@ -46,3 +51,23 @@ def per_stage(value: Any, n: int, what: str) -> list[Any]:
     if len(value) != n:
         raise ValueError(f"{what}={value!r} needs one entry per stage ({n}), e.g. [9, 16, 49, 49]")
     return value
+
+
+def run_blocks(blocks: Iterable[nn.Module], x: Tensor, feat_size: tuple[int, int], grad_checkpointing: bool) -> Tensor:
+    """Blocks called as ``blk(x, feat_size)`` in order: x (B, h·w, C) → (B, h·w, C).
+
+    With ``grad_checkpointing`` each block keeps only its input for backward and recomputes its
+    activations there (timm's non-reentrant ``checkpoint``, random draws replayed), trading one more
+    block forward for the memory of its activations. Without autograd recording (``no_grad``,
+    inference) there is nothing to save, so blocks run plainly.
+
+    Args:
+        blocks: the stage's blocks.
+        x: tokens (B, h·w, C).
+        feat_size: (h, w) of the token map.
+        grad_checkpointing: recompute each block's activations in backward instead of storing them.
+    """
+    recompute = grad_checkpointing and torch.is_grad_enabled()
+    for blk in blocks:
+        x = checkpoint(blk, x, feat_size) if recompute else blk(x, feat_size)
+    return x

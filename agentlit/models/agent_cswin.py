@@ -27,7 +27,7 @@ from timm.models._features import feature_take_indices
 from ..core import AgentPositionBias, agent_attention_tokens, as_sizes, to_grid
 from ._helpers import adapt_agent_biases, pretrained_cfg, unwrap_checkpoint
 from ._policy import no_weight_decay_names
-from ._stages import expand_attn_types, per_stage
+from ._stages import expand_attn_types, per_stage, run_blocks
 
 __all__ = ["AgentBranch", "LePEBranch", "CSwinBlock", "CSwinTransformer", "checkpoint_filter_fn"]
 
@@ -241,6 +241,7 @@ class CSwinTransformer(nn.Module):
             self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stage{i + 1}"))
         self.norm = nn.LayerNorm(dims[-1])
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
         self.init_weights()
         if device is not None or dtype is not None:  # timm's factory: create_model(device=, dtype=)
             self.to(device=device, dtype=dtype)
@@ -267,6 +268,15 @@ class CSwinTransformer(nn.Module):
         return dict(stem=r"^stage1_conv_embed", blocks=blocks)
 
     @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block's activations in backward instead of storing them (timm's contract).
+
+        Args:
+            enable: on or off.
+        """
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -288,9 +298,7 @@ class CSwinTransformer(nn.Module):
             x = self.stage1_conv_embed[2](x.flatten(2).transpose(1, 2))
         else:
             x, hw = getattr(self, f"merge{i}")(x)
-        for blk in getattr(self, f"stage{i + 1}"):
-            x = blk(x, hw)
-        return x, hw
+        return run_blocks(getattr(self, f"stage{i + 1}"), x, hw, self.grad_checkpointing), hw
 
     @staticmethod
     def _to_map(x: Tensor, hw: Tuple[int, int]) -> Tensor:

@@ -26,7 +26,7 @@ from ..core import AgentAttention, to_grid
 from ..core.recompute import rebuild_norm_later
 from ._helpers import adapt_agent_biases, pretrained_cfg, unwrap_checkpoint
 from ._policy import no_weight_decay_names
-from ._stages import expand_attn_types, per_stage
+from ._stages import expand_attn_types, per_stage, run_blocks
 
 __all__ = ["AgentPVT", "PVTAttention", "PVTBlock", "checkpoint_filter_fn"]
 
@@ -177,6 +177,7 @@ class AgentPVT(nn.Module):
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f"block{i + 1}"))
         self.pos_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
         self.init_weights()
         if device is not None or dtype is not None:  # timm's factory: create_model(device=, dtype=)
             self.to(device=device, dtype=dtype)
@@ -205,6 +206,15 @@ class AgentPVT(nn.Module):
         return dict(stem=r"^patch_embed1|^pos_embed1", blocks=blocks)
 
     @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block's activations in backward instead of storing them (timm's contract).
+
+        Args:
+            enable: on or off.
+        """
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -227,8 +237,7 @@ class AgentPVT(nn.Module):
         """Stage i: (B, C_in, H, W) → (B, C_i, h, w)."""
         x, hw = getattr(self, f"patch_embed{i + 1}")(x)
         x = self.pos_drop(x + resize_pos_embed(getattr(self, f"pos_embed{i + 1}"), self.grid_sizes[i], hw))
-        for blk in getattr(self, f"block{i + 1}"):
-            x = blk(x, hw)
+        x = run_blocks(getattr(self, f"block{i + 1}"), x, hw, self.grad_checkpointing)
         return x.transpose(1, 2).reshape(x.shape[0], -1, hw[0], hw[1])
 
     def forward_features(self, x: Tensor) -> Tensor:
