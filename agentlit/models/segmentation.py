@@ -16,6 +16,7 @@ from timm.models._features import FeatureGetterNet
 from torch import Tensor, nn
 
 from ..checkpoint import load_fitting
+from ..errors import UserError
 from ._helpers import create_model
 from .heads import FCNHead, SemanticFPNHead, SimplePyramid, UperNetHead
 
@@ -35,6 +36,7 @@ def build_backbone(
     out_indices: tuple[int, ...] | None = None,
     state_dict: dict[str, Tensor] | None = None,
     pretrained: bool = False,
+    grad_checkpointing: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """``timm.create_model(name, features_only=True, …)``: a module returning [(B, C_i, H_i, W_i)].
@@ -44,6 +46,8 @@ def build_backbone(
         out_indices: which stages/blocks to return (None: the model's default pyramid).
         state_dict: classification weights (official layout or ours), mapped through the family's ``checkpoint_filter_fn``.
         pretrained: load the model's registered pretrained weights (ignored when ``state_dict`` is given).
+        grad_checkpointing: recompute the backbone's block activations in backward instead of storing them
+            (timm's ``set_grad_checkpointing``): less training memory for one more forward of the blocks.
         **kwargs: model arguments (``img_size``, ``agent_num``, reduced ``depths`` …).
 
     Returns:
@@ -65,7 +69,22 @@ def build_backbone(
         _raise_if_no_features(name, kwargs, None)
     if state_dict is not None:
         _load_backbone_state(model, name, state_dict, kwargs)
+    if grad_checkpointing:
+        _set_grad_checkpointing(model, name)
     return model
+
+
+def _set_grad_checkpointing(model: nn.Module, name: str) -> None:
+    """Turn on timm's gradient checkpointing in a feature extractor. timm's hook and module wrappers
+    have ``set_grad_checkpointing`` themselves; the getter wrapper (``forward_intermediates`` models:
+    every agent family) does not, and runs the wrapped model's blocks, so the model is switched."""
+    target = model.model if isinstance(model, FeatureGetterNet) else model
+    if not hasattr(target, "set_grad_checkpointing"):
+        raise UserError(
+            f"backbone {name!r} ({type(target).__name__}) has no set_grad_checkpointing: it cannot recompute its "
+            "activations; set grad_checkpointing: false, or pick a backbone that supports it (every agentlit family does)"
+        )
+    target.set_grad_checkpointing(True)
 
 
 def _load_backbone_state(model: nn.Module, name: str, state_dict: dict[str, Tensor], kwargs: dict[str, Any]) -> None:

@@ -117,7 +117,8 @@ class DetectionModule(TaskModule):
             ``detector`` (``mask_rcnn``, ``faster_rcnn``, ``retinanet``), ``backbone_kwargs``, ``out_indices``,
             ``pretrained``, ``backbone_checkpoint``, ``out_norm``, ``fpn_channels``, ``min_size`` / ``max_size``
             (the resize), ``size_divisible``, ``anchor_sizes``, ``representation_size``, ``mask_head_channels``,
-            ``roi_sampling_ratio``, ``detector_kwargs``.
+            ``roi_sampling_ratio``, ``detector_kwargs``, ``grad_checkpointing`` (recompute the backbone's activations
+            in backward: less memory, same results).
     """
 
     task_name = "detection"

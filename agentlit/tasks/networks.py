@@ -81,10 +81,10 @@ class TimmClassifier(nn.Module):
 
 
 def _backbone(name: str, out_indices: Sequence[int] | None, checkpoint: str | None, pretrained: bool,
-              kwargs: dict[str, Any] | None) -> nn.Module:
+              kwargs: dict[str, Any] | None, grad_checkpointing: bool) -> nn.Module:
     state_dict = load_state_dict_file(checkpoint, what="backbone checkpoint") if checkpoint else None
     return build_backbone(name, None if out_indices is None else tuple(out_indices), state_dict, pretrained,
-                          **(kwargs or {}))
+                          grad_checkpointing=grad_checkpointing, **(kwargs or {}))
 
 
 class SegmentationNet(nn.Module):
@@ -103,6 +103,7 @@ class SegmentationNet(nn.Module):
         out_indices: tuple[int, ...] | None = None,
         pretrained: bool = False,
         backbone_checkpoint: str | None = None,
+        grad_checkpointing: bool = False,
         **decoder: Any,
     ) -> nn.Module:
         """Build the network (the call returns it: a factory in class form).
@@ -114,11 +115,13 @@ class SegmentationNet(nn.Module):
             out_indices: which feature levels to use (None: the model's default pyramid).
             pretrained: load the backbone's registered pretrained weights.
             backbone_checkpoint: classification weights for the backbone (one of ours or an official release file).
+            grad_checkpointing: recompute the backbone's block activations in backward instead of storing them:
+                less training memory (docs/performance.md), one more backbone forward per step; same results.
             **decoder: :class:`~agentlit.models.SegmentationModel`'s decode-head settings: ``head`` (``fpn`` /
                 ``upernet``), ``head_channels``, ``neck_channels``, ``pool_scales``, ``dropout``, ``simple_pyramid``,
                 ``aux``, ``aux_index``, ``aux_channels``.
         """
-        body = _backbone(backbone, out_indices, backbone_checkpoint, pretrained, backbone_kwargs)
+        body = _backbone(backbone, out_indices, backbone_checkpoint, pretrained, backbone_kwargs, grad_checkpointing)
         return SegmentationModel(body, num_classes, **decoder)
 
 
@@ -146,6 +149,7 @@ class DetectionNet(nn.Module):
         mask_head_channels: int = 256,
         roi_sampling_ratio: int = 0,
         detector_kwargs: dict[str, Any] | None = None,
+        grad_checkpointing: bool = False,
     ) -> nn.Module:
         """Build the network (the call returns it: a factory in class form).
 
@@ -167,12 +171,14 @@ class DetectionNet(nn.Module):
             mask_head_channels: mask head conv width (Mask R-CNN).
             roi_sampling_ratio: RoIAlign sampling points per bin side (0: adaptive, as mmdet).
             detector_kwargs: further torchvision detector arguments (``rpn_post_nms_top_n_train`` …).
+            grad_checkpointing: recompute the backbone's block activations in backward instead of storing them:
+                less training memory (docs/performance.md), one more backbone forward per step; same results.
         """
         from ..models.detection import DetectionBackbone, build_detector, default_out_indices
 
         check_choice("detector", detector, Detector)
         indices = tuple(out_indices) if out_indices is not None else default_out_indices(detector)
-        body = _backbone(backbone, indices, backbone_checkpoint, pretrained, backbone_kwargs)
+        body = _backbone(backbone, indices, backbone_checkpoint, pretrained, backbone_kwargs, grad_checkpointing)
         cfg = getattr(body, "pretrained_cfg", None) or {}
         mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
         adapter = DetectionBackbone(body, fpn_channels, "p6p7" if detector == "retinanet" else "pool", out_norm)

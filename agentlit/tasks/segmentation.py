@@ -61,7 +61,8 @@ class SegmentationModule(TaskModule):
         **network: the default network's other settings, :class:`~agentlit.tasks.networks.SegmentationNet`'s arguments:
             ``head`` (``fpn``: the Agent-PVT recipe, ``upernet``: Agent-Swin), ``backbone_kwargs``, ``out_indices``,
             ``pretrained``, ``backbone_checkpoint`` (classification weights for the backbone), ``head_channels``,
-            ``neck_channels``, ``pool_scales``, ``dropout``, ``simple_pyramid``, ``aux_index``, ``aux_channels``.
+            ``neck_channels``, ``pool_scales``, ``dropout``, ``simple_pyramid``, ``aux_index``, ``aux_channels``,
+            ``grad_checkpointing`` (recompute the backbone's activations in backward: less memory, same results).
     """
 
     task_name = "segmentation"
