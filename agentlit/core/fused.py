@@ -38,6 +38,8 @@ from torch import Tensor
 
 from .recompute import recipe_of
 
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # (out, logsumexp)
+
 __all__ = ["agent_attention_fused", "channels_last_map", "depthwise_conv", "supports_fused"]
 
 
@@ -91,34 +93,62 @@ def _pick(t: Optional[Tensor], axis: int, i: int) -> Optional[Tensor]:
     return t.select(axis, 0 if t.shape[axis] == 1 else i)
 
 
-def _aggregation_probs(a: Tensor, k: Tensor, b1: Optional[Tensor], s: float) -> Tensor:
-    """P1 = softmax over keys of s·A Kᵀ + B1 for one batch element: a (H, n, d), k (H, M, d) → (H, n, M)."""
+_TILE = 1 << 16  # elements of one (·, n, tokens) logits tile: the tiles of a slice stay in a core's cache
+_MIN_TILE = 256  # tokens; smaller tiles cost more in dispatch than they gain in cache hits
+
+
+def _tiles(tokens: int, rows: int) -> list[Tuple[int, int]]:
+    """Token ranges that cut a (rows, tokens) logits slice into cache-sized tiles (one range when it fits)."""
+    step = max(_MIN_TILE, _TILE // max(rows, 1))
+    if tokens <= step + step // 2:
+        return [(0, tokens)]
+    return [(start, min(tokens, start + step)) for start in range(0, tokens, step)]
+
+
+def _aggregation_probs(a: Tensor, k: Tensor, b1: Optional[Tensor], s: float, lse: Tensor) -> Tensor:
+    """P1 = exp(s·A Kᵀ + B1 − lse) over a range of keys: a (·, n, d), k (·, m, d), lse (·, n, 1) → (·, n, m).
+    With the log-sum-exp over all keys from the forward pass, any range of keys is exact on its own."""
     if b1 is None:
-        return torch.softmax(torch.bmm(a, k.transpose(1, 2)).mul_(s), -1)
-    return torch.softmax(torch.baddbmm(b1, a, k.transpose(1, 2), alpha=s), -1)
+        logits = torch.bmm(a, k.transpose(1, 2)).mul_(s)
+    else:
+        logits = torch.baddbmm(b1, a, k.transpose(1, 2), alpha=s)
+    return logits.sub_(lse).exp_()
 
 
 def _broadcast_probs_t(a: Tensor, q: Tensor, b2t: Optional[Tensor], bs: float) -> Tensor:
-    """P2ᵀ = softmax over agents of bs·A Qᵀ + B2ᵀ for one batch element: a (H, n, d), q (H, N, d) → (H, n, N)."""
+    """P2ᵀ = softmax over agents of bs·A Qᵀ + B2ᵀ: a (·, n, d), q (·, N, d) → (·, n, N). Each token's
+    column is its own softmax, so any range of tokens is exact on its own."""
     if b2t is None:
         return torch.softmax(torch.bmm(a, q.transpose(1, 2)).mul_(bs), -2)
     return torch.softmax(torch.baddbmm(b2t, a, q.transpose(1, 2), alpha=bs), -2)
 
 
+def _cols(t: Optional[Tensor], start: int, end: int) -> Optional[Tensor]:
+    """Tokens ``start:end`` of a bias (or its gradient) along the last axis; one broadcast along it stays whole."""
+    if t is None or t.shape[-1] == 1:
+        return t
+    return t[..., start:end]
+
+
 def _forward(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b1: Optional[Tensor], b2t: Optional[Tensor],
-             s: float, bs: float) -> Tuple[Tensor, Tensor]:
-    """(O in token-major memory (B, N, H, d), V_A (B, H, n, d))."""
+             s: float, bs: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(O in token-major memory (B, N, H, d), V_A (B, H, n, d), log-sum-exp of the aggregation (B, H, n))."""
     B, H, N, d = q.shape
-    # detached: SDPA leaves its fused kernel for the math path when the mask requires grad
+    n = a.shape[2]
     mask = None if b1 is None else b1.detach()
-    agent_v = F.scaled_dot_product_attention(a.detach(), k.detach(), v.detach(), attn_mask=mask, scale=s)  # (B, H, n, d)
+    # aggregation: one flash call over the M-long key rows, which also gives the log-sum-exp the
+    # backward pass needs to recompute the map by key tiles (detached: a mask that requires grad
+    # would send it to the math path)
+    agent_v, lse = _flash(a.detach(), k.detach(), v.detach(), 0.0, False, attn_mask=mask, scale=s)  # (B, H, n, d)
     out = torch.empty(B, N, H, d, dtype=q.dtype, device=q.device)
     axis = _loop_axis(B, H)
     o = out.transpose(1, 2)  # (B, H, N, d) view of token-major memory
     for i in range(q.shape[axis]):
-        p2t = _broadcast_probs_t(a.select(axis, i), q.select(axis, i), _pick(b2t, axis, i), bs)  # (·, n, N)
-        torch.bmm(p2t.transpose(1, 2), agent_v.select(axis, i), out=o.select(axis, i))
-    return out, agent_v
+        ai, qi, vai, oi, bi = a.select(axis, i), q.select(axis, i), agent_v.select(axis, i), o.select(axis, i), _pick(b2t, axis, i)
+        for start, end in _tiles(N, ai.shape[0] * n):
+            p2t = _broadcast_probs_t(ai, qi[:, start:end], _cols(bi, start, end), bs)  # (·, n, tile)
+            torch.bmm(p2t.transpose(1, 2), vai, out=oi[:, start:end])
+    return out, agent_v, lse
 
 
 class _Local:
@@ -173,7 +203,7 @@ class _AgentAttentionFunction(torch.autograd.Function):
                 dwc_weight: Optional[Tensor], dwc_bias: Optional[Tensor], proj_weight: Optional[Tensor],
                 proj_bias: Optional[Tensor], s: float, bs: float, recipes: Tuple[Any, Any],
                 local: Optional[_Local]) -> Tensor:
-        out, agent_v = _forward(q, k, v, a, b1, b2t, s, bs)  # (B, N, H, d)
+        out, agent_v, lse = _forward(q, k, v, a, b1, b2t, s, bs)  # (B, N, H, d)
         B, N, H, d = out.shape
         x = out.view(B, N, H * d)
         if local is not None:
@@ -182,14 +212,14 @@ class _AgentAttentionFunction(torch.autograd.Function):
         ctx.has = (b1 is not None, b2t is not None, dwc_bias is not None, proj_weight is not None, proj_bias is not None)
         ctx.bias_shapes = (None if b1 is None else b1.shape, None if b2t is None else b2t.shape)
         kept = [None if r is not None else t for t, r in zip((b1, b2t), recipes)]  # rebuilt ones are not kept
-        ctx.save_for_backward(q, k, v, a, agent_v, dwc_weight, dwc_bias, proj_weight, *kept)
+        ctx.save_for_backward(q, k, v, a, agent_v, lse, dwc_weight, dwc_bias, proj_weight, *kept)
         if proj_weight is None:
             return out
         return F.linear(x, proj_weight, proj_bias)  # (B, N, C_out); x itself is not kept
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor):  # noqa: ANN205
-        q, k, v, a, agent_v, dwc_weight, dwc_bias, proj_weight, b1, b2t = ctx.saved_tensors
+        q, k, v, a, agent_v, lse, dwc_weight, dwc_bias, proj_weight, b1, b2t = ctx.saved_tensors
         has_b1, has_b2, has_dwc_bias, has_proj, has_proj_bias = ctx.has
         b1, b2t = _biases_for_backward(ctx.recipes, b1, b2t, q.dtype)
         s, bs, local = ctx.s, ctx.bs, ctx.local
@@ -216,25 +246,37 @@ class _AgentAttentionFunction(torch.autograd.Function):
         axis = _loop_axis(B, H)
         xh = None if x is None else x.transpose(1, 2)  # (B, H, N, d) views of token-major buffers
         dqh, dkh, dvh = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+        n = a.shape[2]
         for i in range(q.shape[axis]):  # each slice: (·, T, d) matrices, batched over the other axis
             qi, ki, vi, ai, gi, vai = (t.select(axis, i) for t in (q, k, v, a, g, agent_v))
-            # broadcast step, agent-major: O = P2 V_A, P2ᵀ (·, n, N)
-            p2t = _broadcast_probs_t(ai, qi, _pick(b2t, axis, i), bs)
-            if xh is not None:
-                torch.bmm(p2t.transpose(1, 2), vai, out=xh.select(axis, i))  # O rebuilt for dW of the projection
-            dva = torch.bmm(p2t, gi)  # (·, n, d)
-            ds2t = _softmax_backward_(p2t, torch.bmm(vai, gi.transpose(1, 2)), -2)  # (·, n, N)
-            _accumulate(db2t, axis, i, ds2t)
-            torch.bmm(ds2t.transpose(1, 2), ai, out=dqh.select(axis, i)).mul_(bs)
-            dai = torch.bmm(ds2t, qi).mul_(bs)  # (·, n, d)
-            del p2t, ds2t
-            # aggregation step: V_A = P1 V, P1 (·, n, M)
-            p1 = _aggregation_probs(ai, ki, _pick(b1, axis, i), s)
-            torch.bmm(p1.transpose(1, 2), dva, out=dvh.select(axis, i))
-            ds1 = _softmax_backward_(p1, torch.bmm(dva, vi.transpose(1, 2)), -1)  # (·, n, M)
-            _accumulate(db1, axis, i, ds1)
-            torch.baddbmm(dai, ds1, ki, alpha=s, out=da.select(axis, i))
-            torch.bmm(ds1.transpose(1, 2), ai, out=dkh.select(axis, i)).mul_(s)
+            b2i, b1i = _pick(b2t, axis, i), _pick(b1, axis, i)
+            dqi, dki, dvi = dqh.select(axis, i), dkh.select(axis, i), dvh.select(axis, i)
+            # broadcast step, agent-major by token tiles: O = P2 V_A, P2ᵀ (·, n, tile)
+            dva = torch.zeros_like(vai)  # Σ over tokens of P2ᵀ dO
+            dai = torch.zeros_like(ai)
+            for start, end in _tiles(N, ai.shape[0] * n):
+                p2t = _broadcast_probs_t(ai, qi[:, start:end], _cols(b2i, start, end), bs)
+                g_t = gi[:, start:end]
+                if xh is not None:  # O rebuilt for dW of the projection
+                    torch.bmm(p2t.transpose(1, 2), vai, out=xh.select(axis, i)[:, start:end])
+                dva.baddbmm_(p2t, g_t)
+                ds2t = _softmax_backward_(p2t, torch.bmm(vai, g_t.transpose(1, 2)), -2)  # (·, n, tile)
+                _accumulate(_cols(db2t, start, end), axis, i, ds2t)
+                torch.bmm(ds2t.transpose(1, 2), ai, out=dqi[:, start:end]).mul_(bs)
+                dai.baddbmm_(ds2t, qi[:, start:end], alpha=bs)
+            # aggregation step by key tiles: V_A = P1 V with P1 = exp(s·A Kᵀ + B1 − lse); the softmax
+            # rule's row sums Σ_keys P1 ⊙ dP1 equal dV_A · V_A, so no tile needs the others
+            lse_i = lse.select(axis, i).unsqueeze(-1)  # (·, n, 1)
+            row = (dva * vai).sum(-1, keepdim=True)  # (·, n, 1)
+            for start, end in _tiles(M, ai.shape[0] * n):
+                k_t, v_t = ki[:, start:end], vi[:, start:end]
+                p1 = _aggregation_probs(ai, k_t, _cols(b1i, start, end), s, lse_i)  # (·, n, tile)
+                torch.bmm(p1.transpose(1, 2), dva, out=dvi[:, start:end])
+                ds1 = torch.bmm(dva, v_t.transpose(1, 2)).sub_(row).mul_(p1)  # (·, n, tile)
+                _accumulate(_cols(db1, start, end), axis, i, ds1)
+                dai.baddbmm_(ds1, k_t, alpha=s)
+                torch.bmm(ds1.transpose(1, 2), ai, out=dki[:, start:end]).mul_(s)
+            da.select(axis, i).copy_(dai)
         d_dwc_weight = d_dwc_bias = None
         if local is not None:
             if x is not None:  # the local term of X, recomputed (a depthwise conv: cheap next to keeping X)
