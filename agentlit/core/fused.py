@@ -79,11 +79,16 @@ def _as_4d(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return t if t.dim() == 4 else t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
 
 
-def _loop_axis(B: int, H: int) -> int:
-    """The axis the op loops over: batch (0) or heads (1), whichever is shorter. Every slice along either
-    is a strided batch of matrices with a unit last stride, so each step is one batched matmul over the
-    other axis with no layout copy; fewer, larger steps cost less dispatch."""
-    return 0 if B <= H else 1
+_HEAD_LOOP = 4  # heads up to which the op loops over heads (each step batched over the samples)
+
+
+def _loop_axis(H: int) -> int:
+    """The axis the op loops over: heads (1) for layers of few heads, else the batch (0). Every slice
+    along either is a strided batch of matrices with a unit last stride, so each step is one batched
+    matmul over the other axis with no layout copy; fewer, larger steps cost less dispatch. Chosen by
+    the head count alone, never the batch size, so a sample takes the same path whatever else is in
+    its batch (DDP ranks with half the batch run the same steps as one process)."""
+    return 1 if H <= _HEAD_LOOP else 0
 
 
 def _pick(t: Optional[Tensor], axis: int, i: int) -> Optional[Tensor]:
@@ -141,11 +146,11 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b1: Optional[Tensor], b
     # would send it to the math path)
     agent_v, lse = _flash(a.detach(), k.detach(), v.detach(), 0.0, False, attn_mask=mask, scale=s)  # (B, H, n, d)
     out = torch.empty(B, N, H, d, dtype=q.dtype, device=q.device)
-    axis = _loop_axis(B, H)
+    axis = _loop_axis(H)
     o = out.transpose(1, 2)  # (B, H, N, d) view of token-major memory
     for i in range(q.shape[axis]):
         ai, qi, vai, oi, bi = a.select(axis, i), q.select(axis, i), agent_v.select(axis, i), o.select(axis, i), _pick(b2t, axis, i)
-        for start, end in _tiles(N, ai.shape[0] * n):
+        for start, end in _tiles(N, H * n):
             p2t = _broadcast_probs_t(ai, qi[:, start:end], _cols(bi, start, end), bs)  # (·, n, tile)
             torch.bmm(p2t.transpose(1, 2), vai, out=oi[:, start:end])
     return out, agent_v, lse
@@ -243,7 +248,7 @@ class _AgentAttentionFunction(torch.autograd.Function):
         da = torch.empty_like(a)
         db1 = torch.zeros(ctx.bias_shapes[0], **kw) if has_b1 and need[4] else None
         db2t = torch.zeros(ctx.bias_shapes[1], **kw) if has_b2 and need[5] else None
-        axis = _loop_axis(B, H)
+        axis = _loop_axis(H)
         xh = None if x is None else x.transpose(1, 2)  # (B, H, N, d) views of token-major buffers
         dqh, dkh, dvh = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
         n = a.shape[2]
@@ -254,7 +259,7 @@ class _AgentAttentionFunction(torch.autograd.Function):
             # broadcast step, agent-major by token tiles: O = P2 V_A, P2ᵀ (·, n, tile)
             dva = torch.zeros_like(vai)  # Σ over tokens of P2ᵀ dO
             dai = torch.zeros_like(ai)
-            for start, end in _tiles(N, ai.shape[0] * n):
+            for start, end in _tiles(N, H * n):  # per sample's size: the same tiles at any batch size
                 p2t = _broadcast_probs_t(ai, qi[:, start:end], _cols(b2i, start, end), bs)
                 g_t = gi[:, start:end]
                 if xh is not None:  # O rebuilt for dW of the projection
@@ -268,7 +273,7 @@ class _AgentAttentionFunction(torch.autograd.Function):
             # rule's row sums Σ_keys P1 ⊙ dP1 equal dV_A · V_A, so no tile needs the others
             lse_i = lse.select(axis, i).unsqueeze(-1)  # (·, n, 1)
             row = (dva * vai).sum(-1, keepdim=True)  # (·, n, 1)
-            for start, end in _tiles(M, ai.shape[0] * n):
+            for start, end in _tiles(M, H * n):
                 k_t, v_t = ki[:, start:end], vi[:, start:end]
                 p1 = _aggregation_probs(ai, k_t, _cols(b1i, start, end), s, lse_i)  # (·, n, tile)
                 torch.bmm(p1.transpose(1, 2), dva, out=dvi[:, start:end])
