@@ -6,8 +6,9 @@ leaves out those computed from parameters and buffers alone (the agent bias temp
 the map, position embeddings): that work is the same for every input of a size and an inference
 graph folds it away; what involves the inputs or random draws (sampling noise) counts. That is the
 convention of the paper's "FLOPs" column: MACs = FLOPs / 2. Fused SDPA kernels on the CPU are
-invisible to the counter, so the count runs under the math backend, where attention decomposes
-into counted ``bmm``s.
+invisible to torch's counter, so the count runs under the math backend, where attention decomposes
+into counted ``bmm``s; the CPU flash kernel that the fused agent op calls directly is counted by
+SDPA's formula.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 __all__ = ["count_macs", "mac_breakdown"]
 
@@ -31,6 +32,11 @@ class _VariableFlopCounter(FlopCounterMode):
     """FlopCounterMode that leaves out ops computed from constants alone: parameters, buffers, new
     tensors that are not random draws, and results of such ops (marked as constants in turn).
     Every op passes through ``_count_flops`` (decomposed ones as their parts)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        # the CPU flash kernel (agentlit.core.fused calls it for the aggregation step) has no formula in torch
+        flash_cpu = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _flash_cpu_flop}
+        super().__init__(custom_mapping={**flash_cpu, **kwargs.pop("custom_mapping", {})}, **kwargs)
 
     def _count_flops(self, func_packet, out, args, kwargs):
         operands = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
@@ -52,6 +58,11 @@ class _VariableFlopCounter(FlopCounterMode):
                 if alias is not None and getattr(alias, _CONSTANT, False):
                     delattr(alias, _CONSTANT)
         return super()._count_flops(func_packet, out, args, kwargs)
+
+
+def _flash_cpu_flop(query_shape, key_shape, value_shape, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """FLOPs of ``softmax(Q Kᵀ) V``: q (B, H, L, d), k (B, H, S, d), v (B, H, S, dv)."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
 def _overloads(packet) -> list:
