@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 import traceback
 from importlib import metadata
 from pathlib import Path
@@ -17,8 +18,8 @@ from typing import MutableMapping
 from .errors import UserError
 
 __all__ = [
-    "BrokenInstallError", "THREAD_VARIABLES", "apply_thread_default", "check_imports", "describe_broken_install",
-    "import_failure", "installed", "version_text",
+    "BrokenInstallError", "THREAD_DEFAULT", "THREAD_VARIABLES", "apply_thread_default", "busy_cores", "check_imports",
+    "describe_broken_install", "import_failure", "installed", "thread_default", "version_text",
 ]
 
 #: Variables through which a user chooses CPU threading themselves; when any is set, agentlit sets nothing.
@@ -26,11 +27,12 @@ THREAD_VARIABLES = (
     "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
     "KMP_BLOCKTIME", "KMP_AFFINITY", "OMP_PROC_BIND",
 )
-#: agentlit's default: OpenMP threads that sleep when they wait instead of spinning. torch's default
-#: (spinning) lets a thread burn the core another process needs while it waits for its partner, so on a
-#: machine shared with one busy process the quickstart ran 6x slower than with one thread; passive
-#: waiting keeps it close to one thread there and costs nothing measurable on an idle machine
-#: (README, "Speed on a shared machine").
+#: What agentlit adds when other work keeps cores busy (:func:`thread_default`): OpenMP threads that
+#: sleep when they wait instead of spinning, no more of them than the free cores. torch's default — one
+#: spinning thread per core — burns the core another process needs while a thread waits for its
+#: partner: beside one busy process the quickstart ran 3.7x slower than with one thread. On an idle
+#: machine torch's default is the fastest (passive waiting cost the quickstart 25% there), so agentlit
+#: then sets nothing (README, "Speed on a shared machine"; ``benchmarks/threads.py``).
 THREAD_DEFAULT = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 #: The libraries a run imports, in import order (a later one fails when an earlier one is broken).
@@ -42,18 +44,74 @@ _DEPENDENCIES = ("huggingface_hub", "transformers", "numpy", "safetensors", "acc
 _CPU_INDEX = "--index-url https://download.pytorch.org/whl/cpu"
 
 
-def apply_thread_default(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """Set :data:`THREAD_DEFAULT` in ``environ`` unless the user chose any of :data:`THREAD_VARIABLES`;
-    returns what was set. Takes effect only before torch is imported (OpenMP reads it once).
+def busy_cores(interval: float = 0.2) -> float | None:
+    """How many of the CPUs this process may use are kept busy by other work, sampled from ``/proc/stat``
+    over ``interval`` seconds (this process sleeps meanwhile); None where that is not available.
+
+    Args:
+        interval: sampling time in seconds.
+    """
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+    def sample() -> dict[int, list[int]]:
+        with open("/proc/stat") as f:  # "cpuN user nice system idle iowait irq softirq steal …"
+            return {int(p[0][3:]): [int(v) for v in p[1:9]] for p in (ln.split() for ln in f)
+                    if p and p[0].startswith("cpu") and p[0][3:].isdigit()}
+
+    try:
+        before = sample()
+        time.sleep(interval)
+        after = sample()
+    except (OSError, ValueError):
+        return None
+    busy = 0.0
+    for cpu in allowed or sorted(before):
+        if cpu in before and cpu in after:
+            delta = [b - a for a, b in zip(before[cpu], after[cpu])]
+            if sum(delta) > 0:
+                busy += 1.0 - (delta[3] + delta[4]) / sum(delta)  # not idle, not waiting for I/O
+    return busy
+
+
+def _physical_share() -> float:
+    """Physical cores per logical CPU (0.5 with hyper-threading), from ``/proc/cpuinfo``; 1 if unknown."""
+    try:
+        info = dict(ln.split(":", 1) for ln in open("/proc/cpuinfo").read().split("\n\n")[0].splitlines() if ":" in ln)
+        return int(info["cpu cores\t"]) / int(info["siblings\t"])
+    except (OSError, KeyError, ValueError, ZeroDivisionError):
+        return 1.0
+
+
+def thread_default() -> dict[str, str]:
+    """The thread settings agentlit starts torch with. Nothing (torch's default) when the cores torch
+    would use (one per physical core) are free; when other work keeps some busy (:func:`busy_cores`),
+    :data:`THREAD_DEFAULT` and ``OMP_NUM_THREADS`` = the cores left free; :data:`THREAD_DEFAULT` alone
+    where the load cannot be read."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch_threads = max(1, int(allowed * _physical_share()))
+    busy = busy_cores()
+    if busy is None:
+        return dict(THREAD_DEFAULT)
+    free = max(1, int(allowed - busy + 0.5))
+    return {**THREAD_DEFAULT, "OMP_NUM_THREADS": str(free)} if free < torch_threads else {}
+
+
+def apply_thread_default(environ: MutableMapping[str, str] | None = None,
+                         settings: dict[str, str] | None = None) -> dict[str, str]:
+    """Set the thread default (:func:`thread_default`) in ``environ`` unless the user chose any of
+    :data:`THREAD_VARIABLES`; returns what was set. Takes effect only before torch is imported (OpenMP
+    reads it once).
 
     Args:
         environ: the environment to update (default ``os.environ``).
+        settings: the settings to apply (default: :func:`thread_default`, measured now).
     """
     env = os.environ if environ is None else environ
     if any(env.get(name) for name in THREAD_VARIABLES):
         return {}
-    env.update(THREAD_DEFAULT)
-    return dict(THREAD_DEFAULT)
+    settings = thread_default() if settings is None else settings
+    env.update(settings)
+    return dict(settings)
 
 
 def installed(name: str) -> str | None:

@@ -205,24 +205,49 @@ def test_version_names_the_libraries_without_importing_them():
     assert f"timm {installed('timm')}" in version and "Python 3." in version
 
 
-def test_thread_default_is_set_before_torch_unless_the_user_chose(monkeypatch):
+def test_thread_default_is_set_before_torch_unless_the_user_chose(monkeypatch, capsys):
     import os
 
     import agentlit.cli as cli_module
-    from agentlit.environment import THREAD_DEFAULT, apply_thread_default
+    import agentlit.environment as environment
+    from agentlit.environment import apply_thread_default, thread_default
 
+    monkeypatch.setattr(environment.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(environment, "_physical_share", lambda: 1.0)  # torch would start 2 threads
     seen = {}
-    monkeypatch.setattr(cli_module, "cli", lambda argv: seen.update({k: os.environ.get(k) for k in THREAD_DEFAULT}))
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
-        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(cli_module, "cli", lambda argv: seen.update(
+        {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}))
+    for name in environment.THREAD_VARIABLES:  # unset now, and again after the test (main sets some)
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    # idle machine: torch's own default (the fastest there)
+    monkeypatch.setattr(environment, "busy_cores", lambda interval=0.2: 0.3)
     cli_module.main(["fit", "--config", QUICKSTART])
-    assert seen == THREAD_DEFAULT == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert seen == {"OMP_WAIT_POLICY": None, "OMP_NUM_THREADS": None} and "CPU thread" not in capsys.readouterr().err
+    # one core kept busy by another process: one thread waiting passively, and a line that says so
+    monkeypatch.setattr(environment, "busy_cores", lambda interval=0.2: 0.9)
+    cli_module.main(["fit", "--config", QUICKSTART])
+    assert seen == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+    assert "agentlit: 1 CPU thread: other work keeps the other cores busy (set OMP_NUM_THREADS to choose)" in capsys.readouterr().err
+    monkeypatch.setattr(environment, "busy_cores", lambda interval=0.2: None)  # no /proc/stat: passive waiting
+    assert thread_default() == {"OMP_WAIT_POLICY": "PASSIVE"}
     # a thread variable the user set wins: nothing is added
     for chosen in ({"OMP_NUM_THREADS": "2"}, {"MKL_NUM_THREADS": "1"}, {"OMP_WAIT_POLICY": "ACTIVE"}):
         env = dict(chosen)
         assert apply_thread_default(env) == {} and env == chosen
-    env = {"PATH": "/bin"}
-    assert apply_thread_default(env) == THREAD_DEFAULT and env == {"PATH": "/bin", **THREAD_DEFAULT}
+
+
+def test_busy_cores_sees_a_spinning_process():
+    import subprocess
+
+    from agentlit.environment import busy_cores
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        assert busy_cores(0.5) >= 0.5  # at least most of a core, whatever else runs
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 # ------------------------------------------------------------------------ a broken install in one line
