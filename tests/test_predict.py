@@ -356,3 +356,27 @@ def test_sample_grids_are_at_least_512_px():
     big = enlarge_grid(grid)
     assert big.shape == (3, 171 * 3, 86 * 3) and torch.equal(big[:, ::3, ::3], grid)
     assert enlarge_grid(torch.rand(1, 600, 40)).shape == (1, 600, 40)
+
+
+def test_every_data_module_that_predicts_a_folder_can_skip_bad_images(tmp_path):
+    """The predict contract is the same everywhere: a data module taking ``predict_root`` takes
+    ``skip_bad_images`` too (the error for an unreadable file recommends it), and it works."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import lightning as L
+
+    import agentlit.data as data
+
+    modules = {c for info in pkgutil.iter_modules(data.__path__) for c in vars(importlib.import_module(f"agentlit.data.{info.name}")).values()
+               if inspect.isclass(c) and issubclass(c, L.LightningDataModule) and "predict_root" in inspect.signature(c).parameters}
+    assert {"DigitsDataModule", "ImageFolderDataModule", "DetectionDataModule", "SegmentationDataModule"} <= {c.__name__ for c in modules}, modules
+    for cls in modules:
+        assert "skip_bad_images" in inspect.signature(cls).parameters, f"{cls.__name__} lacks skip_bad_images"
+    _pictures(tmp_path / "pics")
+    dm = data.DigitsDataModule(img_size=16, predict_root=str(tmp_path / "pics"), skip_bad_images=True)
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        names = dm.predict_names()
+        batches = list(dm.predict_dataloader())
+    assert sum(len(b["image"]) for b in batches) == len(names) == 4

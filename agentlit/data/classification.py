@@ -40,6 +40,8 @@ class DigitsDataModule(ResumableDataModule):
         seed: augmentation and shuffling seed (None: the run's ``seed_everything`` value).
         predict_root: folder of your own digit images to predict (None: the held-out part).
         channels: 3 (grey replicated to RGB, for classifiers) or 1 (one grey channel).
+        skip_bad_images: ``predict`` skips unreadable files of ``predict_root`` (named in a warning and
+            counted) instead of stopping.
     """
 
     num_classes = 10
@@ -58,10 +60,11 @@ class DigitsDataModule(ResumableDataModule):
         seed: int | None = None,
         predict_root: str | None = None,
         channels: int = 3,
+        skip_bad_images: bool = False,
     ) -> None:
         super().__init__()
         self.seed = seed
-        self.predict_root = predict_root
+        self.predict_root, self.skip_bad_images = predict_root, skip_bad_images
         if channels not in (1, 3):
             raise ValueError(f"channels={channels} must be 1 (grey, e.g. for generation) or 3 (grey replicated to RGB)")
         self.channels = channels
@@ -117,7 +120,7 @@ class DigitsDataModule(ResumableDataModule):
             x = v2.functional.center_crop(x, [size, size])
             return ((x - 0.5) / 0.5).expand(channels, -1, -1).contiguous()
 
-        return PredictImages(self.predict_root, transform)
+        return PredictImages(self.predict_root, transform, skip_bad=getattr(self, "skip_bad_images", False))
 
     def predict_names(self) -> list[str]:
         """One name per predict item: paths relative to ``predict_root``, else ``val/<index>``."""
