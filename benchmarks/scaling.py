@@ -17,6 +17,11 @@ For every pair and size, in one spawned process:
 - **training peak memory**: the peak of live tensor bytes during one training step
   (:func:`agentlit.utils.memory.peak_memory`), agent vs baseline.
 
+``--ceiling`` also times the agent model with its agent-attention products made free (the fused op
+replaced by O = Q plus the local term and the projection; agent pooling and bias build still run): the
+**ceiling**, baseline time / that time, is the most any faster agent core could reach with the rest of
+the model as it is; where the ceiling's efficiency is below a target, no attention kernel reaches it.
+
 Each speed ratio is printed beside its MAC ratio; JSON and a plot (speed ratio and limit vs
 resolution, memory ratio) go to ``benchmarks/results/scaling.{json,png}``. Times are process CPU
 seconds (``time.process_time``) with ``--threads 1``: other processes on the machine then cost this
@@ -76,6 +81,45 @@ def _build(name: str, size: int | str, detection: bool) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
+_FREE_CORE = [False]  # switched on while the ceiling variant runs
+
+
+def _install_free_core_switch() -> None:
+    """Route agentlit's fused agent op through a switch: off, the real op; on, a stand-in whose
+    attention products cost nothing (O = Q), the depthwise local term and the projection kept."""
+    import torch.nn.functional as F
+
+    from agentlit.core import functional, fused
+
+    real = functional.agent_attention_fused
+
+    def switch(q, k, v, agents, agent_bias, query_bias, scale, broadcast_scale, *, dwc_weight=None, dwc_bias=None,
+               layout=None, num_prefix_tokens=0, proj_weight=None, proj_bias=None):
+        if not _FREE_CORE[0]:
+            return real(q, k, v, agents, agent_bias, query_bias, scale, broadcast_scale, dwc_weight=dwc_weight,
+                        dwc_bias=dwc_bias, layout=layout, num_prefix_tokens=num_prefix_tokens,
+                        proj_weight=proj_weight, proj_bias=proj_bias)
+        B, H, N, d = q.shape
+        out = q.transpose(1, 2).reshape(B, N, H * d)  # (B, N, C): O = Q, token-major
+        if dwc_weight is not None:
+            P = num_prefix_tokens
+            local = fused._Local(layout if layout is not None else [k.shape[2]], P).conv(v, dwc_weight, dwc_bias)
+            out = torch.cat([out[:, :P], out[:, P:] + local], 1) if P else out + local
+        return out.view(B, N, H, d) if proj_weight is None else F.linear(out, proj_weight, proj_bias)
+
+    functional.agent_attention_fused = switch
+
+
+def _free(fn: Callable[[], object]) -> Callable[[], object]:
+    def run() -> object:
+        _FREE_CORE[0] = True
+        try:
+            return fn()
+        finally:
+            _FREE_CORE[0] = False
+    return run
+
+
 def _outputs_sum(out: Any) -> torch.Tensor:
     """A scalar from a model's output (logits, or the FPN's dict / list of maps) to back-propagate."""
     if isinstance(out, torch.Tensor):
@@ -85,13 +129,16 @@ def _outputs_sum(out: Any) -> torch.Tensor:
 
 
 def measure_pair(pair: str, size: int | str, batch_size: int, warmup: int, repeats: int, threads: int,
-                 modes: tuple[str, ...]) -> dict[str, Any]:
-    """Runs in a fresh process: MACs, inference and training times and training peak memory of a pair."""
+                 modes: tuple[str, ...], ceiling: bool = False) -> dict[str, Any]:
+    """Runs in a fresh process: MACs, inference and training times and training peak memory of a pair
+    (and with ``ceiling`` the agent model's times with free attention products)."""
     from agentlit.utils.flops import count_macs
     from agentlit.utils.memory import peak_memory
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    if ceiling:
+        _install_free_core_switch()
     detection = size == DETECTION
     agent_name, base_name = _detection_names(pair) if detection else PAIRS[pair]
     hw = (800, 1344) if detection else (int(size), int(size))
@@ -108,11 +155,16 @@ def measure_pair(pair: str, size: int | str, batch_size: int, warmup: int, repea
         for m in models.values():
             m.eval()
         with torch.inference_mode():
-            times = _timed_rounds({k: (lambda m=m: m(x)) for k, m in models.items()}, warmup, repeats, clock)
-        for k in models:
+            fns = {k: (lambda m=m: m(x)) for k, m in models.items()}
+            if ceiling:
+                fns["ceiling"] = _free(fns["agent"])
+            times = _timed_rounds(fns, warmup, repeats, clock)
+        for k in fns:
             row[f"{k}_infer_s"] = statistics.median(times[k])
         row["infer_speed_ratio"] = row["baseline_infer_s"] / row["agent_infer_s"]
         row["infer_efficiency"] = row["infer_speed_ratio"] / row["mac_ratio"]
+        if ceiling:
+            row["infer_ceiling_efficiency"] = row["baseline_infer_s"] / row["ceiling_infer_s"] / row["mac_ratio"]
 
     if "train" in modes:
         y = torch.randint(0, 1000, (batch_size,))
@@ -129,10 +181,15 @@ def measure_pair(pair: str, size: int | str, batch_size: int, warmup: int, repea
                 opt.step()
 
             steps[k] = step
+        if ceiling:
+            steps["ceiling"] = _free(steps["agent"])
         times = _timed_rounds(steps, max(1, warmup), repeats, clock)
         for k, step in steps.items():
             row[f"{k}_train_s"] = statistics.median(times[k])
-            row[f"{k}_train_peak_mib"] = peak_memory(step) / 2**20
+            if k != "ceiling":
+                row[f"{k}_train_peak_mib"] = peak_memory(step) / 2**20
+        if ceiling:
+            row["train_ceiling_efficiency"] = row["baseline_train_s"] / row["ceiling_train_s"] / row["mac_ratio"]
         row["train_speed_ratio"] = row["baseline_train_s"] / row["agent_train_s"]
         row["train_efficiency"] = row["train_speed_ratio"] / row["mac_ratio"]
         row["train_memory_ratio"] = row["agent_train_peak_mib"] / row["baseline_train_peak_mib"]
@@ -153,13 +210,14 @@ def _run_isolated(kwargs: dict) -> dict[str, Any]:
 def _ratio(row: dict[str, Any], mode: str) -> str:
     if f"{mode}_speed_ratio" not in row:
         return "–"
-    return f"{row[f'{mode}_speed_ratio']:.2f}× ({100 * row[f'{mode}_efficiency']:.0f}%)"
+    ceiling = f"; ceiling {100 * row[f'{mode}_ceiling_efficiency']:.0f}%" if f"{mode}_ceiling_efficiency" in row else ""
+    return f"{row[f'{mode}_speed_ratio']:.2f}× ({100 * row[f'{mode}_efficiency']:.0f}%{ceiling})"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     """The Markdown table of docs/performance.md."""
     lines = [
-        "| size, batch | pair | MAC ratio | inference speed ratio (of limit) | training speed ratio (of limit) "
+        "| size, batch | pair | MAC ratio | inference speed ratio (of limit; ceiling) | training speed ratio (of limit; ceiling) "
         "| training peak memory, agent vs baseline |",
         "|---|---|---|---|---|---|",
     ]
@@ -220,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: time in CPU seconds)")
     parser.add_argument("--quick", action="store_true", help="224² and 448² only, 3 repeats")
+    parser.add_argument("--ceiling", action="store_true", help="also time the agent model with free attention products")
     parser.add_argument("--output", default=str(RESULTS / "scaling.json"), help="JSON path; the PNG gets the same stem")
     args = parser.parse_args(argv)
     sizes = [_parse_size(s) for s in args.sizes]
@@ -232,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if size == DETECTION and pair == "deit":
                 continue  # no DeiT detector
             row = _run_isolated(dict(pair=pair, size=size, batch_size=batch, warmup=args.warmup, repeats=args.repeats,
-                                     threads=args.threads, modes=tuple(args.modes)))
+                                     threads=args.threads, modes=tuple(args.modes), ceiling=args.ceiling))
             rows.append(row)
             print(f"{row['size']:>9s} b{batch} {row['agent']} / {row['baseline']}: MAC ratio {row['mac_ratio']:.2f}x | "
                   f"inference {_ratio(row, 'infer')} | training {_ratio(row, 'train')} | training memory "
@@ -241,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("\n" + table(rows))
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = dict(settings=dict(threads=args.threads, repeats=args.repeats, warmup=args.warmup, torch=torch.__version__,
+    report = dict(settings=dict(threads=args.threads, repeats=args.repeats, ceiling=args.ceiling, warmup=args.warmup, torch=torch.__version__,
                                 machine=platform.processor() or platform.machine(), cpu_count=mp.cpu_count(),
                                 clock="process_time" if args.threads == 1 else "perf_counter"),
                   results=rows)
