@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU check of everything that needs a GPU, all results under one folder (<= 8 min on one H100/A100:
-# the step limits add up to 480 s). RESULTS_DIR is relative to the repository root.
+# One GPU check of everything that needs a GPU, all results under one folder (<= 9 min on one H100/A100:
+# the step limits add up to 540 s). RESULTS_DIR is relative to the repository root.
 #
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]            # on a machine with a CUDA GPU
 #   bash benchmarks/gpu_check.sh --dry-run [RESULTS_DIR]  # the same steps on the CPU at tiny sizes (seconds)
@@ -13,6 +13,8 @@
 #                   eager fp32, bf16 autocast, torch.compile; throughput + peak memory
 #   5. agentsd      one UNet step of the SD 1.5 architecture in fp16 at 512² and 1024²: unpatched, tomesd,
 #                   AgentSD agent and ToMe phases, the ceiling; time + peak memory, 50-step estimate
+#   6. scaling      agent vs softmax pairs (DeiT-T, Swin-T, PVT-S) at 224², 448², 896² and the detection
+#                   backbones at 800x1344, bf16: inference/training speed ratio beside the MAC ratio, peak memory
 # Results: RESULTS_DIR (default benchmarks/results/gpu_check_<date>) holds one JSON/log per step and summary.txt.
 set -u
 DRY=0
@@ -41,6 +43,7 @@ if [ $DRY = 1 ]; then
     MOD=(--models agent_deit_tiny:deit_tiny_patch16_224 --batch-size 1 --repeats 1 --warmup 0 --variants eager bf16
          --threads 1)
     SD=(--arch tiny --sizes 64 --repeats 1 --warmup 0 --dtype float32 --no-cpu-memory)
+    SCALE=(--pairs deit --sizes 112:1 --repeats 1 --warmup 0 --bf16)
 else
     DEV=cuda; QS=(--trainer.accelerator gpu --trainer.devices 1 --trainer.precision bf16-mixed)
     ATT=(--tokens 3136 12544 50176 --agents 49 --heads 4 --head-dim 64 --batch 8 --repeats 10 --warmup 3
@@ -48,6 +51,7 @@ else
     MOD=(--batch-size 64 --repeats 10 --warmup 3 --variants eager bf16 compiled
          --models agent_pvt_small:pvt_v1_large agent_swin_small:swin_base_patch4_window7_224)
     SD=(--arch sd15 --sizes 512 1024 --batch 2 --repeats 5 --warmup 2 --dtype float16)
+    SCALE=(--sizes 224:64 448:16 896:4 800x1344:2 --repeats 5 --warmup 2 --bf16)
 fi
 
 { date -u; uname -a; nvidia-smi 2>&1 | head -20
@@ -62,5 +66,7 @@ step attention 60 python benchmarks/attention.py "${ATT[@]}" --device $DEV --out
 step models 180 python benchmarks/models.py "${MOD[@]}" --no-train --device $DEV --output "$OUT/models.json"
 step agentsd 120 python benchmarks/agentsd.py --unet "${SD[@]}" --ratio 0.5 --device $DEV \
     --output "$OUT/agentsd_unet.json"
+step scaling 60 python benchmarks/scaling.py "${SCALE[@]}" --device $DEV --output "$OUT/scaling.json"
 grep -E "speedup|vs " "$OUT/models.log" "$OUT/agentsd.log" >> "$SUMMARY" 2>/dev/null
+grep -E "^\| " "$OUT/scaling.log" >> "$SUMMARY" 2>/dev/null
 echo "results in $OUT" | tee -a "$SUMMARY"

@@ -3,6 +3,7 @@
     python benchmarks/scaling.py --threads 1                     # the full table (about an hour on 2 cores)
     python benchmarks/scaling.py --threads 1 --quick             # 224² and 448² only, fewer repeats
     python benchmarks/scaling.py --pairs deit --sizes 896:1      # one pair at one size
+    python benchmarks/scaling.py --device cuda --bf16 --repeats 10 --warmup 3   # the GPU table (gpu_check.sh)
 
 Pairs: Agent-DeiT-T / DeiT-T, Agent-Swin-T / Swin-T and Agent-PVT-S / PVT-S, classification models
 at 224² (batch 8), 448² (batch 2) and 896² (batch 1), and the detection backbones (backbone + FPN, as
@@ -26,7 +27,9 @@ Each speed ratio is printed beside its MAC ratio; JSON and a plot (speed ratio a
 resolution, memory ratio) go to ``benchmarks/results/scaling.{json,png}``. Times are process CPU
 seconds (``time.process_time``) with ``--threads 1``: other processes on the machine then cost this
 one cache and memory bandwidth but not its time slices. The load average before and after each pair
-is recorded; compare ratios inside one run, never absolute times across runs.
+is recorded; compare ratios inside one run, never absolute times across runs. ``--device cuda`` times
+wall-clock seconds with the GPU synchronised and reports the CUDA allocator's peak; ``--bf16`` runs both
+models under bf16 autocast (the weights stay fp32, as ``trainer.precision: bf16-mixed`` does).
 """
 from __future__ import annotations
 
@@ -129,7 +132,7 @@ def _outputs_sum(out: Any) -> torch.Tensor:
 
 
 def measure_pair(pair: str, size: int | str, batch_size: int, warmup: int, repeats: int, threads: int,
-                 modes: tuple[str, ...], ceiling: bool = False) -> dict[str, Any]:
+                 modes: tuple[str, ...], ceiling: bool = False, device: str = "cpu", bf16: bool = False) -> dict[str, Any]:
     """Runs in a fresh process: MACs, inference and training times and training peak memory of a pair
     (and with ``ceiling`` the agent model's times with free attention products)."""
     from agentlit.utils.flops import count_macs
@@ -142,20 +145,30 @@ def measure_pair(pair: str, size: int | str, batch_size: int, warmup: int, repea
     detection = size == DETECTION
     agent_name, base_name = _detection_names(pair) if detection else PAIRS[pair]
     hw = (800, 1344) if detection else (int(size), int(size))
-    x = torch.randn(batch_size, 3, *hw)
-    models = {"agent": _build(agent_name, size, detection), "baseline": _build(base_name, size, detection)}
+    x = torch.randn(batch_size, 3, *hw, device=device)
+    models = {"agent": _build(agent_name, size, detection).to(device), "baseline": _build(base_name, size, detection).to(device)}
     row: dict[str, Any] = dict(pair=pair, size=str(size), batch_size=batch_size, agent=agent_name, baseline=base_name,
-                               load_before=round(os.getloadavg()[0], 2))
+                               device=device, bf16=bf16, load_before=round(os.getloadavg()[0], 2))
     macs = {k: count_macs(m, x[:1])[0] for k, m in models.items()}
     row.update(agent_gmacs=macs["agent"] / 1e9, baseline_gmacs=macs["baseline"] / 1e9,
                mac_ratio=macs["baseline"] / macs["agent"])
-    clock = time.process_time if threads == 1 else time.perf_counter
+    clock = time.process_time if threads == 1 and device == "cpu" else time.perf_counter
+    autocast = torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16)
+
+    def timed(fn: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            with autocast:
+                out = fn()
+            if device != "cpu":
+                torch.cuda.synchronize(device)
+            return out
+        return run
 
     if "infer" in modes:
         for m in models.values():
             m.eval()
         with torch.inference_mode():
-            fns = {k: (lambda m=m: m(x)) for k, m in models.items()}
+            fns = {k: timed(lambda m=m: m(x)) for k, m in models.items()}
             if ceiling:
                 fns["ceiling"] = _free(fns["agent"])
             times = _timed_rounds(fns, warmup, repeats, clock)
@@ -167,7 +180,7 @@ def measure_pair(pair: str, size: int | str, batch_size: int, warmup: int, repea
             row["infer_ceiling_efficiency"] = row["baseline_infer_s"] / row["ceiling_infer_s"] / row["mac_ratio"]
 
     if "train" in modes:
-        y = torch.randint(0, 1000, (batch_size,))
+        y = torch.randint(0, 1000, (batch_size,), device=device)
         steps = {}
         for k, m in models.items():
             m.train()
@@ -180,14 +193,14 @@ def measure_pair(pair: str, size: int | str, batch_size: int, warmup: int, repea
                 loss.backward()
                 opt.step()
 
-            steps[k] = step
+            steps[k] = timed(step)
         if ceiling:
             steps["ceiling"] = _free(steps["agent"])
         times = _timed_rounds(steps, max(1, warmup), repeats, clock)
         for k, step in steps.items():
             row[f"{k}_train_s"] = statistics.median(times[k])
             if k != "ceiling":
-                row[f"{k}_train_peak_mib"] = peak_memory(step) / 2**20
+                row[f"{k}_train_peak_mib"] = peak_memory(step, device) / 2**20
         if ceiling:
             row["train_ceiling_efficiency"] = row["baseline_train_s"] / row["ceiling_train_s"] / row["mac_ratio"]
         row["train_speed_ratio"] = row["baseline_train_s"] / row["agent_train_s"]
@@ -279,8 +292,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: time in CPU seconds)")
     parser.add_argument("--quick", action="store_true", help="224² and 448² only, 3 repeats")
     parser.add_argument("--ceiling", action="store_true", help="also time the agent model with free attention products")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--bf16", action="store_true", help="both models under bf16 autocast")
     parser.add_argument("--output", default=str(RESULTS / "scaling.json"), help="JSON path; the PNG gets the same stem")
     args = parser.parse_args(argv)
+    if args.ceiling and args.device != "cpu":
+        parser.error("--ceiling replaces the CPU op; on --device cuda the agent models run SDPA kernels")
     sizes = [_parse_size(s) for s in args.sizes]
     if args.quick:
         sizes, args.repeats = [s for s in sizes if s[0] in (224, 448)], 3
@@ -291,7 +308,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if size == DETECTION and pair == "deit":
                 continue  # no DeiT detector
             row = _run_isolated(dict(pair=pair, size=size, batch_size=batch, warmup=args.warmup, repeats=args.repeats,
-                                     threads=args.threads, modes=tuple(args.modes), ceiling=args.ceiling))
+                                     threads=args.threads, modes=tuple(args.modes), ceiling=args.ceiling,
+                                     device=args.device, bf16=args.bf16))
             rows.append(row)
             print(f"{row['size']:>9s} b{batch} {row['agent']} / {row['baseline']}: MAC ratio {row['mac_ratio']:.2f}x | "
                   f"inference {_ratio(row, 'infer')} | training {_ratio(row, 'train')} | training memory "
@@ -300,9 +318,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("\n" + table(rows))
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = dict(settings=dict(threads=args.threads, repeats=args.repeats, ceiling=args.ceiling, warmup=args.warmup, torch=torch.__version__,
+    report = dict(settings=dict(threads=args.threads, repeats=args.repeats, ceiling=args.ceiling, device=args.device, bf16=args.bf16, warmup=args.warmup, torch=torch.__version__,
                                 machine=platform.processor() or platform.machine(), cpu_count=mp.cpu_count(),
-                                clock="process_time" if args.threads == 1 else "perf_counter"),
+                                clock="process_time" if args.threads == 1 and args.device == "cpu" else "perf_counter"),
                   results=rows)
     out.write_text(json.dumps(report, indent=2))
     plot(rows, out.with_suffix(".png"))

@@ -20,7 +20,7 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
                           env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = (out / "summary.txt").read_text()
-    for step in ("quickstart", "attention", "models", "agentsd"):
+    for step in ("quickstart", "attention", "models", "agentsd", "scaling"):
         assert f"{step}: rc=0 " in summary, summary + (out / f"{step}.log").read_text()[-3000:]
     assert "device: cpu, dry-run: 1" in summary
     assert list((out / "quickstart").rglob("*.ckpt")), "the quickstart fit wrote no checkpoint"
@@ -32,6 +32,11 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
     assert {"baseline", "agentsd", "tome", "ceiling"} <= settings
     assert all(r["time_per_step_s"] > 0 for r in sd["rows"])
     assert json.loads((out / "attention.json").read_text())
+    scaling = json.loads((out / "scaling.json").read_text())
+    assert scaling["settings"]["bf16"] and [r["pair"] for r in scaling["results"]] == ["deit"]
+    row = scaling["results"][0]
+    assert row["mac_ratio"] > 0 and row["infer_speed_ratio"] > 0 and row["train_speed_ratio"] > 0
+    assert row["agent_train_peak_mib"] > 0 and row["baseline_train_peak_mib"] > 0
 
 
 def test_agentsd_unet_benchmark_tiny(tmp_path):

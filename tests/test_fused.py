@@ -165,6 +165,24 @@ def test_half_inputs_are_computed_in_float32():
     torch.testing.assert_close(out.transpose(1, 2).double(), ref, rtol=2**-7, atol=1e-3)
 
 
+def test_backward_inside_an_autocast_region_runs_in_float32():
+    """A training step that calls backward inside ``torch.autocast`` (bf16): the op's backward stays in
+    float32 like its forward, and its gradients match the float64 layer's to bf16 input rounding."""
+    torch.manual_seed(9)
+    layer = AgentAttention(16, 2, feat_size=(4, 4), agent_num=4, num_prefix_tokens=1).train()
+    x = torch.randn(2, 17, 16)
+    reference = AgentAttention(16, 2, feat_size=(4, 4), agent_num=4, num_prefix_tokens=1).double().train()
+    reference.load_state_dict(layer.state_dict())
+    reference(x.double()).square().mean().backward()
+    with torch.autocast("cpu", torch.bfloat16):
+        out = layer(x)
+        out.float().square().mean().backward()
+    assert out.dtype == torch.bfloat16
+    for (name, p), r in zip(layer.named_parameters(), reference.parameters()):
+        assert p.grad.dtype == torch.float32, name
+        torch.testing.assert_close(p.grad.double(), r.grad, rtol=0.1, atol=0.02, msg=name)
+
+
 def test_evaluation_reuses_biases_until_a_parameter_or_the_mode_changes():
     """In eval mode without autograd the (n × N) biases are built once per size, then reused; any change
     of a bias parameter (load_state_dict, an optimizer step) or of the mode rebuilds them."""

@@ -224,6 +224,13 @@ class _AgentAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor):  # noqa: ANN205
+        # in the forward pass's precision: a backward called inside an autocast region (the forward ran
+        # in float32 with autocast off) must not get half-precision products
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _AgentAttentionFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_out: Tensor):  # noqa: ANN205
         q, k, v, a, agent_v, lse, dwc_weight, dwc_bias, proj_weight, b1, b2t = ctx.saved_tensors
         has_b1, has_b2, has_dwc_bias, has_proj, has_proj_bias = ctx.has
         b1, b2t = _biases_for_backward(ctx.recipes, b1, b2t, q.dtype)
