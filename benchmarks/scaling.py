@@ -1,6 +1,6 @@
 """Agent models vs their softmax baselines as the resolution grows: speed, MACs and training memory.
 
-    python benchmarks/scaling.py --threads 1                     # the full table (about an hour on 2 cores)
+    python benchmarks/scaling.py --threads 1                     # the full table (about 25 minutes on 2 cores)
     python benchmarks/scaling.py --threads 1 --quick             # 224² and 448² only, fewer repeats
     python benchmarks/scaling.py --pairs deit --sizes 896:1      # one pair at one size
     python benchmarks/scaling.py --device cuda --bf16 --repeats 10 --warmup 3   # the GPU table (gpu_check.sh)
