@@ -76,7 +76,9 @@ def busy_cores(interval: float = 0.2) -> float | None:
 def _physical_share() -> float:
     """Physical cores per logical CPU (0.5 with hyper-threading), from ``/proc/cpuinfo``; 1 if unknown."""
     try:
-        info = dict(ln.split(":", 1) for ln in open("/proc/cpuinfo").read().split("\n\n")[0].splitlines() if ":" in ln)
+        with open("/proc/cpuinfo") as f:  # the first processor's block
+            first = f.read().split("\n\n")[0]
+        info = dict(ln.split(":", 1) for ln in first.splitlines() if ":" in ln)
         return int(info["cpu cores\t"]) / int(info["siblings\t"])
     except (OSError, KeyError, ValueError, ZeroDivisionError):
         return 1.0
