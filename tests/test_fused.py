@@ -272,11 +272,29 @@ def test_a_training_layer_keeps_only_its_input_and_projection():
     out.sum().backward()
 
 
+def _project_normed(norm: torch.nn.Module, x: torch.Tensor, project, mark: bool) -> tuple:  # noqa: ANN001
+    """``project(norm(x))``, the norm's output marked for rebuilding when ``mark``, under a hook that
+    records what autograd keeps: (x as a leaf, the projection's output, whether it kept norm(x))."""
+    from agentlit.core.recompute import rebuild_norm_later
+
+    xi = x.clone().requires_grad_()
+    kept: set[int] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        kept.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = norm(xi)
+        if mark:
+            rebuild_norm_later(norm, xi, y)
+        out = project(y)
+    return xi, out, y.untyped_storage().data_ptr() in kept
+
+
 def test_a_marked_norm_output_is_rebuilt_not_kept_by_the_qkv_projection():
     """rebuild_norm_later + RecomputingLinear: the same output and gradients as norm → nn.Linear, and
     the projection keeps no copy of the norm's output (only the norm keeps its input)."""
-    from agentlit.core.recompute import rebuild_norm_later
-
     torch.manual_seed(9)
     norm, linear = torch.nn.LayerNorm(12), RecomputingLinear(12, 36)
     plain = torch.nn.Linear(12, 36)
@@ -284,20 +302,8 @@ def test_a_marked_norm_output_is_rebuilt_not_kept_by_the_qkv_projection():
     x = torch.randn(3, 5, 12)
     grad = torch.randn(3, 5, 36)
 
-    def run(project: torch.nn.Module, mark: bool) -> tuple[torch.Tensor, list, set[int]]:
-        xi = x.clone().requires_grad_()
-        kept: set[int] = set()
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            kept.add(t.untyped_storage().data_ptr())
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = norm(xi)
-            if mark:
-                rebuild_norm_later(norm, xi, y)
-            out = project(y)
-        was_kept = y.untyped_storage().data_ptr() in kept
+    def run(project: torch.nn.Module, mark: bool) -> tuple[torch.Tensor, list, bool]:
+        xi, out, was_kept = _project_normed(norm, x, project, mark)
         norm.zero_grad()
         project.zero_grad()
         out.backward(grad)
@@ -315,7 +321,7 @@ def test_a_marked_norm_output_is_rebuilt_not_kept_by_the_qkv_projection():
 def test_split_projection_equals_linear_then_chunk(marked):
     """SplitLinear: Q, K, V as separate dense tensors, equal to nn.Linear + chunk, forward and gradients;
     with a marked input it keeps no copy of it."""
-    from agentlit.core.recompute import SplitLinear, rebuild_norm_later
+    from agentlit.core.recompute import SplitLinear
 
     torch.manual_seed(10)
     norm, split = torch.nn.LayerNorm(8), SplitLinear(8, 24, chunks=3)
@@ -325,22 +331,10 @@ def test_split_projection_equals_linear_then_chunk(marked):
     grads = [torch.randn(2, 5, 8) for _ in range(3)]
 
     def run(project, module: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:  # noqa: ANN001
-        xi = x.clone().requires_grad_()
-        kept: set[int] = set()
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            kept.add(t.untyped_storage().data_ptr())
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = norm(xi)
-            if marked:
-                rebuild_norm_later(norm, xi, y)
-            parts = project(y)
+        xi, parts, was_kept = _project_normed(norm, x, project, marked)
         norm.zero_grad()
         torch.autograd.backward(parts[:2], grads[:2])  # V unused: a missing gradient is zero
-        return list(parts), [xi.grad, norm.weight.grad, *(p.grad for p in module.parameters())], \
-            y.untyped_storage().data_ptr() in kept
+        return list(parts), [xi.grad, norm.weight.grad, *(p.grad for p in module.parameters())], was_kept
 
     ref_parts, ref_grads, _ = run(lambda y: plain(y).chunk(3, -1), plain)
     parts, grads_, kept = run(split, split)
