@@ -56,8 +56,8 @@ examples:
   agentlit fit  --config configs/quickstart.yaml --print_config        # what will run
   agentlit fit  --help                                                 # every option of a sub-command
 
-AGENTLIT_TRACEBACK=1 shows the traceback of an error. When other work keeps cores busy, torch gets one CPU thread
-per free core, waiting passively (OMP_WAIT_POLICY=PASSIVE), unless you set OMP_NUM_THREADS or another thread variable.
+AGENTLIT_TRACEBACK=1 shows the traceback of an error. When other work keeps cores busy, torch's CPU threads wait
+passively (OMP_WAIT_POLICY=PASSIVE) unless you set OMP_NUM_THREADS, OMP_WAIT_POLICY or another thread variable.
 """
 
 _TRACEBACK_ENV = "AGENTLIT_TRACEBACK"
@@ -176,10 +176,9 @@ def main(args: list[str] | None = None) -> None:
             print(f"usage: agentlit [-h] [--version] {{{','.join(SUBCOMMANDS)}}} ...", file=sys.stderr)
         print(f"agentlit: error: {mistake}", file=sys.stderr)
         sys.exit(2)
-    threads = apply_thread_default().get("OMP_NUM_THREADS")  # before torch loads: OpenMP reads it once
-    if threads:
-        print(f"agentlit: {threads} CPU thread{'s' if threads != '1' else ''}: other work keeps the other cores busy "
-              "(set OMP_NUM_THREADS to choose)", file=sys.stderr, flush=True)
+    if apply_thread_default():  # before torch loads: OpenMP reads it once
+        print("agentlit: other work keeps CPU cores busy: torch's threads wait passively (OMP_WAIT_POLICY=PASSIVE; "
+              "OMP_NUM_THREADS=1 is faster still there)", file=sys.stderr, flush=True)
     try:
         cli(argv)
         if argv[0] in ("validate", "test", "predict"):

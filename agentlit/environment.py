@@ -28,11 +28,13 @@ THREAD_VARIABLES = (
     "KMP_BLOCKTIME", "KMP_AFFINITY", "OMP_PROC_BIND",
 )
 #: What agentlit adds when other work keeps cores busy (:func:`thread_default`): OpenMP threads that
-#: sleep when they wait instead of spinning, no more of them than the free cores. torch's default — one
-#: spinning thread per core — burns the core another process needs while a thread waits for its
-#: partner: beside one busy process the quickstart ran 3.7x slower than with one thread. On an idle
-#: machine torch's default is the fastest (passive waiting cost the quickstart 25% there), so agentlit
-#: then sets nothing (README, "Speed on a shared machine"; ``benchmarks/threads.py``).
+#: sleep when they wait instead of spinning. torch's default — one spinning thread per core — burns the
+#: core another process needs while a thread waits for its partner: beside one busy process the
+#: quickstart ran 3.1x slower than with one thread, 1.1x with passive waiting. The thread count itself
+#: never follows the load: float sums depend on it, and a run's results (exact resume, DDP against one
+#: process) must not depend on what else ran. On an idle machine torch's default is the fastest
+#: (passive waiting cost the quickstart 25% there), so agentlit then sets nothing (README, "Speed on a
+#: shared machine"; ``benchmarks/threads.py``).
 THREAD_DEFAULT = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 #: The libraries a run imports, in import order (a later one fails when an earlier one is broken).
@@ -85,17 +87,16 @@ def _physical_share() -> float:
 
 
 def thread_default() -> dict[str, str]:
-    """The thread settings agentlit starts torch with. Nothing (torch's default) when the cores torch
-    would use (one per physical core) are free; when other work keeps some busy (:func:`busy_cores`),
-    :data:`THREAD_DEFAULT` and ``OMP_NUM_THREADS`` = the cores left free; :data:`THREAD_DEFAULT` alone
-    where the load cannot be read."""
+    """The thread settings agentlit starts torch with: :data:`THREAD_DEFAULT` when other work keeps
+    some of the cores torch would use (one per physical core) busy (:func:`busy_cores`); else nothing,
+    torch's default (also where the load cannot be read)."""
     allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch_threads = max(1, int(allowed * _physical_share()))
     busy = busy_cores()
     if busy is None:
-        return dict(THREAD_DEFAULT)
+        return {}
     free = max(1, int(allowed - busy + 0.5))
-    return {**THREAD_DEFAULT, "OMP_NUM_THREADS": str(free)} if free < torch_threads else {}
+    return dict(THREAD_DEFAULT) if free < torch_threads else {}
 
 
 def apply_thread_default(environ: MutableMapping[str, str] | None = None,

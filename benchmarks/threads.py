@@ -6,8 +6,8 @@
 Runs ``agentlit fit --config configs/quickstart.yaml`` for ``--steps`` training steps (one short
 validation, no checkpoint) as a user would, start-up included, under four thread settings:
 
-- ``agentlit``: the ``agentlit`` command's default (passive OpenMP waiting; one thread per core that
-  other work leaves free, :func:`agentlit.environment.thread_default`);
+- ``agentlit``: the ``agentlit`` command's default (torch's own on an idle machine, passive OpenMP
+  waiting when other work keeps cores busy: :func:`agentlit.environment.thread_default`);
 - ``torch``: PyTorch's own default (one spinning thread per core: the CLI entered without
   agentlit's default);
 - ``passive``: ``OMP_WAIT_POLICY=PASSIVE`` with torch's thread count;
