@@ -43,19 +43,34 @@ PAIRS = [
 PAPER_CPU_SPEEDUP = {("agent_pvt_small", "pvt_v1_large"): 2.1, ("agent_swin_small", "swin_base_patch4_window7_224"): 1.7}
 
 
-def _interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each fn, the fns taking turns round by round so that a change in the
-    machine's load hits every model of a pair alike."""
+def _interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeats: int,
+                 clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Seconds (by ``clock``) per call of each fn, the fns taking turns round by round so that a change
+    in the machine's load hits every model of a pair alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t = time.perf_counter()
+            t = clock()
             fn()
-            times[name].append(time.perf_counter() - t)
+            times[name].append(clock() - t)
     return times
+
+
+def sgd_step(model: torch.nn.Module, x: torch.Tensor, loss_of: Callable[[object], torch.Tensor]) -> Callable[[], None]:
+    """One training step of ``model`` on ``x`` as a call: forward, ``loss_of(output)``, backward, an SGD
+    step (the benchmarks' training step; the model is put in training mode)."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_of(model(x)).backward()
+        opt.step()
+
+    return step
 
 
 VARIANTS = ("eager", "compiled", "bf16")
@@ -118,17 +133,7 @@ def measure_group(names: list[str], batch_size: int, img_size: int, warmup: int,
 
     if train:
         y = torch.randint(0, 1000, (batch_size,), device=device)
-        steps = {}
-        for name, m in models.items():
-            m.train()
-            opt = torch.optim.SGD(m.parameters(), lr=1e-4)
-
-            def step(m: torch.nn.Module = m, opt: torch.optim.Optimizer = opt) -> None:
-                opt.zero_grad(set_to_none=True)
-                torch.nn.functional.cross_entropy(m(x), y).backward()
-                opt.step()
-
-            steps[name] = step
+        steps = {name: sgd_step(m, x, lambda out: torch.nn.functional.cross_entropy(out, y)) for name, m in models.items()}
         times = _interleaved(steps, max(1, warmup), repeats)
         for name, step in steps.items():
             results[name]["train_images_per_s"] = batch_size / statistics.median(times[name])

@@ -45,6 +45,8 @@ from typing import Any, Callable
 
 import torch
 
+from models import _interleaved, sgd_step  # the model benchmark's alternating timer and training step
+
 RESULTS = Path(__file__).resolve().parent / "results"
 PAIRS = {
     "deit": ("agent_deit_tiny", "deit_tiny_patch16_224"),
@@ -53,20 +55,6 @@ PAIRS = {
 }
 SIZES = [(224, 8), (448, 2), (896, 1)]
 DETECTION = "800x1344"
-
-
-def _timed_rounds(fns: dict[str, Callable[[], object]], warmup: int, repeats: int, clock: Callable[[], float]) -> dict[str, list[float]]:
-    """Seconds per call of each fn, the fns taking turns round by round."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = clock()
-            fn()
-            times[name].append(clock() - t)
-    return times
 
 
 def _build(name: str, size: int | str, detection: bool) -> torch.nn.Module:
@@ -92,7 +80,7 @@ def _install_free_core_switch() -> None:
     attention products cost nothing (O = Q), the depthwise local term and the projection kept."""
     import torch.nn.functional as F
 
-    from agentlit.core import functional, fused
+    from agentlit.core import functional
 
     real = functional.agent_attention_fused
 
@@ -106,7 +94,8 @@ def _install_free_core_switch() -> None:
         out = q.transpose(1, 2).reshape(B, N, H * d)  # (B, N, C): O = Q, token-major
         if dwc_weight is not None:
             P = num_prefix_tokens
-            local = fused._Local(layout if layout is not None else [k.shape[2]], P).conv(v, dwc_weight, dwc_bias)
+            tokens = v.transpose(1, 2).reshape(B, N, H * d)[:, P:]  # V's layout tokens (B, N - P, C)
+            local = functional.depthwise_local(tokens, list(layout) if layout is not None else [N - P], dwc_weight, dwc_bias)
             out = torch.cat([out[:, :P], out[:, P:] + local], 1) if P else out + local
         return out.view(B, N, H, d) if proj_weight is None else F.linear(out, proj_weight, proj_bias)
 
@@ -171,7 +160,7 @@ def measure_pair(pair: str, size: int | str, batch_size: int, warmup: int, repea
             fns = {k: timed(lambda m=m: m(x)) for k, m in models.items()}
             if ceiling:
                 fns["ceiling"] = _free(fns["agent"])
-            times = _timed_rounds(fns, warmup, repeats, clock)
+            times = _interleaved(fns, warmup, repeats, clock)
         for k in fns:
             row[f"{k}_infer_s"] = statistics.median(times[k])
         row["infer_speed_ratio"] = row["baseline_infer_s"] / row["agent_infer_s"]
@@ -181,22 +170,11 @@ def measure_pair(pair: str, size: int | str, batch_size: int, warmup: int, repea
 
     if "train" in modes:
         y = torch.randint(0, 1000, (batch_size,), device=device)
-        steps = {}
-        for k, m in models.items():
-            m.train()
-            opt = torch.optim.SGD(m.parameters(), lr=1e-4)
-
-            def step(m: torch.nn.Module = m, opt: torch.optim.Optimizer = opt) -> None:
-                opt.zero_grad(set_to_none=True)
-                out = m(x)
-                loss = _outputs_sum(out) if detection else torch.nn.functional.cross_entropy(out, y)
-                loss.backward()
-                opt.step()
-
-            steps[k] = timed(step)
+        loss_of = _outputs_sum if detection else (lambda out: torch.nn.functional.cross_entropy(out, y))
+        steps = {k: timed(sgd_step(m, x, loss_of)) for k, m in models.items()}
         if ceiling:
             steps["ceiling"] = _free(steps["agent"])
-        times = _timed_rounds(steps, max(1, warmup), repeats, clock)
+        times = _interleaved(steps, max(1, warmup), repeats, clock)
         for k, step in steps.items():
             row[f"{k}_train_s"] = statistics.median(times[k])
             if k != "ceiling":

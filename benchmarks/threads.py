@@ -32,11 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from agentlit.environment import THREAD_VARIABLES  # the variables that mean the user chose
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
-                    "KMP_BLOCKTIME", "KMP_AFFINITY", "OMP_PROC_BIND")
 # the CLI without agentlit's thread default: what the quickstart ran with before it existed
 _TORCH_DEFAULT = "import sys; from agentlit.cli import cli; cli(sys.argv[1:])"
 SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
