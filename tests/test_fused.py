@@ -213,6 +213,29 @@ def test_evaluation_reuses_biases_until_a_parameter_or_the_mode_changes():
     assert built[0].requires_grad and built[0] is not stepped[0]
 
 
+def test_evaluation_keeps_no_bias_larger_than_the_cache_limit(monkeypatch):
+    """Whole biases above ``bias_cache_elements`` are built again in every evaluation call, equal, and
+    nothing of them is held between calls (at detection resolution they would hold gigabytes)."""
+    from agentlit.core import AgentPositionBias
+
+    torch.manual_seed(15)
+    layer = AgentAttention(16, 2, feat_size=(4, 4), agent_num=4).eval()
+    x = torch.randn(2, 16, 16)
+    whole = 2 * 2 * 4 * 16  # B1 and B2: heads x agents x tokens each
+    assert AgentPositionBias.bias_cache_elements >= whole  # a small layer keeps its biases (class default)
+    with torch.no_grad():
+        kept_out = layer(x)
+        assert "_bias_cache" in layer.__dict__
+        layer.bias_cache_elements = whole - 1  # one layer's limit, below its biases
+        first = layer.position_biases([4, 4])
+        assert "_bias_cache" not in layer.__dict__  # the larger pair is not kept, the old entry dropped
+        again = layer.position_biases([4, 4])
+        assert again[0] is not first[0]
+        torch.testing.assert_close(again[0], first[0], rtol=0, atol=0)
+        torch.testing.assert_close(layer(x), kept_out, rtol=0, atol=0)
+        assert "_bias_cache" not in layer.__dict__
+
+
 @pytest.mark.parametrize("prefix", [0, 2])
 def test_local_term_and_projection_fold_in_with_exact_gradients(prefix):
     """O + DWC(V) then the output projection, inside the op: equal to the composition of the naive

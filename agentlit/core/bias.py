@@ -133,6 +133,13 @@ class AgentPositionBias(nn.Module):
     # (the *_bias parameters are registered by _init_biases; no class-level annotations, which
     # TorchScript would try to read as attribute types)
 
+    #: Elements of whole biases (B1 and B2 together, per layer) that an evaluating layer keeps for its
+    #: next call; larger ones are built again in every call. What is kept is memory held between calls:
+    #: at detection resolution (800×1344) keeping every layer's would hold 0.9–1.4 GB, three to five
+    #: times the softmax backbone's whole inference peak, for 12–14% of inference speed
+    #: (docs/performance.md). Set it on a layer, or on the class for every layer, to trade otherwise.
+    bias_cache_elements = 1 << 21
+
     def _init_biases(
         self,
         num_heads: int,
@@ -203,9 +210,10 @@ class AgentPositionBias(nn.Module):
         B2 is the transposed view of an agent-major (1, H, n, P + N) tensor, the layout the fused CPU op
         (:mod:`agentlit.core.fused`) computes in. In eager mode, when autograd records, both are marked
         as rebuildable, so that op recomputes them in the backward pass instead of keeping them; when it
-        does not and the module is in eval mode (evaluation), the last pair is cached per size and reused
-        until a bias parameter changes (``load_state_dict``, ``.to()``, any in-place update that bumps its
-        version counter) or the module's mode changes: biases depend on the parameters alone.
+        does not and the module is in eval mode (evaluation), the last pair is cached per size (unless
+        larger than :attr:`bias_cache_elements`) and reused until a bias parameter changes
+        (``load_state_dict``, ``.to()``, any in-place update that bumps its version counter) or the
+        module's mode changes: biases depend on the parameters alone.
 
         2-D: B1[a, (y, x)] = bilinear(an_bias)[a, y, x] + ah[a, y] + aw[a, x] (B2 likewise,
         transposed); 1-D: linear(an_bias)[a, l] + al[a, l]; 3-D: the 2-D bias of the (y, x) plane
@@ -270,14 +278,22 @@ def _bias_stamp(module: AgentPositionBias, size: List[int]) -> tuple:
 @torch.jit.unused
 def _cached_biases(module: AgentPositionBias, size: List[int]) -> Optional[Tuple[Optional[Tensor], Tensor]]:
     cache = module.__dict__.get("_bias_cache")
-    if cache is not None and cache[0] == _bias_stamp(module, size):
+    if cache is not None and cache[0] == _bias_stamp(module, size) and _fits_cache(module, cache[1], cache[2]):
         return cache[1], cache[2]
     return None
 
 
 @torch.jit.unused
+def _fits_cache(module: AgentPositionBias, b1: Optional[Tensor], b2: Tensor) -> bool:
+    return (0 if b1 is None else b1.numel()) + b2.numel() <= module.bias_cache_elements
+
+
+@torch.jit.unused
 def _cache_biases(module: AgentPositionBias, size: List[int], b1: Optional[Tensor], b2: Tensor) -> None:
     # one entry (the last size): a plain attribute, not a buffer, so it never reaches a state dict
+    if not _fits_cache(module, b1, b2):
+        module.__dict__.pop("_bias_cache", None)  # too large to hold between calls
+        return
     module.__dict__["_bias_cache"] = (_bias_stamp(module, size), b1, b2)
 
 
