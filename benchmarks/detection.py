@@ -7,7 +7,13 @@ Pairs: Agent-PVT-S vs PVT-S and Agent-Swin-T vs Swin-T, each as the detection co
 (dense agent grids 12-16-28-28 / 9-12-14-7, FPN 256 over stages 1-4 + a pooled level, a LayerNorm per
 Swin output), inference (eval, no grad). The two models of a pair are timed in alternating rounds,
 so a change in the machine's load hits both alike; times are medians of ``--repeats`` after
-``--warmup``. Prints agent/baseline ratios and writes JSON to ``benchmarks/results/detection.json``.
+``--warmup``. Then the peak memory of one more inference call of each (live tensor bytes on the CPU,
+the allocator's peak on CUDA), with what the model keeps between calls counted. Prints agent/baseline
+ratios and writes JSON to ``benchmarks/results/detection.json``.
+
+``--keep-biases`` lets every agent layer keep its position biases between calls (by default only
+layers whose biases are small do: ``AgentPositionBias.bias_cache_elements``), the speed-for-memory
+trade measured in docs/performance.md.
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ from pathlib import Path
 import torch
 
 from models import _interleaved  # the alternating-rounds timer of the model benchmark
+
+from agentlit.utils.memory import peak_memory
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZE = (800, 1344)  # 1333 padded to a multiple of 32, as the detector batches a 800x1333 image
@@ -51,8 +59,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--keep-biases", action="store_true",
+                        help="every agent layer keeps its position biases between calls (default: small ones only)")
     parser.add_argument("--output", default=str(RESULTS / "detection.json"), help="JSON path")
     args = parser.parse_args(argv)
+    if args.keep_biases:
+        from agentlit.core import AgentPositionBias
+
+        AgentPositionBias.bias_cache_elements = 1 << 62
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -70,21 +84,24 @@ def main(argv: list[str] | None = None) -> dict:
 
         with torch.inference_mode():
             times = _interleaved({n: (lambda m=m: call(m)) for n, m in models.items()}, args.warmup, args.repeats)
+            peak = {n: peak_memory(lambda m=m: call(m), device) / 2**20 for n, m in models.items()}
         (agent, base) = list(models)
-        row = dict(pair=pair, agent=agent, baseline=base,
+        row = dict(pair=pair, agent=agent, baseline=base, agent_peak_mib=peak[agent], baseline_peak_mib=peak[base],
                    agent_ms=1e3 * statistics.median(times[agent]), baseline_ms=1e3 * statistics.median(times[base]),
                    agent_params_m=sum(p.numel() for p in models[agent].parameters()) / 1e6,
                    baseline_params_m=sum(p.numel() for p in models[base].parameters()) / 1e6)
         row["speedup"] = row["baseline_ms"] / row["agent_ms"]
         rows.append(row)
         print(f"{pair}: {agent} {row['agent_ms']:.0f} ms, {base} {row['baseline_ms']:.0f} ms per forward "
-              f"(batch {args.batch_size}, {SIZE[0]}x{SIZE[1]}): agent {row['speedup']:.2f}x faster")
+              f"(batch {args.batch_size}, {SIZE[0]}x{SIZE[1]}): agent {row['speedup']:.2f}x faster; "
+              f"peak memory {peak[agent]:.0f} vs {peak[base]:.0f} MiB")
         del models
 
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = dict(
         settings=dict(batch_size=args.batch_size, size=list(SIZE), repeats=args.repeats, warmup=args.warmup,
+                      keep_biases=args.keep_biases,
                       threads=args.threads or torch.get_num_threads(), device=str(device), torch=torch.__version__,
                       machine=platform.processor() or platform.machine(), cpu_count=mp.cpu_count(),
                       load_avg=[round(v, 2) for v in os.getloadavg()]),
