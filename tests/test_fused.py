@@ -213,7 +213,7 @@ def test_evaluation_reuses_biases_until_a_parameter_or_the_mode_changes():
     assert built[0].requires_grad and built[0] is not stepped[0]
 
 
-def test_evaluation_keeps_no_bias_larger_than_the_cache_limit(monkeypatch):
+def test_evaluation_keeps_no_bias_larger_than_the_cache_limit():
     """Whole biases above ``bias_cache_elements`` are built again in every evaluation call, equal, and
     nothing of them is held between calls (at detection resolution they would hold gigabytes)."""
     from agentlit.core import AgentPositionBias
