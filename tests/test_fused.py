@@ -236,6 +236,73 @@ def test_evaluation_keeps_no_bias_larger_than_the_cache_limit():
         assert "_bias_cache" not in layer.__dict__
 
 
+@pytest.mark.parametrize("heads", [2, 6])  # the op loops over heads (few), else over the batch
+def test_evaluation_builds_large_biases_by_map_rows_with_the_same_result(heads, monkeypatch):
+    """Above the cache limit an evaluating layer hands its biases to the op factored (RowBias), which
+    builds them by chunks of whole map rows (here 2, 2, 2 and 1 of a 7-row map) and merges the
+    aggregation over the chunks by log-sum-exp: equal to the naive reference with the whole biases."""
+    from agentlit.core import RowBias, functional
+
+    torch.manual_seed(16)
+    h, w, C = 7, 5, heads * 4
+    layer = AgentAttention(C, heads, feat_size=(4, 4), agent_num=4).double().eval()
+    for p in layer.bias_parameters():
+        p.data.normal_()  # biases that matter
+    x = torch.randn(2, h * w, C, dtype=torch.float64)
+    layer.bias_cache_elements = 2 * heads * 4 * h * w - 1  # just below the whole pair
+    monkeypatch.setattr(RowBias, "CHUNK", heads * 4 * 2 * w)  # two map rows per chunk
+    drawn: list[tuple[int, int]] = []
+    chunks = RowBias.chunks
+
+    def spy(self, dtype):
+        for start, end, part in chunks(self, dtype):
+            drawn.append((start, end))
+            yield start, end, part
+
+    monkeypatch.setattr(RowBias, "chunks", spy)
+    with torch.no_grad():
+        out = layer(x, (h, w))
+        assert drawn[:4] == [(0, 10), (10, 20), (20, 30), (30, 35)]  # B1 for the aggregation, then B2
+        assert len(drawn) == 8
+        b1, b2 = layer.position_biases([h, w])
+        q, k, v = layer.qkv(x)
+        agents, _ = functional.pool_agents(q, [h, w], [2, 2])
+        heads_of = (lambda t: t.reshape(2, t.shape[1], heads, 4).transpose(1, 2))
+        o = agent_attention_reference(heads_of(q), heads_of(k), heads_of(v), heads_of(agents),
+                                      agent_bias=b1, query_bias=b2)
+        o = o.transpose(1, 2).reshape(2, h * w, C) + functional.depthwise_local(v, [h, w], layer.dwc.weight, layer.dwc.bias)
+        torch.testing.assert_close(out, layer.proj(o), rtol=1e-10, atol=1e-10)
+
+
+def test_row_biases_are_the_whole_biases_by_rows():
+    """RowBias chunks, concatenated, are B1 and B2 (agent-major) as position_biases builds them; only
+    evaluation without autograd takes them, and the op refuses them where a gradient is needed."""
+    from agentlit.core import RowBias
+
+    torch.manual_seed(17)
+    layer = AgentAttention(12, 3, feat_size=(4, 4), agent_num=9).double()
+    for p in layer.bias_parameters():
+        p.data.normal_()
+    layer.bias_cache_elements = 0
+    b1, b2 = layer.position_biases([6, 11])
+    with torch.no_grad():
+        r1, r2 = layer.position_bias_rows([6, 11])
+        for rows, whole in ((r1, b1), (r2, b2.transpose(-1, -2))):
+            assert rows.shape == whole.shape
+            rows.CHUNK = 3 * 9 * 11 * 4  # four map rows, then two
+            parts = [(start, end, part.clone()) for start, end, part in rows.chunks(torch.float64)]
+            assert [(s, e) for s, e, _ in parts] == [(0, 44), (44, 66)]
+            torch.testing.assert_close(torch.cat([p for _, _, p in parts], -1), whole, rtol=0, atol=1e-12)
+            torch.testing.assert_close(rows.dense(), whole, rtol=0, atol=1e-12)
+        assert layer.builds_biases_by_rows([6, 11], 0)
+        assert not layer.builds_biases_by_rows([6, 11], 1)  # prefix tokens: whole biases with their column
+        assert not layer.builds_biases_by_rows([66], 0)
+    assert not layer.builds_biases_by_rows([6, 11], 0)  # autograd records: whole biases, rebuilt in backward
+    q, k, v = (t.requires_grad_() for t in _qkv(66, 66))
+    with pytest.raises(ValueError, match="evaluation only"):
+        agent_attention_fused(q, k, v, torch.randn(B, H, 9, d, dtype=torch.float64), r1, r2, 0.5, 0.5)
+
+
 @pytest.mark.parametrize("prefix", [0, 2])
 def test_local_term_and_projection_fold_in_with_exact_gradients(prefix):
     """O + DWC(V) then the output projection, inside the op: equal to the composition of the naive

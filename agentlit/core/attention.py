@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from .bias import AgentPositionBias, to_grid
 from .recompute import SplitLinear
 from .functional import LayoutSize, agent_attention_tokens, as_sizes
+from .fused import supports_fused
 
 __all__ = ["AgentAttention", "AgentMultiheadAttention", "register_fx_leaves"]
 
@@ -207,7 +208,10 @@ class AgentAttention(AgentPositionBias):
         agent_bias: Optional[Tensor] = None
         query_bias: Optional[Tensor] = None
         if hasattr(self, "na_bias"):
-            agent_bias, query_bias = self.position_biases(layout)
+            if torch.jit.is_scripting():
+                agent_bias, query_bias = self.position_biases(layout)
+            else:
+                agent_bias, query_bias = self._eager_biases(q, layout, key_padding_mask, query_padding_mask, cross)
         dwc_weight: Optional[Tensor] = None
         dwc_bias: Optional[Tensor] = None
         if self.dwc is not None and not cross:
@@ -220,6 +224,18 @@ class AgentAttention(AgentPositionBias):
             dropout_p=self.attn_drop if self.training else 0.0,
             proj_weight=self.proj.weight if project else None, proj_bias=self.proj.bias if project else None,
         )  # (B, P + N, C)
+
+    @torch.jit.unused
+    def _eager_biases(self, q: Tensor, layout: List[int], key_padding_mask: Optional[Tensor],
+                      query_padding_mask: Optional[Tensor], cross: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        # evaluation at a size whose whole biases are not kept, on the CPU op, with nothing to fold into
+        # the biases (padding): RowBias stand-ins for the two tensors, which the op builds by chunks of
+        # map rows; else the whole biases
+        if (not cross and key_padding_mask is None and query_padding_mask is None
+                and supports_fused(q, self.attn_drop if self.training else 0.0)
+                and self.builds_biases_by_rows(layout, self.num_prefix_tokens)):
+            return self.position_bias_rows(layout)  # type: ignore[return-value]
+        return self.position_biases(layout)
 
     @torch.jit.unused
     def _check_input(

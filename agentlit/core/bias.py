@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "AGENT_BIAS_AXES", "AGENT_BIAS_NAMES", "AgentPositionBias", "adapt_agent_bias", "resize_agent_axis", "resize_axis",
+    "AGENT_BIAS_AXES", "AGENT_BIAS_NAMES", "AgentPositionBias", "RowBias", "adapt_agent_bias", "resize_agent_axis", "resize_axis",
     "to_grid",
 ]
 
@@ -238,9 +238,7 @@ class AgentPositionBias(nn.Module):
             else:
                 H, n = self.an_bias.shape[0], self.an_bias.shape[1]
                 h, w = size[-2], size[-1]
-                ah = resize_axis(self.ah_bias, h, 3).reshape(H * n, h, 1)
-                aw = resize_axis(self.aw_bias, w, 4).reshape(H * n, 1, w)
-                b1 = _map_bias(self.an_bias, r0, r1, ah, aw)
+                b1 = _plane_rows(self._agent_plane(r0, r1), 0, h).reshape(1, H, n, h * w)
                 if hasattr(self, "ad_bias"):
                     b1 = _add_depth(b1, resize_axis(self.ad_bias, size[0], 3))
             if hasattr(self, "ac_bias"):
@@ -252,9 +250,7 @@ class AgentPositionBias(nn.Module):
         else:
             H, n = self.na_bias.shape[0], self.na_bias.shape[1]
             h, w = size[-2], size[-1]
-            ha = resize_axis(self.ha_bias, h, 2).permute(0, 1, 4, 2, 3).reshape(H * n, h, 1)
-            wa = resize_axis(self.wa_bias, w, 3).permute(0, 1, 4, 2, 3).reshape(H * n, 1, w)
-            b2 = _map_bias(self.na_bias, r0, r1, ha, wa)
+            b2 = _plane_rows(self._query_plane(r0, r1), 0, h).reshape(1, H, n, h * w)
             if hasattr(self, "da_bias"):
                 b2 = _add_depth(b2, resize_axis(self.da_bias, size[0], 2).transpose(-1, -2))
         if hasattr(self, "ca_bias"):
@@ -266,6 +262,52 @@ class AgentPositionBias(nn.Module):
             elif not self.training:
                 _cache_biases(self, size, b1, b2)
         return b1, b2
+
+
+    def _agent_plane(self, ry: Tensor, rx: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """B1 of an (h, w) plane in factored form (:func:`_plane_factors`); ry (h, 7), rx (w, 7) resize weights."""
+        H, n = self.an_bias.shape[0], self.an_bias.shape[1]
+        h, w = ry.shape[0], rx.shape[0]
+        ah = resize_axis(self.ah_bias, h, 3).reshape(H * n, h, 1)
+        aw = resize_axis(self.aw_bias, w, 4).reshape(H * n, 1, w)
+        return _plane_factors(self.an_bias, ry, rx, ah, aw)
+
+    def _query_plane(self, ry: Tensor, rx: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """B2 (agent-major) of an (h, w) plane in factored form, as :meth:`_agent_plane`."""
+        H, n = self.na_bias.shape[0], self.na_bias.shape[1]
+        h, w = ry.shape[0], rx.shape[0]
+        ha = resize_axis(self.ha_bias, h, 2).permute(0, 1, 4, 2, 3).reshape(H * n, h, 1)
+        wa = resize_axis(self.wa_bias, w, 3).permute(0, 1, 4, 2, 3).reshape(H * n, 1, w)
+        return _plane_factors(self.na_bias, ry, rx, ha, wa)
+
+    @torch.jit.unused
+    def builds_biases_by_rows(self, size: List[int], num_prefix_tokens: int) -> bool:
+        """Whether :meth:`position_bias_rows` serves a call at ``size`` rather than :meth:`position_biases`:
+        an (h, w) map without prefix tokens, no autograd recording, and whole biases larger than an
+        evaluating layer keeps (:attr:`bias_cache_elements`); smaller ones are built whole (and kept).
+
+        Args:
+            size: the layout the forward pass sees.
+            num_prefix_tokens: P prefix tokens of the layer (any: whole biases, which carry their column).
+        """
+        if len(size) != 2 or num_prefix_tokens or torch.is_grad_enabled() or not hasattr(self, "an_bias"):
+            return False
+        return 2 * self.na_bias.shape[0] * self.na_bias.shape[1] * size[0] * size[1] > self.bias_cache_elements
+
+    @torch.jit.unused
+    def position_bias_rows(self, size: List[int]) -> Tuple["RowBias", "RowBias"]:
+        """B1 and B2 (agent-major) of an (h, w) map as :class:`RowBias`: what :meth:`position_biases`
+        returns, in factored form, for the CPU op to build by chunks of rows. Eager, no autograd.
+
+        Args:
+            size: [h, w], the layout the forward pass sees.
+        """
+        h, w = size[0], size[1]
+        with torch.no_grad():
+            ry = _linear_weights(self.na_bias.shape[2], h, self.na_bias)
+            rx = _linear_weights(self.na_bias.shape[3], w, self.na_bias)
+            heads = self.na_bias.shape[0]
+            return RowBias(self._agent_plane(ry, rx), heads), RowBias(self._query_plane(ry, rx), heads)
 
 
 def _bias_stamp(module: AgentPositionBias, size: List[int]) -> tuple:
@@ -307,12 +349,68 @@ def _rebuild_in_backward(module: AgentPositionBias, size: List[int], b1: Optiona
     mark_recomputable(lambda: module.position_biases(size), b1, b2)
 
 
-def _map_bias(template: Tensor, ry: Tensor, rx: Tensor, col: Tensor, row: Tensor) -> Tensor:
-    """(1, H, n, h·w): the (H, n, th, tw) ``template`` bilinearly resized by ``ry`` (h, th) and ``rx``
-    (w, tw), plus the axis terms ``col`` (H·n, h, 1) and ``row`` (H·n, 1, w)."""
+def _plane_factors(template: Tensor, ry: Tensor, rx: Tensor, col: Tensor, row: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """An (h, w) bias, the (H, n, th, tw) ``template`` bilinearly resized by ``ry`` (h, th) and ``rx`` (w, tw)
+    plus the axis terms ``col`` (H·n, h, 1) and ``row`` (H·n, 1, w), as factors: rows (h, K), cols
+    (H·n, K, w) and offset (H·n, h, 1) with bias[a, y, x] = Σ_k rows[y, k]·cols[a, k, x] + offset[a, y].
+    The resize is separable, so cols is the template resized along w, with the row term as one more k
+    whose rows entry is 1; building rows of the bias is then one batched matmul (:func:`_plane_rows`)."""
     H, n, th, tw = template.shape[0], template.shape[1], template.shape[2], template.shape[3]
-    h, w = ry.shape[0], rx.shape[0]
-    return _resize_plus(template.reshape(H * n, th, tw), ry, rx, col, row).reshape(1, H, n, h * w)
+    cols = torch.cat([torch.matmul(template.reshape(H * n, th, tw), rx.t()), row], dim=1)  # (H·n, th + 1, w)
+    rows = torch.cat([ry, torch.ones(ry.shape[0], 1, device=ry.device, dtype=ry.dtype)], dim=1)  # (h, th + 1)
+    return rows, cols, col
+
+
+def _plane_rows(factors: Tuple[Tensor, Tensor, Tensor], y0: int, y1: int, out: Optional[Tensor] = None) -> Tensor:
+    """Map rows ``y0:y1`` of a factored (h, w) bias, (H·n, y1 - y0, w): one batched matmul (into ``out``)."""
+    rows, cols, offset = factors
+    a, part = cols.shape[0], rows[y0:y1]
+    expanded = part.expand(a, part.shape[0], part.shape[1])
+    if out is None:
+        return torch.baddbmm(offset[:, y0:y1], expanded, cols)  # offset broadcast over w
+    return torch.baddbmm(offset[:, y0:y1], expanded, cols, out=out)
+
+
+class RowBias:
+    """B1, or B2 agent-major, of an (h, w) map, (1, H, n, h·w), never built whole: handed out by chunks of
+    whole map rows, each built into one reused buffer of :attr:`CHUNK` elements where it is used.
+
+    What :meth:`AgentPositionBias.position_bias_rows` returns for the CPU op
+    (:func:`agentlit.core.fused.agent_attention_fused`) in evaluation at sizes whose whole biases are not
+    kept. A whole bias of a detection-size map is tens of MB: freshly allocated in every call, its pages
+    are faulted in and zeroed before the build writes them, which cost more than the build itself
+    (docs/performance.md); chunks of a few MB reuse memory that stays in the allocator.
+    """
+
+    #: elements of one chunk (4 MiB in float32): a whole number of map rows, at least one
+    CHUNK = 1 << 20
+
+    def __init__(self, factors: Tuple[Tensor, Tensor, Tensor], heads: int) -> None:
+        self.factors, self.heads = factors, heads
+        rows, cols, _ = factors
+        self.height, self.width = rows.shape[0], cols.shape[-1]
+        self.agents = cols.shape[0] // heads
+
+    @property
+    def shape(self) -> Tuple[int, int, int, int]:
+        """(1, H, n, h·w), the shape of the whole bias."""
+        return (1, self.heads, self.agents, self.height * self.width)
+
+    def chunks(self, dtype: torch.dtype):
+        """Yield (start, end, bias) over the tokens: bias (1, H, n, end - start) of ``dtype``, a view of a
+        buffer the next chunk overwrites (use it before advancing)."""
+        rows, cols, _ = self.factors
+        a, w = cols.shape[0], self.width
+        step = max(1, self.CHUNK // (a * w))
+        buffer = torch.empty(a * min(step, self.height) * w, dtype=cols.dtype, device=cols.device)
+        for y0 in range(0, self.height, step):
+            y1 = min(self.height, y0 + step)
+            part = _plane_rows(self.factors, y0, y1, out=buffer[: a * (y1 - y0) * w].view(a, y1 - y0, w))
+            yield y0 * w, y1 * w, part.view(1, self.heads, self.agents, (y1 - y0) * w).to(dtype)
+
+    def dense(self) -> Tensor:
+        """The whole bias (1, H, n, h·w)."""
+        return _plane_rows(self.factors, 0, self.height).reshape(self.shape)
 
 
 def _sequence_bias(template: Tensor, r: Tensor, term: Tensor) -> Tensor:
@@ -341,12 +439,3 @@ def _linear_weights(size_in: int, size_out: int, like: Tensor) -> Tensor:
     eye = torch.eye(size_in, device=like.device, dtype=_interp_dtype(like)).unsqueeze(0)  # (1, in, in)
     weights = F.interpolate(eye, size=size_out, mode="linear", align_corners=False)[0]  # (in, out)
     return weights.t().to(like.dtype)
-
-
-def _resize_plus(t: Tensor, ry: Tensor, rx: Tensor, col: Tensor, row: Tensor) -> Tensor:
-    """ry · t · rxᵀ + col + row: (a, th, tw) templates bilinearly resized to (a, h, w) plus the
-    separable terms col (a, h, 1) and row (a, 1, w), as one batched matmul."""
-    a, h = t.shape[0], ry.shape[0]
-    m = torch.cat([torch.matmul(t, rx.t()), row], dim=1)  # (a, th + 1, w)
-    r = torch.cat([ry, torch.ones(h, 1, device=ry.device, dtype=ry.dtype)], dim=1)  # (h, th + 1)
-    return torch.baddbmm(col, r.expand(a, h, r.shape[1]), m)  # col broadcast over w

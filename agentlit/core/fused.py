@@ -30,12 +30,13 @@ reference (tests/test_fused.py).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .bias import RowBias
 from .recompute import recipe_of
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # (out, logsumexp)
@@ -135,24 +136,56 @@ def _cols(t: Optional[Tensor], start: int, end: int) -> Optional[Tensor]:
     return t[..., start:end]
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b1: Optional[Tensor], b2t: Optional[Tensor],
+Bias = Union[Tensor, RowBias]  # a whole bias, or one the op builds by chunks of map rows (evaluation only)
+
+
+def _chunks(bias: Optional[Bias], tokens: int, dtype: torch.dtype) -> Iterator[Tuple[int, int, Optional[Tensor]]]:
+    """(start, end, bias over tokens start:end): one range for a whole bias (or none), map-row chunks
+    of a :class:`RowBias` (each valid until the next is drawn)."""
+    if isinstance(bias, RowBias):
+        yield from bias.chunks(dtype)
+    else:
+        yield 0, tokens, bias
+
+
+def _aggregate(a: Tensor, k: Tensor, v: Tensor, b1: Optional[Bias], s: float) -> Tuple[Tensor, Tensor]:
+    """V_A = softmax(s·A Kᵀ + B1) V (B, H, n, d) and the log-sum-exp of each agent's row (B, H, n): one
+    flash call over the M-long key rows (detached: a mask that requires grad would send it to the math
+    path); with a :class:`RowBias`, one call per chunk of keys, merged by their log-sum-exps."""
+    a, k, v = a.detach(), k.detach(), v.detach()
+    if not isinstance(b1, RowBias):
+        return _flash(a, k, v, 0.0, False, attn_mask=None if b1 is None else b1.detach(), scale=s)
+    outs, lses = [], []
+    for start, end, mask in b1.chunks(a.dtype):
+        out, lse = _flash(a, k[:, :, start:end], v[:, :, start:end], 0.0, False, attn_mask=mask, scale=s)
+        outs.append(out)
+        lses.append(lse)
+    lse_c = torch.stack(lses)  # (chunks, B, H, n)
+    lse = torch.logsumexp(lse_c, 0)
+    weights = (lse_c - lse).exp_().unsqueeze(-1)  # each chunk's share of the softmax mass
+    agent_v = outs[0].mul_(weights[0])
+    for out, weight in zip(outs[1:], weights[1:]):
+        agent_v.addcmul_(out, weight)
+    return agent_v, lse
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b1: Optional[Bias], b2t: Optional[Bias],
              s: float, bs: float) -> Tuple[Tensor, Tensor, Tensor]:
     """(O in token-major memory (B, N, H, d), V_A (B, H, n, d), log-sum-exp of the aggregation (B, H, n))."""
     B, H, N, d = q.shape
     n = a.shape[2]
-    mask = None if b1 is None else b1.detach()
-    # aggregation: one flash call over the M-long key rows, which also gives the log-sum-exp the
-    # backward pass needs to recompute the map by key tiles (detached: a mask that requires grad
-    # would send it to the math path)
-    agent_v, lse = _flash(a.detach(), k.detach(), v.detach(), 0.0, False, attn_mask=mask, scale=s)  # (B, H, n, d)
+    # aggregation: also gives the log-sum-exp the backward pass needs to recompute the map by key tiles
+    agent_v, lse = _aggregate(a, k, v, b1, s)  # (B, H, n, d), (B, H, n)
     out = torch.empty(B, N, H, d, dtype=q.dtype, device=q.device)
     axis = _loop_axis(H)
     o = out.transpose(1, 2)  # (B, H, N, d) view of token-major memory
-    for i in range(q.shape[axis]):
-        ai, qi, vai, oi, bi = a.select(axis, i), q.select(axis, i), agent_v.select(axis, i), o.select(axis, i), _pick(b2t, axis, i)
-        for start, end in _tiles(N, H * n):
-            p2t = _broadcast_probs_t(ai, qi[:, start:end], _cols(bi, start, end), bs)  # (·, n, tile)
-            torch.bmm(p2t.transpose(1, 2), vai, out=oi[:, start:end])
+    for first, last, bias in _chunks(b2t, N, q.dtype):  # whole biases: one range
+        for i in range(q.shape[axis]):
+            ai, qi, vai, oi, bi = (a.select(axis, i), q.select(axis, i)[:, first:last], agent_v.select(axis, i),
+                                   o.select(axis, i)[:, first:last], _pick(bias, axis, i))
+            for start, end in _tiles(last - first, H * n):
+                p2t = _broadcast_probs_t(ai, qi[:, start:end], _cols(bi, start, end), bs)  # (·, n, tile)
+                torch.bmm(p2t.transpose(1, 2), vai, out=oi[:, start:end])
     return out, agent_v, lse
 
 
@@ -347,9 +380,11 @@ def agent_attention_fused(
         k: keys (B, H, M, d), likewise.
         v: values (B, H, M, d), likewise.
         agents: agent tokens (B, H, n, d).
-        agent_bias: B1 broadcastable to (B, H, n, M), or None.
+        agent_bias: B1 broadcastable to (B, H, n, M), or None; or a :class:`~agentlit.core.RowBias`
+            (evaluation only: no input may need a gradient).
         query_bias: B2 broadcastable to (B, H, N, n), or None; fastest as the transposed view of an
-            agent-major (·, H, n, N) tensor (what the bias modules return).
+            agent-major (·, H, n, N) tensor (what the bias modules return); or a
+            :class:`~agentlit.core.RowBias` of B2 agent-major (1, H, n, N), as B1.
         scale: s of the aggregation step.
         broadcast_scale: bs of the broadcast step.
         dwc_weight: (C, 1, k, …) depthwise conv on V's layout tokens, added to O (needs M == N), or None.
@@ -373,6 +408,9 @@ def agent_attention_fused(
                 dwc_weight=f(dwc_weight), dwc_bias=f(dwc_bias), layout=layout, num_prefix_tokens=num_prefix_tokens,
                 proj_weight=f(proj_weight), proj_bias=f(proj_bias))
         return out.to(q.dtype)
+    if isinstance(agent_bias, RowBias) or isinstance(query_bias, RowBias):
+        return _evaluate(q, k, v, agents, agent_bias, query_bias, scale, broadcast_scale, dwc_weight, dwc_bias,
+                         layout, num_prefix_tokens, proj_weight, proj_bias)
     recipes = (recipe_of(agent_bias), recipe_of(query_bias))
     agent_bias = _as_4d(agent_bias, q.dtype)
     b2t = None if query_bias is None else _as_4d(query_bias, q.dtype).transpose(-1, -2)
@@ -382,8 +420,31 @@ def agent_attention_fused(
     inputs = (q, k, v, agents, agent_bias, b2t, dwc_weight, dwc_bias, proj_weight, proj_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         return _AgentAttentionFunction.apply(*inputs, scale, broadcast_scale, recipes, local)
-    out = _forward(q, k, v, agents, agent_bias, b2t, scale, broadcast_scale)[0]
+    return _forward_only(q, k, v, agents, agent_bias, b2t, scale, broadcast_scale, dwc_weight, dwc_bias, local,
+                         proj_weight, proj_bias)
+
+
+def _forward_only(q: Tensor, k: Tensor, v: Tensor, agents: Tensor, b1: Optional[Bias], b2t: Optional[Bias], s: float,
+                  bs: float, dwc_weight: Optional[Tensor], dwc_bias: Optional[Tensor], local: Optional[_Local],
+                  proj_weight: Optional[Tensor], proj_bias: Optional[Tensor]) -> Tensor:
+    """The op without autograd: O (+ local term) (+ projection), as the autograd function returns it."""
+    out = _forward(q, k, v, agents, b1, b2t, s, bs)[0]
     B, N, H, d = out.shape
     if local is not None:
-        out.view(B, N, H * d)[:, num_prefix_tokens:].add_(local.conv(v, dwc_weight, dwc_bias))
+        out.view(B, N, H * d)[:, local.prefix:].add_(local.conv(v, dwc_weight, dwc_bias))
     return out if proj_weight is None else F.linear(out.view(B, N, H * d), proj_weight, proj_bias)
+
+
+def _evaluate(q: Tensor, k: Tensor, v: Tensor, agents: Tensor, b1: Optional[Bias], b2t: Optional[Bias], s: float,
+              bs: float, dwc_weight: Optional[Tensor], dwc_bias: Optional[Tensor], layout: Optional[Sequence[int]],
+              prefix: int, proj_weight: Optional[Tensor], proj_bias: Optional[Tensor]) -> Tensor:
+    """The op with :class:`RowBias` biases (B2 agent-major), which serve evaluation only: no gradient
+    reaches them, so any input that would need one is refused."""
+    inputs = (q, k, v, agents, dwc_weight, dwc_bias, proj_weight, proj_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        raise ValueError("agent_attention_fused: RowBias biases serve evaluation only; call it under "
+                         "torch.no_grad(), or pass whole biases (position_biases) when training")
+    if agents.stride(-1) != 1:
+        agents = agents.contiguous()
+    local = None if dwc_weight is None else _Local(layout if layout is not None else [k.shape[2]], prefix)
+    return _forward_only(q, k, v, agents, b1, b2t, s, bs, dwc_weight, dwc_bias, local, proj_weight, proj_bias)
