@@ -133,11 +133,15 @@ def test_rebuildable_biases_are_not_kept_and_give_the_same_gradients():
         torch.testing.assert_close(g_rebuilt, g_kept, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("prefix", [0, 1])
-def test_a_training_layer_stores_no_attention_map_nor_bias(prefix):
-    """What a 2-D layer keeps for its backward pass: nothing of size (N × n) (maps or biases)."""
+@pytest.mark.parametrize("prefix, by_rows", [(0, False), (1, False), (0, True)])
+def test_a_training_layer_stores_no_attention_map_nor_bias(prefix, by_rows):
+    """What a 2-D layer keeps for its backward pass: nothing of size (N × n) (maps or biases), nor the
+    (n, 8, w) cols of biases built by map rows (RowBias, above the size limit)."""
     torch.manual_seed(4)
     layer = AgentAttention(24, 4, feat_size=(6, 6), agent_num=16, num_prefix_tokens=prefix)  # C=24 != n=16
+    if by_rows:
+        layer.bias_cache_elements = 0
+        assert layer.builds_biases_by_rows([6, 6], prefix)
     x = torch.randn(2, prefix + 36, 24, requires_grad=True)
     saved: list[tuple[int, ...]] = []
 
@@ -150,6 +154,8 @@ def test_a_training_layer_stores_no_attention_map_nor_bias(prefix):
     tokens = prefix + 36
     maps = [s for s in saved if len(s) >= 2 and {s[-1], s[-2]} == {tokens, 16}]
     assert not maps, f"saved (N x n) tensors: {maps}"
+    cols = [s for s in saved if s == (4 * 16, 8, 6)]
+    assert not cols, f"saved RowBias cols: {cols}"
     out.square().sum().backward()  # and the backward pass runs on what was kept
     assert all(p.grad is not None for p in layer.parameters())
 
@@ -275,8 +281,8 @@ def test_evaluation_builds_large_biases_by_map_rows_with_the_same_result(heads, 
 
 
 def test_row_biases_are_the_whole_biases_by_rows():
-    """RowBias chunks, concatenated, are B1 and B2 (agent-major) as position_biases builds them; only
-    evaluation without autograd takes them, and the op refuses them where a gradient is needed."""
+    """RowBias chunks, concatenated, are B1 and B2 (agent-major) as position_biases builds them; a layer
+    takes them for an (h, w) map without prefix tokens above the size limit."""
     from agentlit.core import RowBias
 
     torch.manual_seed(17)
@@ -294,13 +300,55 @@ def test_row_biases_are_the_whole_biases_by_rows():
             assert [(s, e) for s, e, _ in parts] == [(0, 44), (44, 66)]
             torch.testing.assert_close(torch.cat([p for _, _, p in parts], -1), whole, rtol=0, atol=1e-12)
             torch.testing.assert_close(rows.dense(), whole, rtol=0, atol=1e-12)
-        assert layer.builds_biases_by_rows([6, 11], 0)
-        assert not layer.builds_biases_by_rows([6, 11], 1)  # prefix tokens: whole biases with their column
-        assert not layer.builds_biases_by_rows([66], 0)
-    assert not layer.builds_biases_by_rows([6, 11], 0)  # autograd records: whole biases, rebuilt in backward
-    q, k, v = (t.requires_grad_() for t in _qkv(66, 66))
-    with pytest.raises(ValueError, match="evaluation only"):
-        agent_attention_fused(q, k, v, torch.randn(B, H, 9, d, dtype=torch.float64), r1, r2, 0.5, 0.5)
+    assert layer.builds_biases_by_rows([6, 11], 0)
+    assert not layer.builds_biases_by_rows([6, 11], 1)  # prefix tokens: whole biases with their column
+    assert not layer.builds_biases_by_rows([66], 0)
+    layer.bias_cache_elements = 2 * 3 * 9 * 66
+    assert not layer.builds_biases_by_rows([6, 11], 0)  # small enough to build whole (and keep)
+
+
+@pytest.mark.parametrize("heads", [2, 6])
+def test_training_with_row_biases_gives_the_reference_gradients(heads, monkeypatch):
+    """A training layer above the size limit builds its biases by chunks of map rows in both passes and
+    reduces each chunk's gradient into the bias factors: output and every gradient (input, projections,
+    conv, every bias parameter) equal autograd through the naive reference with whole biases (fp64)."""
+    from agentlit.core import RowBias, functional
+
+    torch.manual_seed(18)
+    h, w, C = 7, 5, heads * 4
+    layer = AgentAttention(C, heads, feat_size=(4, 4), agent_num=4).double()
+    for p in layer.bias_parameters():
+        p.data.normal_()
+    x = torch.randn(2, h * w, C, dtype=torch.float64)
+    weights = torch.randn(2, h * w, C, dtype=torch.float64)
+
+    def gradients(out: torch.Tensor, inp: torch.Tensor) -> dict[str, torch.Tensor]:
+        (out * weights).sum().backward()
+        grads = {name: p.grad.clone() for name, p in layer.named_parameters()}
+        grads["x"] = inp.grad.clone()
+        layer.zero_grad()
+        return grads
+
+    x_ref = x.clone().requires_grad_()
+    b1, b2 = layer.position_biases([h, w])
+    q, k, v = layer.qkv(x_ref)
+    agents, _ = functional.pool_agents(q, [h, w], [2, 2])
+    heads_of = (lambda t: t.reshape(2, t.shape[1], heads, 4).transpose(1, 2))
+    o = agent_attention_reference(heads_of(q), heads_of(k), heads_of(v), heads_of(agents), agent_bias=b1, query_bias=b2)
+    o = o.transpose(1, 2).reshape(2, h * w, C) + functional.depthwise_local(v, [h, w], layer.dwc.weight, layer.dwc.bias)
+    expected = layer.proj(o)
+    expected_grads = gradients(expected, x_ref)
+
+    layer.bias_cache_elements = 2 * heads * 4 * h * w - 1
+    monkeypatch.setattr(RowBias, "CHUNK", heads * 4 * 3 * w)  # three map rows per chunk: 3, 3, 1
+    built = []
+    monkeypatch.setattr(layer, "position_biases", lambda size: built.append(size))  # whole biases: never
+    x_rows = x.clone().requires_grad_()
+    out = layer(x_rows, (h, w))
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    for name, grad in gradients(out, x_rows).items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-10, atol=1e-10, msg=name)
+    assert not built
 
 
 @pytest.mark.parametrize("prefix", [0, 2])

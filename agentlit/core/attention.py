@@ -228,9 +228,9 @@ class AgentAttention(AgentPositionBias):
     @torch.jit.unused
     def _eager_biases(self, q: Tensor, layout: List[int], key_padding_mask: Optional[Tensor],
                       query_padding_mask: Optional[Tensor], cross: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        # evaluation at a size whose whole biases are not kept, on the CPU op, with nothing to fold into
-        # the biases (padding): RowBias stand-ins for the two tensors, which the op builds by chunks of
-        # map rows; else the whole biases
+        # a size whose whole biases are too large to keep, on the CPU op, with nothing to fold into the
+        # biases (padding): RowBias stand-ins for the two tensors, which the op builds by chunks of map
+        # rows (and reduces their gradients into the factors); else the whole biases
         if (not cross and key_padding_mask is None and query_padding_mask is None
                 and supports_fused(q, self.attn_drop if self.training else 0.0)
                 and self.builds_biases_by_rows(layout, self.num_prefix_tokens)):

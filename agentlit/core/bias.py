@@ -283,31 +283,45 @@ class AgentPositionBias(nn.Module):
     @torch.jit.unused
     def builds_biases_by_rows(self, size: List[int], num_prefix_tokens: int) -> bool:
         """Whether :meth:`position_bias_rows` serves a call at ``size`` rather than :meth:`position_biases`:
-        an (h, w) map without prefix tokens, no autograd recording, and whole biases larger than an
-        evaluating layer keeps (:attr:`bias_cache_elements`); smaller ones are built whole (and kept).
+        an (h, w) map without prefix tokens whose whole biases are larger than an evaluating layer keeps
+        (:attr:`bias_cache_elements`). Smaller ones are built whole, once per call (and kept in
+        evaluation); larger ones, fresh allocations of tens of MB per layer at detection sizes in the
+        forward pass, again in the backward pass and for their gradients, go to the op factored.
 
         Args:
             size: the layout the forward pass sees.
             num_prefix_tokens: P prefix tokens of the layer (any: whole biases, which carry their column).
         """
-        if len(size) != 2 or num_prefix_tokens or torch.is_grad_enabled() or not hasattr(self, "an_bias"):
+        if len(size) != 2 or num_prefix_tokens or not hasattr(self, "an_bias"):
             return False
         return 2 * self.na_bias.shape[0] * self.na_bias.shape[1] * size[0] * size[1] > self.bias_cache_elements
 
     @torch.jit.unused
     def position_bias_rows(self, size: List[int]) -> Tuple["RowBias", "RowBias"]:
         """B1 and B2 (agent-major) of an (h, w) map as :class:`RowBias`: what :meth:`position_biases`
-        returns, in factored form, for the CPU op to build by chunks of rows. Eager, no autograd.
+        returns, in factored form (cols and offset carry autograd to the parameters), for the CPU op to
+        build by chunks of map rows. Eager only.
 
         Args:
             size: [h, w], the layout the forward pass sees.
         """
         h, w = size[0], size[1]
-        with torch.no_grad():
-            ry = _linear_weights(self.na_bias.shape[2], h, self.na_bias)
-            rx = _linear_weights(self.na_bias.shape[3], w, self.na_bias)
-            heads = self.na_bias.shape[0]
-            return RowBias(self._agent_plane(ry, rx), heads), RowBias(self._query_plane(ry, rx), heads)
+        ry = _linear_weights(self.na_bias.shape[2], h, self.na_bias)
+        rx = _linear_weights(self.na_bias.shape[3], w, self.na_bias)
+        heads = self.na_bias.shape[0]
+        b1, b2 = RowBias(self._agent_plane(ry, rx), heads), RowBias(self._query_plane(ry, rx), heads)
+        if torch.is_grad_enabled():  # cols are 8 map rows' worth each: rebuilt in the backward pass, not kept
+            from .recompute import mark_recomputable
+
+            size = list(size)
+            mark_recomputable(lambda: _factor_tensors(self.position_bias_rows(size)), *_factor_tensors((b1, b2)))
+        return b1, b2
+
+
+
+def _factor_tensors(biases: Tuple["RowBias", "RowBias"]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(cols, offset) of B1, then of B2."""
+    return biases[0].factors[1], biases[0].factors[2], biases[1].factors[1], biases[1].factors[2]
 
 
 def _bias_stamp(module: AgentPositionBias, size: List[int]) -> tuple:
@@ -376,8 +390,8 @@ class RowBias:
     whole map rows, each built into one reused buffer of :attr:`CHUNK` elements where it is used.
 
     What :meth:`AgentPositionBias.position_bias_rows` returns for the CPU op
-    (:func:`agentlit.core.fused.agent_attention_fused`) in evaluation at sizes whose whole biases are not
-    kept. A whole bias of a detection-size map is tens of MB: freshly allocated in every call, its pages
+    (:func:`agentlit.core.fused.agent_attention_fused`) at sizes whose whole biases an evaluating layer
+    would not keep; the op's backward pass reduces each chunk's gradient into cols and offset. A whole bias of a detection-size map is tens of MB: freshly allocated in every call, its pages
     are faulted in and zeroed before the build writes them, which cost more than the build itself
     (docs/performance.md); chunks of a few MB reuse memory that stays in the allocator.
     """

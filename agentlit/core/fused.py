@@ -136,7 +136,7 @@ def _cols(t: Optional[Tensor], start: int, end: int) -> Optional[Tensor]:
     return t[..., start:end]
 
 
-Bias = Union[Tensor, RowBias]  # a whole bias, or one the op builds by chunks of map rows (evaluation only)
+Bias = Union[Tensor, RowBias]  # a whole bias, or one the op builds by chunks of map rows
 
 
 def _chunks(bias: Optional[Bias], tokens: int, dtype: torch.dtype) -> Iterator[Tuple[int, int, Optional[Tensor]]]:
@@ -232,6 +232,10 @@ def _accumulate(grad: Optional[Tensor], axis: int, i: int, value: Tensor) -> Non
 class _AgentAttentionFunction(torch.autograd.Function):
     """O (+ local term) (+ output projection) with a hand-written backward; see the module docstring.
 
+    A bias comes whole (``b1`` / ``b2t``, kept or rebuilt from a recipe) or as the cols and offset of a
+    :class:`RowBias` (``c1, o1`` / ``c2, o2``, small; their constant rows travel with the non-tensor
+    arguments): then both passes build it by chunks of map rows and the backward pass reduces each
+    chunk's gradient into the factors at once, so no whole (n × N) bias nor its gradient is allocated.
     With the output projection folded in, its input X = O + local is not kept either: the backward
     pass rebuilds O from the broadcast maps it recomputes anyway, and the local term from V.
     """
@@ -239,17 +243,22 @@ class _AgentAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b1: Optional[Tensor], b2t: Optional[Tensor],
                 dwc_weight: Optional[Tensor], dwc_bias: Optional[Tensor], proj_weight: Optional[Tensor],
-                proj_bias: Optional[Tensor], s: float, bs: float, recipes: Tuple[Any, Any],
-                local: Optional[_Local]) -> Tensor:
-        out, agent_v, lse = _forward(q, k, v, a, b1, b2t, s, bs)  # (B, N, H, d)
+                proj_bias: Optional[Tensor], c1: Optional[Tensor], o1: Optional[Tensor], c2: Optional[Tensor],
+                o2: Optional[Tensor], s: float, bs: float, recipes: Tuple[Any, ...],
+                rows: Tuple[Optional[Tensor], Optional[Tensor]], local: Optional[_Local]) -> Tensor:
+        H = q.shape[1]
+        bias1 = b1 if c1 is None else RowBias((rows[0], c1.detach(), o1.detach()), H)
+        bias2 = b2t if c2 is None else RowBias((rows[1], c2.detach(), o2.detach()), H)
+        out, agent_v, lse = _forward(q, k, v, a, bias1, bias2, s, bs)  # (B, N, H, d)
         B, N, H, d = out.shape
         x = out.view(B, N, H * d)
         if local is not None:
             x[:, local.prefix:].add_(local.conv(v, dwc_weight, dwc_bias))
-        ctx.recipes, ctx.local, ctx.s, ctx.bs = recipes, local, s, bs
-        ctx.has = (b1 is not None, b2t is not None, dwc_bias is not None, proj_weight is not None, proj_bias is not None)
+        ctx.recipes, ctx.rows, ctx.local, ctx.s, ctx.bs = recipes, rows, local, s, bs
+        ctx.has = (dwc_bias is not None, proj_weight is not None, proj_bias is not None)
         ctx.bias_shapes = (None if b1 is None else b1.shape, None if b2t is None else b2t.shape)
-        kept = [None if r is not None else t for t, r in zip((b1, b2t), recipes)]  # rebuilt ones are not kept
+        # rebuilt ones (whole biases, RowBias factors) are not kept
+        kept = [None if r is not None else t for t, r in zip((b1, b2t, c1, o1, c2, o2), recipes)]
         ctx.save_for_backward(q, k, v, a, agent_v, lse, dwc_weight, dwc_bias, proj_weight, *kept)
         if proj_weight is None:
             return out
@@ -264,9 +273,9 @@ class _AgentAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx: Any, grad_out: Tensor):  # noqa: ANN205
-        q, k, v, a, agent_v, lse, dwc_weight, dwc_bias, proj_weight, b1, b2t = ctx.saved_tensors
-        has_b1, has_b2, has_dwc_bias, has_proj, has_proj_bias = ctx.has
-        b1, b2t = _biases_for_backward(ctx.recipes, b1, b2t, q.dtype)
+        q, k, v, a, agent_v, lse, dwc_weight, dwc_bias, proj_weight, b1, b2t, c1, o1, c2, o2 = ctx.saved_tensors
+        has_dwc_bias, has_proj, has_proj_bias = ctx.has
+        b1, b2t, c1, o1, c2, o2 = _biases_for_backward(ctx.recipes, (b1, b2t, c1, o1, c2, o2), q.dtype)
         s, bs, local = ctx.s, ctx.bs, ctx.local
         B, H, N, d = q.shape
         M, C = k.shape[2], H * d
@@ -286,42 +295,54 @@ class _AgentAttentionFunction(torch.autograd.Function):
         dk = torch.empty(B, M, H, d, **kw)
         dv = torch.empty(B, M, H, d, **kw)
         da = torch.empty_like(a)
-        db1 = torch.zeros(ctx.bias_shapes[0], **kw) if has_b1 and need[4] else None
-        db2t = torch.zeros(ctx.bias_shapes[1], **kw) if has_b2 and need[5] else None
+        grad1 = _BiasGrad(b1 if c1 is None else RowBias((ctx.rows[0], c1, o1), H), ctx.bias_shapes[0],
+                          need[4] if c1 is None else need[10] or need[11], kw)
+        grad2 = _BiasGrad(b2t if c2 is None else RowBias((ctx.rows[1], c2, o2), H), ctx.bias_shapes[1],
+                          need[5] if c2 is None else need[12] or need[13], kw)
         axis = _loop_axis(H)
         xh = None if x is None else x.transpose(1, 2)  # (B, H, N, d) views of token-major buffers
         dqh, dkh, dvh = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
         n = a.shape[2]
-        for i in range(q.shape[axis]):  # each slice: (·, T, d) matrices, batched over the other axis
-            qi, ki, vi, ai, gi, vai = (t.select(axis, i) for t in (q, k, v, a, g, agent_v))
-            b2i, b1i = _pick(b2t, axis, i), _pick(b1, axis, i)
-            dqi, dki, dvi = dqh.select(axis, i), dkh.select(axis, i), dvh.select(axis, i)
-            # broadcast step, agent-major by token tiles: O = P2 V_A, P2ᵀ (·, n, tile)
-            dva = torch.zeros_like(vai)  # Σ over tokens of P2ᵀ dO
-            dai = torch.zeros_like(ai)
-            for start, end in _tiles(N, H * n):  # per sample's size: the same tiles at any batch size
-                p2t = _broadcast_probs_t(ai, qi[:, start:end], _cols(b2i, start, end), bs)
-                g_t = gi[:, start:end]
-                if xh is not None:  # O rebuilt for dW of the projection
-                    torch.bmm(p2t.transpose(1, 2), vai, out=xh.select(axis, i)[:, start:end])
-                dva.baddbmm_(p2t, g_t)
-                ds2t = _softmax_backward_(p2t, torch.bmm(vai, g_t.transpose(1, 2)), -2)  # (·, n, tile)
-                _accumulate(_cols(db2t, start, end), axis, i, ds2t)
-                torch.bmm(ds2t.transpose(1, 2), ai, out=dqi[:, start:end]).mul_(bs)
-                dai.baddbmm_(ds2t, qi[:, start:end], alpha=bs)
-            # aggregation step by key tiles: V_A = P1 V with P1 = exp(s·A Kᵀ + B1 − lse); the softmax
-            # rule's row sums Σ_keys P1 ⊙ dP1 equal dV_A · V_A, so no tile needs the others
-            lse_i = lse.select(axis, i).unsqueeze(-1)  # (·, n, 1)
-            row = (dva * vai).sum(-1, keepdim=True)  # (·, n, 1)
-            for start, end in _tiles(M, H * n):
-                k_t, v_t = ki[:, start:end], vi[:, start:end]
-                p1 = _aggregation_probs(ai, k_t, _cols(b1i, start, end), s, lse_i)  # (·, n, tile)
-                torch.bmm(p1.transpose(1, 2), dva, out=dvi[:, start:end])
-                ds1 = torch.bmm(dva, v_t.transpose(1, 2)).sub_(row).mul_(p1)  # (·, n, tile)
-                _accumulate(_cols(db1, start, end), axis, i, ds1)
-                dai.baddbmm_(ds1, k_t, alpha=s)
-                torch.bmm(ds1.transpose(1, 2), ai, out=dki[:, start:end]).mul_(s)
-            da.select(axis, i).copy_(dai)
+        slices = range(q.shape[axis])  # each slice: (·, T, d) matrices, batched over the other axis
+        dva = [torch.zeros_like(agent_v.select(axis, i)) for i in slices]  # Σ over tokens of P2ᵀ dO
+        dai = [torch.zeros_like(a.select(axis, i)) for i in slices]
+        # broadcast step, agent-major by token tiles (inside chunks of map rows for a RowBias):
+        # O = P2 V_A, P2ᵀ (·, n, tile)
+        for first, last, bias, db in grad2.chunks(N):
+            for i in slices:
+                ai, vai = a.select(axis, i), agent_v.select(axis, i)
+                qi, gi, dqi = (t.select(axis, i)[:, first:last] for t in (q, g, dqh))
+                b2i = _pick(bias, axis, i)
+                for start, end in _tiles(last - first, H * n):  # per sample's size: the same tiles at any batch size
+                    p2t = _broadcast_probs_t(ai, qi[:, start:end], _cols(b2i, start, end), bs)
+                    g_t = gi[:, start:end]
+                    if xh is not None:  # O rebuilt for dW of the projection
+                        torch.bmm(p2t.transpose(1, 2), vai, out=xh.select(axis, i)[:, first + start:first + end])
+                    dva[i].baddbmm_(p2t, g_t)
+                    ds2t = _softmax_backward_(p2t, torch.bmm(vai, g_t.transpose(1, 2)), -2)  # (·, n, tile)
+                    _accumulate(_cols(db, start, end), axis, i, ds2t)
+                    torch.bmm(ds2t.transpose(1, 2), ai, out=dqi[:, start:end]).mul_(bs)
+                    dai[i].baddbmm_(ds2t, qi[:, start:end], alpha=bs)
+            grad2.reduce(first, last)
+        # aggregation step by key tiles: V_A = P1 V with P1 = exp(s·A Kᵀ + B1 − lse); the softmax
+        # rule's row sums Σ_keys P1 ⊙ dP1 equal dV_A · V_A, so no tile needs the others
+        sums = [(dva[i] * agent_v.select(axis, i)).sum(-1, keepdim=True) for i in slices]  # (·, n, 1)
+        for first, last, bias, db in grad1.chunks(M):
+            for i in slices:
+                ai, lse_i = a.select(axis, i), lse.select(axis, i).unsqueeze(-1)  # (·, n, 1)
+                ki, vi, dki, dvi = (t.select(axis, i)[:, first:last] for t in (k, v, dkh, dvh))
+                b1i = _pick(bias, axis, i)
+                for start, end in _tiles(last - first, H * n):
+                    k_t, v_t = ki[:, start:end], vi[:, start:end]
+                    p1 = _aggregation_probs(ai, k_t, _cols(b1i, start, end), s, lse_i)  # (·, n, tile)
+                    torch.bmm(p1.transpose(1, 2), dva[i], out=dvi[:, start:end])
+                    ds1 = torch.bmm(dva[i], v_t.transpose(1, 2)).sub_(sums[i]).mul_(p1)  # (·, n, tile)
+                    _accumulate(_cols(db, start, end), axis, i, ds1)
+                    dai[i].baddbmm_(ds1, k_t, alpha=s)
+                    torch.bmm(ds1.transpose(1, 2), ai, out=dki[:, start:end]).mul_(s)
+            grad1.reduce(first, last)
+        for i in slices:
+            da.select(axis, i).copy_(dai[i])
         d_dwc_weight = d_dwc_bias = None
         if local is not None:
             if x is not None:  # the local term of X, recomputed (a depthwise conv: cheap next to keeping X)
@@ -333,26 +354,70 @@ class _AgentAttentionFunction(torch.autograd.Function):
         if x is not None:
             d_proj_weight = torch.mm(grad_out.reshape(B * N, -1).t(), x.view(B * N, C))
         grads = (dq.transpose(1, 2) if need[0] else None, dk.transpose(1, 2) if need[1] else None,
-                 dv.transpose(1, 2) if need[2] else None, da if need[3] else None, db1, db2t,
-                 d_dwc_weight, d_dwc_bias, d_proj_weight, d_proj_bias)
-        return (*grads, None, None, None, None)
+                 dv.transpose(1, 2) if need[2] else None, da if need[3] else None, grad1.whole, grad2.whole,
+                 d_dwc_weight, d_dwc_bias, d_proj_weight, d_proj_bias, *grad1.factors, *grad2.factors)
+        return (*grads, None, None, None, None, None)
 
 
-def _biases_for_backward(recipes: Tuple[Any, Any], b1: Optional[Tensor], b2t: Optional[Tensor],
-                         dtype: torch.dtype) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """The biases the forward pass saw: kept ones as they are, rebuildable ones rebuilt (once per recipe)."""
+class _BiasGrad:
+    """One bias as the backward pass reads it, by the chunks :func:`_chunks` hands out, and its gradient:
+    whole (a zero-filled tensor of the bias's shape, accumulated by tiles) or, for a :class:`RowBias`,
+    the gradients of its cols and offset, into which each chunk's gradient (one reused buffer) is
+    reduced as soon as the chunk is done."""
+
+    def __init__(self, bias: Optional[Bias], whole_shape: Optional[torch.Size], needed: bool, kw: dict) -> None:
+        self.bias, self.kw = bias, kw
+        self.whole: Optional[Tensor] = None
+        self.factors: Tuple[Optional[Tensor], Optional[Tensor]] = (None, None)
+        self.buffer: Optional[Tensor] = None
+        if needed and isinstance(bias, RowBias):
+            _, cols, offset = bias.factors  # gradients in the op's dtype (autograd casts them to the factors')
+            self.factors = (torch.zeros(cols.shape, **kw), torch.zeros(offset.shape, **kw))
+        elif needed and whole_shape is not None:
+            self.whole = torch.zeros(whole_shape, **kw)
+
+    def chunks(self, tokens: int) -> Iterator[Tuple[int, int, Optional[Tensor], Optional[Tensor]]]:
+        """(start, end, bias over tokens start:end, its gradient there: zeroed, or None when not needed)."""
+        for start, end, part in _chunks(self.bias, tokens, self.kw["dtype"]):
+            grad = None if self.whole is None else _cols(self.whole, start, end)
+            if self.factors[0] is not None:
+                if self.buffer is None:
+                    self.buffer = torch.empty(part.numel(), **self.kw)
+                grad = self.buffer[: part.numel()].view(part.shape).zero_()
+            yield start, end, part, grad
+
+    def reduce(self, start: int, end: int) -> None:
+        """Fold the gradient of a RowBias chunk (map rows start/w : end/w) into its factors'."""
+        d_cols, d_offset = self.factors
+        if d_cols is None:
+            return
+        rows = self.bias.factors[0]
+        a, w = d_cols.shape[0], d_cols.shape[-1]
+        y0, y1 = start // w, end // w
+        grad = self.buffer[: a * (y1 - y0) * w].view(a, y1 - y0, w)
+        part = rows[y0:y1].t()  # (K, R): bias[a, y, x] = Σ_k rows[y, k]·cols[a, k, x] + offset[a, y]
+        d_cols.baddbmm_(part.expand(a, part.shape[0], part.shape[1]).to(grad.dtype), grad)  # Σ_y rows[y, k]·dB[a, y, x]
+        d_offset[:, y0:y1].add_(grad.sum(-1, keepdim=True))
+
+
+def _biases_for_backward(recipes: Tuple[Any, ...], tensors: Tuple[Optional[Tensor], ...],
+                         dtype: torch.dtype) -> Tuple[Optional[Tensor], ...]:
+    """The biases the forward pass saw, (B1, B2ᵀ, B1's cols and offset, B2's): kept ones as they are,
+    rebuildable ones rebuilt (once per recipe: B1 and B2 come from one call)."""
     rebuilt: dict[int, Sequence[Optional[Tensor]]] = {}
-    biases = [b1, b2t]
+    out = list(tensors)
     for j, recipe in enumerate(recipes):
         if recipe is not None:
             fn, index = recipe
-            if id(fn) not in rebuilt:  # B1 and B2 come from one call
+            if id(fn) not in rebuilt:
                 with torch.no_grad():
                     rebuilt[id(fn)] = fn()
-            biases[j] = _as_4d(rebuilt[id(fn)][index], dtype)
-            if j == 1:
-                biases[j] = biases[j].transpose(-1, -2)  # agent-major, as the forward pass used it
-    return biases[0], biases[1]
+            out[j] = rebuilt[id(fn)][index]
+            if j < 2:  # whole biases: 4-D in the op's dtype, B2 agent-major as the forward pass used it
+                out[j] = _as_4d(out[j], dtype)
+                if j == 1:
+                    out[j] = out[j].transpose(-1, -2)
+    return tuple(out)
 
 
 def agent_attention_fused(
@@ -381,7 +446,7 @@ def agent_attention_fused(
         v: values (B, H, M, d), likewise.
         agents: agent tokens (B, H, n, d).
         agent_bias: B1 broadcastable to (B, H, n, M), or None; or a :class:`~agentlit.core.RowBias`
-            (evaluation only: no input may need a gradient).
+            (built by chunks of map rows, its gradient reduced into its factors).
         query_bias: B2 broadcastable to (B, H, N, n), or None; fastest as the transposed view of an
             agent-major (·, H, n, N) tensor (what the bias modules return); or a
             :class:`~agentlit.core.RowBias` of B2 agent-major (1, H, n, N), as B1.
@@ -408,20 +473,33 @@ def agent_attention_fused(
                 dwc_weight=f(dwc_weight), dwc_bias=f(dwc_bias), layout=layout, num_prefix_tokens=num_prefix_tokens,
                 proj_weight=f(proj_weight), proj_bias=f(proj_bias))
         return out.to(q.dtype)
-    if isinstance(agent_bias, RowBias) or isinstance(query_bias, RowBias):
-        return _evaluate(q, k, v, agents, agent_bias, query_bias, scale, broadcast_scale, dwc_weight, dwc_bias,
-                         layout, num_prefix_tokens, proj_weight, proj_bias)
     recipes = (recipe_of(agent_bias), recipe_of(query_bias))
-    agent_bias = _as_4d(agent_bias, q.dtype)
-    b2t = None if query_bias is None else _as_4d(query_bias, q.dtype).transpose(-1, -2)
+    b1, rows1, c1, o1 = _bias_inputs(agent_bias, q.dtype, transpose=False)
+    b2t, rows2, c2, o2 = _bias_inputs(query_bias, q.dtype, transpose=True)
     if agents.stride(-1) != 1:
         agents = agents.contiguous()
     local = None if dwc_weight is None else _Local(layout if layout is not None else [k.shape[2]], num_prefix_tokens)
-    inputs = (q, k, v, agents, agent_bias, b2t, dwc_weight, dwc_bias, proj_weight, proj_bias)
+    inputs = (q, k, v, agents, b1, b2t, dwc_weight, dwc_bias, proj_weight, proj_bias, c1, o1, c2, o2)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        return _AgentAttentionFunction.apply(*inputs, scale, broadcast_scale, recipes, local)
-    return _forward_only(q, k, v, agents, agent_bias, b2t, scale, broadcast_scale, dwc_weight, dwc_bias, local,
+        recipes += tuple(recipe_of(t) for t in (c1, o1, c2, o2))
+        return _AgentAttentionFunction.apply(*inputs, scale, broadcast_scale, recipes, (rows1, rows2), local)
+    bias1 = agent_bias if isinstance(agent_bias, RowBias) else b1
+    bias2 = query_bias if isinstance(query_bias, RowBias) else b2t
+    return _forward_only(q, k, v, agents, bias1, bias2, scale, broadcast_scale, dwc_weight, dwc_bias, local,
                          proj_weight, proj_bias)
+
+
+def _bias_inputs(bias: Optional[Bias], dtype: torch.dtype, transpose: bool
+                 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """A bias as the autograd function's inputs: (whole 4-D, agent-major if ``transpose`` (B2), None, None,
+    None), or (None, rows, cols, offset) of a :class:`RowBias` (agent-major already)."""
+    if isinstance(bias, RowBias):
+        rows, cols, offset = bias.factors
+        return None, rows, cols, offset
+    whole = _as_4d(bias, dtype)
+    if whole is not None and transpose:
+        whole = whole.transpose(-1, -2)
+    return whole, None, None, None
 
 
 def _forward_only(q: Tensor, k: Tensor, v: Tensor, agents: Tensor, b1: Optional[Bias], b2t: Optional[Bias], s: float,
@@ -433,18 +511,3 @@ def _forward_only(q: Tensor, k: Tensor, v: Tensor, agents: Tensor, b1: Optional[
     if local is not None:
         out.view(B, N, H * d)[:, local.prefix:].add_(local.conv(v, dwc_weight, dwc_bias))
     return out if proj_weight is None else F.linear(out.view(B, N, H * d), proj_weight, proj_bias)
-
-
-def _evaluate(q: Tensor, k: Tensor, v: Tensor, agents: Tensor, b1: Optional[Bias], b2t: Optional[Bias], s: float,
-              bs: float, dwc_weight: Optional[Tensor], dwc_bias: Optional[Tensor], layout: Optional[Sequence[int]],
-              prefix: int, proj_weight: Optional[Tensor], proj_bias: Optional[Tensor]) -> Tensor:
-    """The op with :class:`RowBias` biases (B2 agent-major), which serve evaluation only: no gradient
-    reaches them, so any input that would need one is refused."""
-    inputs = (q, k, v, agents, dwc_weight, dwc_bias, proj_weight, proj_bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        raise ValueError("agent_attention_fused: RowBias biases serve evaluation only; call it under "
-                         "torch.no_grad(), or pass whole biases (position_biases) when training")
-    if agents.stride(-1) != 1:
-        agents = agents.contiguous()
-    local = None if dwc_weight is None else _Local(layout if layout is not None else [k.shape[2]], prefix)
-    return _forward_only(q, k, v, agents, b1, b2t, s, bs, dwc_weight, dwc_bias, local, proj_weight, proj_bias)
