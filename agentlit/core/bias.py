@@ -134,10 +134,11 @@ class AgentPositionBias(nn.Module):
     # TorchScript would try to read as attribute types)
 
     #: Elements of whole biases (B1 and B2 together, per layer) that an evaluating layer keeps for its
-    #: next call; larger ones are built again in every call. What is kept is memory held between calls:
-    #: at detection resolution (800×1344) keeping every layer's would hold 0.9–1.4 GB, four to five
-    #: times the softmax backbone's whole inference peak, for 12–16% of inference speed where one size
-    #: repeats (docs/performance.md). Set it on a layer, or on the class for every layer, to trade otherwise.
+    #: next call. Larger ones are never built whole where the CPU op serves an (h, w) map: they reach it
+    #: factored (:class:`RowBias`, in training too), else they are built again in every call. What is kept
+    #: is memory held between calls: at detection resolution (800×1344) keeping every layer's would hold
+    #: 0.9–1.4 GB, four to five times the softmax backbone's whole inference peak (docs/performance.md).
+    #: Set it on a layer, or on the class for every layer, to trade otherwise.
     bias_cache_elements = 1 << 21
 
     def _init_biases(
