@@ -81,6 +81,37 @@ def test_processor_matches_naive_reference(exp, shortcut):
     assert out.shape == x2.shape and torch.isfinite(out).all()
 
 
+def test_processor_builds_large_biases_by_map_rows(monkeypatch):
+    """Above the size limit the processor hands its biases to the CPU op by map rows (RowBias), as the
+    vision layers do: the naive reference's output, and the whole-bias path's gradients."""
+    attn = _attention()
+    proc = AgentAttnProcessor(32, 4, feat_size=(6, 8), agent_num=(2, 3))
+    with torch.no_grad():
+        for p in proc.parameters():
+            p.normal_(0, 0.3)
+    attn.set_processor(proc)
+    proc.latent_size[0] = (6, 8)
+    x = torch.randn(2, 48, 32)
+    rows = []
+    build_rows = type(proc).position_bias_rows
+    monkeypatch.setattr(proc, "position_bias_rows", lambda size: rows.append(size) or build_rows(proc, size))
+
+    def grads() -> dict[str, torch.Tensor]:
+        attn.zero_grad()
+        attn(x).square().sum().backward()
+        return {name: p.grad.clone() for name, p in attn.named_parameters()}
+
+    whole = grads()
+    assert not rows
+    proc.bias_cache_elements = 0
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), _reference(attn, proc, x, 6, 8), rtol=1e-4, atol=1e-5)
+    by_rows = grads()
+    assert rows == [[6, 8]] * 3  # evaluation, training forward, the factors rebuilt in backward
+    for name, grad in by_rows.items():
+        torch.testing.assert_close(grad, whole[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_zero_init_starts_as_training_free_agent_attention():
     attn = _attention()
     proc = AgentAttnProcessor(32, 4, feat_size=4, agent_num=4, zero_init=True, broadcast_scale_exp=0.3, shortcut=0.075)

@@ -10,7 +10,6 @@ from torch import Tensor, nn
 from .bias import AgentPositionBias, to_grid
 from .recompute import SplitLinear
 from .functional import LayoutSize, agent_attention_tokens, as_sizes
-from .fused import supports_fused
 
 __all__ = ["AgentAttention", "AgentMultiheadAttention", "register_fx_leaves"]
 
@@ -211,7 +210,7 @@ class AgentAttention(AgentPositionBias):
             if torch.jit.is_scripting():
                 agent_bias, query_bias = self.position_biases(layout)
             else:
-                agent_bias, query_bias = self._eager_biases(q, layout, key_padding_mask, query_padding_mask, cross)
+                agent_bias, query_bias = self._eager_biases(q, layout, key_padding_mask, query_padding_mask)
         dwc_weight: Optional[Tensor] = None
         dwc_bias: Optional[Tensor] = None
         if self.dwc is not None and not cross:
@@ -227,15 +226,11 @@ class AgentAttention(AgentPositionBias):
 
     @torch.jit.unused
     def _eager_biases(self, q: Tensor, layout: List[int], key_padding_mask: Optional[Tensor],
-                      query_padding_mask: Optional[Tensor], cross: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        # a size whose whole biases are too large to keep, on the CPU op, with nothing to fold into the
-        # biases (padding): RowBias stand-ins for the two tensors, which the op builds by chunks of map
-        # rows (and reduces their gradients into the factors); else the whole biases
-        if (not cross and key_padding_mask is None and query_padding_mask is None
-                and supports_fused(q, self.attn_drop if self.training else 0.0)
-                and self.builds_biases_by_rows(layout, self.num_prefix_tokens)):
-            return self.position_bias_rows(layout)  # type: ignore[return-value]
-        return self.position_biases(layout)
+                      query_padding_mask: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        # large biases reach the CPU op by map rows (RowBias), which TorchScript never sees
+        padded = key_padding_mask is not None or query_padding_mask is not None
+        return self.biases_for(q, layout, self.num_prefix_tokens, padded=padded,
+                               dropout_p=self.attn_drop if self.training else 0.0)
 
     @torch.jit.unused
     def _check_input(

@@ -282,6 +282,28 @@ class AgentPositionBias(nn.Module):
         return _plane_factors(self.na_bias, ry, rx, ha, wa)
 
     @torch.jit.unused
+    def biases_for(self, q: Tensor, size: List[int], num_prefix_tokens: int = 0, *, padded: bool = False,
+                   dropout_p: float = 0.0, shortcut: float = 0.0) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """B1 and B2 for one call of :func:`~agentlit.core.agent_attention_tokens` on queries ``q``: as
+        :class:`RowBias` where the CPU op serves the call and :meth:`builds_biases_by_rows` says so, else
+        :meth:`position_biases` (the RowBias pair stands in for the two tensors; eager only).
+
+        Args:
+            q: the call's queries (their device and dtype, and ``torch.compile``, decide the op).
+            size: the layout the forward pass sees.
+            num_prefix_tokens: P prefix tokens of the call.
+            padded: a padding mask is given (it is folded into whole biases).
+            dropout_p: the call's attention dropout (any: the SDPA path, whole biases).
+            shortcut: the call's ``shortcut · V`` weight (any: the SDPA path, whole biases).
+        """
+        from .fused import supports_fused  # the op imports this module
+
+        if (not padded and shortcut == 0.0 and supports_fused(q, dropout_p)
+                and self.builds_biases_by_rows(size, num_prefix_tokens)):
+            return self.position_bias_rows(size)  # type: ignore[return-value]
+        return self.position_biases(size)
+
+    @torch.jit.unused
     def builds_biases_by_rows(self, size: List[int], num_prefix_tokens: int) -> bool:
         """Whether :meth:`position_bias_rows` serves a call at ``size`` rather than :meth:`position_biases`:
         an (h, w) map without prefix tokens whose whole biases are larger than an evaluating layer keeps

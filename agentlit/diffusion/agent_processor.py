@@ -149,7 +149,7 @@ class AgentAttnProcessor(AgentPositionBias):
             q = head_norm(attn.norm_q, q, attn.heads)
         if attn.norm_k is not None:
             k = head_norm(attn.norm_k, k, attn.heads)
-        agent_bias, query_bias = self.position_biases(layout)  # (1, H, n, N), (1, H, N, n)
+        agent_bias, query_bias = self.biases_for(q, layout, shortcut=self.shortcut)  # (1, H, n, N), (1, H, N, n)
         dwc = self.dwc
         scale = attn.scale
         out = agent_attention_tokens(
