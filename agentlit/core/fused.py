@@ -23,10 +23,15 @@ Why not two ``scaled_dot_product_attention`` calls (what CUDA and TorchScript ru
 - **No layout copies.** The loops run over the batch, each step a batched matmul over heads on
   strided views of Q, K and V (every head matrix has a unit last stride), writing into token-major
   (B, N, H, d) buffers, so the output and the gradients of Q, K and V need no transposing copy.
+- **Large biases by map rows.** Above a layer's size limit the biases arrive factored
+  (:class:`~agentlit.core.RowBias`): both passes build them by chunks of whole map rows in one reused
+  buffer and the backward pass reduces each chunk's gradient into the factors, so no whole (n × N)
+  bias, nor its gradient, is allocated (at detection sizes a fresh one per layer and call cost more in
+  page faults than its arithmetic).
 
-The aggregation step of the forward pass is one SDPA call (its rows are long: M keys). Gradients
-follow the softmax rule dS = P ⊙ (dP − Σ P ⊙ dP) and are checked against autograd of the naive
-reference (tests/test_fused.py).
+The aggregation step of the forward pass is one SDPA call (its rows are long: M keys; with a RowBias,
+one call per chunk of keys, merged by their log-sum-exps). Gradients follow the softmax rule
+dS = P ⊙ (dP − Σ P ⊙ dP) and are checked against autograd of the naive reference (tests/test_fused.py).
 """
 from __future__ import annotations
 
