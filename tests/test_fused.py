@@ -136,7 +136,7 @@ def test_rebuildable_biases_are_not_kept_and_give_the_same_gradients():
 @pytest.mark.parametrize("prefix, by_rows", [(0, False), (1, False), (0, True)])
 def test_a_training_layer_stores_no_attention_map_nor_bias(prefix, by_rows):
     """What a 2-D layer keeps for its backward pass: nothing of size (N × n) (maps or biases), nor the
-    (n, 7, w) cols of biases built by map rows (RowBias, above the size limit)."""
+    (n, 8, w) cols of biases built by map rows (RowBias, above the size limit)."""
     torch.manual_seed(4)
     layer = AgentAttention(24, 4, feat_size=(6, 6), agent_num=16, num_prefix_tokens=prefix)  # C=24 != n=16
     if by_rows:
@@ -154,7 +154,7 @@ def test_a_training_layer_stores_no_attention_map_nor_bias(prefix, by_rows):
     tokens = prefix + 36
     maps = [s for s in saved if len(s) >= 2 and {s[-1], s[-2]} == {tokens, 16}]
     assert not maps, f"saved (N x n) tensors: {maps}"
-    cols = [s for s in saved if s == (4 * 16, 7, 6)]
+    cols = [s for s in saved if s == (4 * 16, 8, 6)]
     assert not cols, f"saved RowBias cols: {cols}"
     out.square().sum().backward()  # and the backward pass runs on what was kept
     assert all(p.grad is not None for p in layer.parameters())
