@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fused import RowBias, plane_bias_rows, supports_fused
+
 __all__ = [
-    "AGENT_BIAS_AXES", "AGENT_BIAS_NAMES", "AgentPositionBias", "RowBias", "adapt_agent_bias", "resize_agent_axis", "resize_axis",
+    "AGENT_BIAS_AXES", "AGENT_BIAS_NAMES", "AgentPositionBias", "adapt_agent_bias", "resize_agent_axis", "resize_axis",
     "to_grid",
 ]
 
@@ -239,7 +241,7 @@ class AgentPositionBias(nn.Module):
             else:
                 H, n = self.an_bias.shape[0], self.an_bias.shape[1]
                 h, w = size[-2], size[-1]
-                b1 = _plane_rows(self._agent_plane(r0, r1), 0, h).reshape(1, H, n, h * w)
+                b1 = plane_bias_rows(self._agent_plane(r0, r1), 0, h).reshape(1, H, n, h * w)
                 if hasattr(self, "ad_bias"):
                     b1 = _add_depth(b1, resize_axis(self.ad_bias, size[0], 3))
             if hasattr(self, "ac_bias"):
@@ -251,7 +253,7 @@ class AgentPositionBias(nn.Module):
         else:
             H, n = self.na_bias.shape[0], self.na_bias.shape[1]
             h, w = size[-2], size[-1]
-            b2 = _plane_rows(self._query_plane(r0, r1), 0, h).reshape(1, H, n, h * w)
+            b2 = plane_bias_rows(self._query_plane(r0, r1), 0, h).reshape(1, H, n, h * w)
             if hasattr(self, "da_bias"):
                 b2 = _add_depth(b2, resize_axis(self.da_bias, size[0], 2).transpose(-1, -2))
         if hasattr(self, "ca_bias"):
@@ -296,8 +298,6 @@ class AgentPositionBias(nn.Module):
             dropout_p: the call's attention dropout (any: the SDPA path, whole biases).
             shortcut: the call's ``shortcut · V`` weight (any: the SDPA path, whole biases).
         """
-        from .fused import supports_fused  # the op imports this module
-
         if (not padded and shortcut == 0.0 and supports_fused(q, dropout_p)
                 and self.builds_biases_by_rows(size, num_prefix_tokens)):
             return self.position_bias_rows(size)  # type: ignore[return-value]
@@ -391,63 +391,12 @@ def _plane_factors(template: Tensor, ry: Tensor, rx: Tensor, col: Tensor, row: T
     plus the axis terms ``col`` (H·n, h, 1) and ``row`` (H·n, 1, w), as factors: rows (h, K), cols
     (H·n, K, w) and offset (H·n, h, 1) with bias[a, y, x] = Σ_k rows[y, k]·cols[a, k, x] + offset[a, y].
     The resize is separable, so cols is the template resized along w, with the row term as one more k
-    whose rows entry is 1; building rows of the bias is then one batched matmul (:func:`_plane_rows`)."""
+    whose rows entry is 1; building rows of the bias is then one batched matmul (:func:`plane_bias_rows`)."""
     H, n, th, tw = template.shape[0], template.shape[1], template.shape[2], template.shape[3]
     cols = torch.cat([torch.matmul(template.reshape(H * n, th, tw), rx.t()), row], dim=1)  # (H·n, th + 1, w)
     rows = torch.cat([ry, torch.ones(ry.shape[0], 1, device=ry.device, dtype=ry.dtype)], dim=1)  # (h, th + 1)
     return rows, cols, col
 
-
-def _plane_rows(factors: Tuple[Tensor, Tensor, Tensor], y0: int, y1: int, out: Optional[Tensor] = None) -> Tensor:
-    """Map rows ``y0:y1`` of a factored (h, w) bias, (H·n, y1 - y0, w): one batched matmul (into ``out``)."""
-    rows, cols, offset = factors
-    a, part = cols.shape[0], rows[y0:y1]
-    expanded = part.expand(a, part.shape[0], part.shape[1])
-    if out is None:
-        return torch.baddbmm(offset[:, y0:y1], expanded, cols)  # offset broadcast over w
-    return torch.baddbmm(offset[:, y0:y1], expanded, cols, out=out)
-
-
-class RowBias:
-    """B1, or B2 agent-major, of an (h, w) map, (1, H, n, h·w), never built whole: handed out by chunks of
-    whole map rows, each built into one reused buffer of :attr:`CHUNK` elements where it is used.
-
-    What :meth:`AgentPositionBias.position_bias_rows` returns for the CPU op
-    (:func:`agentlit.core.fused.agent_attention_fused`) at sizes whose whole biases an evaluating layer
-    would not keep; the op's backward pass reduces each chunk's gradient into cols and offset. A whole bias of a detection-size map is tens of MB: freshly allocated in every call, its pages
-    are faulted in and zeroed before the build writes them, which cost more than the build itself
-    (docs/performance.md); chunks of a few MB reuse memory that stays in the allocator.
-    """
-
-    #: elements of one chunk (4 MiB in float32): a whole number of map rows, at least one
-    CHUNK = 1 << 20
-
-    def __init__(self, factors: Tuple[Tensor, Tensor, Tensor], heads: int) -> None:
-        self.factors, self.heads = factors, heads
-        rows, cols, _ = factors
-        self.height, self.width = rows.shape[0], cols.shape[-1]
-        self.agents = cols.shape[0] // heads
-
-    @property
-    def shape(self) -> Tuple[int, int, int, int]:
-        """(1, H, n, h·w), the shape of the whole bias."""
-        return (1, self.heads, self.agents, self.height * self.width)
-
-    def chunks(self, dtype: torch.dtype):
-        """Yield (start, end, bias) over the tokens: bias (1, H, n, end - start) of ``dtype``, a view of a
-        buffer the next chunk overwrites (use it before advancing)."""
-        rows, cols, _ = self.factors
-        a, w = cols.shape[0], self.width
-        step = max(1, self.CHUNK // (a * w))
-        buffer = torch.empty(a * min(step, self.height) * w, dtype=cols.dtype, device=cols.device)
-        for y0 in range(0, self.height, step):
-            y1 = min(self.height, y0 + step)
-            part = _plane_rows(self.factors, y0, y1, out=buffer[: a * (y1 - y0) * w].view(a, y1 - y0, w))
-            yield y0 * w, y1 * w, part.view(1, self.heads, self.agents, (y1 - y0) * w).to(dtype)
-
-    def dense(self) -> Tensor:
-        """The whole bias (1, H, n, h·w)."""
-        return _plane_rows(self.factors, 0, self.height).reshape(self.shape)
 
 
 def _sequence_bias(template: Tensor, r: Tensor, term: Tensor) -> Tensor:

@@ -41,12 +41,70 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .bias import RowBias
 from .recompute import recipe_of
+
+
+def plane_bias_rows(factors: Tuple[Tensor, Tensor, Tensor], y0: int, y1: int, out: Optional[Tensor] = None) -> Tensor:
+    """Map rows ``y0:y1`` of a factored (h, w) bias (:class:`RowBias`), (H·n, y1 - y0, w): one batched
+    matmul (into ``out``)."""
+    rows, cols, offset = factors
+    a, part = cols.shape[0], rows[y0:y1]
+    expanded = part.expand(a, part.shape[0], part.shape[1])
+    if out is None:
+        return torch.baddbmm(offset[:, y0:y1], expanded, cols)  # offset broadcast over w
+    return torch.baddbmm(offset[:, y0:y1], expanded, cols, out=out)
+
+
+class RowBias:
+    """B1, or B2 agent-major, of an (h, w) map, (1, H, n, h·w), never built whole: handed out by chunks of
+    whole map rows, each built into one reused buffer of :attr:`CHUNK` elements where it is used.
+
+    What :meth:`~agentlit.core.AgentPositionBias.position_bias_rows` returns for this op at sizes whose
+    whole biases an evaluating layer would not keep; the backward pass reduces each chunk's gradient
+    into cols and offset. A whole bias of a detection-size map is tens of MB: freshly allocated in every
+    call, its pages are faulted in and zeroed before the build writes them, which cost more than the
+    build itself (docs/performance.md); chunks of a few MB reuse memory that stays in the allocator.
+
+    Args:
+        factors: rows (h, K), cols (H·n, K, w) and offset (H·n, h, 1), with
+            bias[a, y, x] = Σ_k rows[y, k]·cols[a, k, x] + offset[a, y] (a = head·n + agent).
+        heads: H.
+    """
+
+    #: elements of one chunk (4 MiB in float32): a whole number of map rows, at least one
+    CHUNK = 1 << 20
+
+    def __init__(self, factors: Tuple[Tensor, Tensor, Tensor], heads: int) -> None:
+        self.factors, self.heads = factors, heads
+        rows, cols, _ = factors
+        self.height, self.width = rows.shape[0], cols.shape[-1]
+        self.agents = cols.shape[0] // heads
+
+    @property
+    def shape(self) -> Tuple[int, int, int, int]:
+        """(1, H, n, h·w), the shape of the whole bias."""
+        return (1, self.heads, self.agents, self.height * self.width)
+
+    def chunks(self, dtype: torch.dtype):
+        """Yield (start, end, bias) over the tokens: bias (1, H, n, end - start) of ``dtype``, a view of a
+        buffer the next chunk overwrites (use it before advancing)."""
+        rows, cols, _ = self.factors
+        a, w = cols.shape[0], self.width
+        step = max(1, self.CHUNK // (a * w))
+        buffer = torch.empty(a * min(step, self.height) * w, dtype=cols.dtype, device=cols.device)
+        for y0 in range(0, self.height, step):
+            y1 = min(self.height, y0 + step)
+            part = plane_bias_rows(self.factors, y0, y1, out=buffer[: a * (y1 - y0) * w].view(a, y1 - y0, w))
+            yield y0 * w, y1 * w, part.view(1, self.heads, self.agents, (y1 - y0) * w).to(dtype)
+
+    def dense(self) -> Tensor:
+        """The whole bias (1, H, n, h·w)."""
+        return plane_bias_rows(self.factors, 0, self.height).reshape(self.shape)
+
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # (out, logsumexp)
 
-__all__ = ["agent_attention_fused", "channels_last_map", "depthwise_conv", "supports_fused"]
+__all__ = ["RowBias", "agent_attention_fused", "channels_last_map", "depthwise_conv", "plane_bias_rows", "supports_fused"]
 
 
 def channels_last_map(tokens: Tensor, layout: List[int]) -> Tensor:
