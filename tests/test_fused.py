@@ -276,7 +276,8 @@ def test_evaluation_builds_large_biases_by_map_rows_with_the_same_result(heads, 
         heads_of = (lambda t: t.reshape(2, t.shape[1], heads, 4).transpose(1, 2))
         o = agent_attention_reference(heads_of(q), heads_of(k), heads_of(v), heads_of(agents),
                                       agent_bias=b1, query_bias=b2)
-        o = o.transpose(1, 2).reshape(2, h * w, C) + functional.depthwise_local(v, [h, w], layer.dwc.weight, layer.dwc.bias)
+        local = functional.depthwise_local(v, [h, w], layer.dwc.weight, layer.dwc.bias)
+        o = o.transpose(1, 2).reshape(2, h * w, C) + local
         torch.testing.assert_close(out, layer.proj(o), rtol=1e-10, atol=1e-10)
 
 

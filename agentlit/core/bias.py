@@ -266,7 +266,6 @@ class AgentPositionBias(nn.Module):
                 _cache_biases(self, size, b1, b2)
         return b1, b2
 
-
     def _agent_plane(self, ry: Tensor, rx: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """B1 of an (h, w) plane in factored form (:func:`_plane_factors`); ry (h, 7), rx (w, 7) resize weights."""
         H, n = self.an_bias.shape[0], self.an_bias.shape[1]
@@ -320,7 +319,7 @@ class AgentPositionBias(nn.Module):
         return 2 * self.na_bias.shape[0] * self.na_bias.shape[1] * size[0] * size[1] > self.bias_cache_elements
 
     @torch.jit.unused
-    def position_bias_rows(self, size: List[int]) -> Tuple["RowBias", "RowBias"]:
+    def position_bias_rows(self, size: List[int]) -> Tuple[RowBias, RowBias]:
         """B1 and B2 (agent-major) of an (h, w) map as :class:`RowBias`: what :meth:`position_biases`
         returns, in factored form (cols and offset carry autograd to the parameters), for the CPU op to
         build by chunks of map rows. Eager only.
@@ -341,8 +340,7 @@ class AgentPositionBias(nn.Module):
         return b1, b2
 
 
-
-def _factor_tensors(biases: Tuple["RowBias", "RowBias"]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _factor_tensors(biases: Tuple[RowBias, RowBias]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(cols, offset) of B1, then of B2."""
     return biases[0].factors[1], biases[0].factors[2], biases[1].factors[1], biases[1].factors[2]
 
@@ -396,7 +394,6 @@ def _plane_factors(template: Tensor, ry: Tensor, rx: Tensor, col: Tensor, row: T
     cols = torch.cat([torch.matmul(template.reshape(H * n, th, tw), rx.t()), row], dim=1)  # (H·n, th + 1, w)
     rows = torch.cat([ry, torch.ones(ry.shape[0], 1, device=ry.device, dtype=ry.dtype)], dim=1)  # (h, th + 1)
     return rows, cols, col
-
 
 
 def _sequence_bias(template: Tensor, r: Tensor, term: Tensor) -> Tensor:

@@ -104,7 +104,9 @@ class RowBias:
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # (out, logsumexp)
 
-__all__ = ["RowBias", "agent_attention_fused", "channels_last_map", "depthwise_conv", "plane_bias_rows", "supports_fused"]
+__all__ = [
+    "RowBias", "agent_attention_fused", "channels_last_map", "depthwise_conv", "plane_bias_rows", "supports_fused",
+]
 
 
 def channels_last_map(tokens: Tensor, layout: List[int]) -> Tensor:
@@ -459,7 +461,8 @@ class _BiasGrad:
         y0, y1 = start // w, end // w
         grad = self.buffer[: a * (y1 - y0) * w].view(a, y1 - y0, w)
         part = rows[y0:y1].t()  # (K, R): bias[a, y, x] = Σ_k rows[y, k]·cols[a, k, x] + offset[a, y]
-        d_cols.baddbmm_(part.expand(a, part.shape[0], part.shape[1]).to(grad.dtype), grad)  # Σ_y rows[y, k]·dB[a, y, x]
+        # Σ_y rows[y, k]·dB[a, y, x]
+        d_cols.baddbmm_(part.expand(a, part.shape[0], part.shape[1]).to(grad.dtype), grad)
         d_offset[:, y0:y1].add_(grad.sum(-1, keepdim=True))
 
 
