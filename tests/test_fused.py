@@ -32,12 +32,23 @@ BIASES = {
 }
 
 
-@pytest.mark.parametrize("loop", ["batch", "heads"])
-@pytest.mark.parametrize("biases", list(BIASES))
-def test_forward_and_gradients_equal_the_naive_reference(biases, loop, monkeypatch):
-    """Both loop axes (the op loops over the heads of a layer with few heads, else over the batch)."""
+def _broadcast_path(path: str, monkeypatch) -> None:
+    """Route the broadcast step: agent-major token tiles ("tiles", layers of few agents) or flash calls
+    with a token-major bias ("flash", layers of many agents)."""
     from agentlit.core import fused
 
+    monkeypatch.setattr(fused, "_FLASH_BROADCAST", {"tiles": 1 << 30, "flash": 1}[path])
+
+
+@pytest.mark.parametrize("broadcast", ["tiles", "flash"])
+@pytest.mark.parametrize("loop", ["batch", "heads"])
+@pytest.mark.parametrize("biases", list(BIASES))
+def test_forward_and_gradients_equal_the_naive_reference(biases, loop, broadcast, monkeypatch):
+    """Both loop axes (the op loops over the heads of a layer with few heads, else over the batch), both
+    broadcast paths."""
+    from agentlit.core import fused
+
+    _broadcast_path(broadcast, monkeypatch)
     monkeypatch.setattr(fused, "_HEAD_LOOP", 0 if loop == "batch" else 4)  # as for many heads / few heads
     assert fused._loop_axis(H) == {"batch": 0, "heads": 1}[loop] == fused._loop_axis(2)
     torch.manual_seed(0)
@@ -242,13 +253,16 @@ def test_evaluation_keeps_no_bias_larger_than_the_cache_limit():
         assert "_bias_cache" not in layer.__dict__
 
 
+@pytest.mark.parametrize("broadcast", ["tiles", "flash"])
 @pytest.mark.parametrize("heads", [2, 6])  # the op loops over heads (few), else over the batch
-def test_evaluation_builds_large_biases_by_map_rows_with_the_same_result(heads, monkeypatch):
+def test_evaluation_builds_large_biases_by_map_rows_with_the_same_result(heads, broadcast, monkeypatch):
     """Above the cache limit an evaluating layer hands its biases to the op factored (RowBias), which
     builds them by chunks of whole map rows (here 2, 2, 2 and 1 of a 7-row map) and merges the
-    aggregation over the chunks by log-sum-exp: equal to the naive reference with the whole biases."""
+    aggregation over the chunks by log-sum-exp: equal to the naive reference with the whole biases.
+    B2 is built agent-major for the token tiles, token-major for the flash calls."""
     from agentlit.core import RowBias, functional
 
+    _broadcast_path(broadcast, monkeypatch)
     torch.manual_seed(16)
     h, w, C = 7, 5, heads * 4
     layer = AgentAttention(C, heads, feat_size=(4, 4), agent_num=4).double().eval()
@@ -257,19 +271,20 @@ def test_evaluation_builds_large_biases_by_map_rows_with_the_same_result(heads, 
     x = torch.randn(2, h * w, C, dtype=torch.float64)
     layer.bias_cache_elements = 2 * heads * 4 * h * w - 1  # just below the whole pair
     monkeypatch.setattr(RowBias, "CHUNK", heads * 4 * 2 * w)  # two map rows per chunk
-    drawn: list[tuple[int, int]] = []
+    drawn: list[tuple[int, int, bool]] = []
     chunks = RowBias.chunks
 
-    def spy(self, dtype):
-        for start, end, part in chunks(self, dtype):
-            drawn.append((start, end))
+    def spy(self, dtype, token_major=False):
+        for start, end, part in chunks(self, dtype, token_major):
+            drawn.append((start, end, token_major))
             yield start, end, part
 
     monkeypatch.setattr(RowBias, "chunks", spy)
     with torch.no_grad():
         out = layer(x, (h, w))
-        assert drawn[:4] == [(0, 10), (10, 20), (20, 30), (30, 35)]  # B1 for the aggregation, then B2
-        assert len(drawn) == 8
+        rows = [(0, 10), (10, 20), (20, 30), (30, 35)]
+        flash = broadcast == "flash"
+        assert drawn == [(*r, False) for r in rows] + [(*r, flash) for r in rows]  # B1 (aggregation), then B2
         b1, b2 = layer.position_biases([h, w])
         q, k, v = layer.qkv(x)
         agents, _ = functional.pool_agents(q, [h, w], [2, 2])
@@ -301,6 +316,12 @@ def test_row_biases_are_the_whole_biases_by_rows():
             assert [(s, e) for s, e, _ in parts] == [(0, 44), (44, 66)]
             torch.testing.assert_close(torch.cat([p for _, _, p in parts], -1), whole, rtol=0, atol=1e-12)
             torch.testing.assert_close(rows.dense(), whole, rtol=0, atol=1e-12)
+            # token-major: the transposed chunks, each token's agents contiguous
+            parts = [(start, end, part.clone()) for start, end, part in rows.chunks(torch.float64, token_major=True)]
+            assert [(s, e) for s, e, _ in parts] == [(0, 44), (44, 66)]
+            assert all(p.stride(-1) == 1 for _, _, p in parts)
+            torch.testing.assert_close(torch.cat([p for _, _, p in parts], -2), whole.transpose(-1, -2),
+                                       rtol=0, atol=1e-12)
     assert layer.builds_biases_by_rows([6, 11], 0)
     assert not layer.builds_biases_by_rows([6, 11], 1)  # prefix tokens: whole biases with their column
     assert not layer.builds_biases_by_rows([66], 0)
@@ -308,13 +329,15 @@ def test_row_biases_are_the_whole_biases_by_rows():
     assert not layer.builds_biases_by_rows([6, 11], 0)  # small enough to build whole (and keep)
 
 
+@pytest.mark.parametrize("broadcast", ["tiles", "flash"])
 @pytest.mark.parametrize("heads", [2, 6])
-def test_training_with_row_biases_gives_the_reference_gradients(heads, monkeypatch):
+def test_training_with_row_biases_gives_the_reference_gradients(heads, broadcast, monkeypatch):
     """A training layer above the size limit builds its biases by chunks of map rows in both passes and
     reduces each chunk's gradient into the bias factors: output and every gradient (input, projections,
     conv, every bias parameter) equal autograd through the naive reference with whole biases (fp64)."""
     from agentlit.core import RowBias, functional
 
+    _broadcast_path(broadcast, monkeypatch)
     torch.manual_seed(18)
     h, w, C = 7, 5, heads * 4
     layer = AgentAttention(C, heads, feat_size=(4, 4), agent_num=4).double()
@@ -493,8 +516,9 @@ def test_token_tiles_give_the_same_result(biases, monkeypatch):
     monkeypatch.setattr(fused, "_TILE", 8)
     monkeypatch.setattr(fused, "_MIN_TILE", 3)  # 13 queries / 11 keys in tiles of 3 or 4 tokens
     assert len(fused._tiles(N, 2)) > 2
-    test_forward_and_gradients_equal_the_naive_reference(biases, "batch", monkeypatch)
-    test_forward_and_gradients_equal_the_naive_reference(biases, "heads", monkeypatch)
+    for loop in ("batch", "heads"):
+        for broadcast in ("tiles", "flash"):  # the backward pass runs by tiles after either
+            test_forward_and_gradients_equal_the_naive_reference(biases, loop, broadcast, monkeypatch)
 
 
 @pytest.mark.parametrize("prefix", [0, 2])
@@ -504,3 +528,33 @@ def test_token_tiles_with_local_term_and_projection(prefix, monkeypatch):
     monkeypatch.setattr(fused, "_TILE", 8)
     monkeypatch.setattr(fused, "_MIN_TILE", 3)
     test_local_term_and_projection_fold_in_with_exact_gradients(prefix)
+
+
+def test_a_layer_of_many_agents_broadcasts_by_flash_calls(monkeypatch):
+    """From 64 agents the broadcast step is a flash call with B2 token-major (rows of n agents are long
+    enough for it); output and every gradient equal autograd through the naive reference (fp64)."""
+    from agentlit.core import fused, functional
+
+    calls = []
+    flash = fused._broadcast_flash
+    monkeypatch.setattr(fused, "_broadcast_flash", lambda *args: calls.append(args[1].shape) or flash(*args))
+    torch.manual_seed(19)
+    C, heads, size = 8, 2, (10, 12)
+    layer = AgentAttention(C, heads, feat_size=(8, 8), agent_num=64).double()
+    for p in layer.bias_parameters():
+        p.data.normal_()
+    x = torch.randn(2, size[0] * size[1], C, dtype=torch.float64, requires_grad=True)
+    out = layer(x, size)
+    assert calls == [(2, heads, 64, C // heads)]
+    grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
+
+    b1, b2 = layer.position_biases(list(size))
+    q, k, v = layer.qkv(x)
+    agents, _ = functional.pool_agents(q, list(size), [8, 8])
+    heads_of = (lambda t: t.reshape(2, t.shape[1], heads, C // heads).transpose(1, 2))
+    o = agent_attention_reference(heads_of(q), heads_of(k), heads_of(v), heads_of(agents), agent_bias=b1, query_bias=b2)
+    o = o.transpose(1, 2).reshape(x.shape) + functional.depthwise_local(v, list(size), layer.dwc.weight, layer.dwc.bias)
+    expected = layer.proj(o)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads, torch.autograd.grad(expected.square().sum(), [x, *layer.parameters()])):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

@@ -85,17 +85,28 @@ class RowBias:
         """(1, H, n, h·w), the shape of the whole bias."""
         return (1, self.heads, self.agents, self.height * self.width)
 
-    def chunks(self, dtype: torch.dtype):
+    def chunks(self, dtype: torch.dtype, token_major: bool = False):
         """Yield (start, end, bias) over the tokens: bias (1, H, n, end - start) of ``dtype``, a view of a
-        buffer the next chunk overwrites (use it before advancing)."""
-        rows, cols, _ = self.factors
+        buffer the next chunk overwrites (use it before advancing); with ``token_major`` the transposed
+        bias (1, H, end - start, n), a view of (tokens, H, n) memory (each token's row of agents contiguous)."""
+        rows, cols, offset = self.factors
         a, w = cols.shape[0], self.width
         step = max(1, self.CHUNK // (a * w))
         buffer = torch.empty(a * min(step, self.height) * w, dtype=cols.dtype, device=cols.device)
+        if token_major:  # (K, w·H·n): a chunk is then one (R, K) x (K, w·H·n) product, token-major
+            # (one 2-D transpose: 4x faster than the equivalent 3-D permute's copy)
+            cols_t = cols.reshape(a, -1).t().contiguous().view(cols.shape[1], w * a)
+            offset_t = offset[..., 0].t()  # (h, H·n)
         for y0 in range(0, self.height, step):
             y1 = min(self.height, y0 + step)
-            part = plane_bias_rows(self.factors, y0, y1, out=buffer[: a * (y1 - y0) * w].view(a, y1 - y0, w))
-            yield y0 * w, y1 * w, part.view(1, self.heads, self.agents, (y1 - y0) * w).to(dtype)
+            part = buffer[: a * (y1 - y0) * w]
+            if token_major:
+                torch.mm(rows[y0:y1], cols_t, out=part.view(y1 - y0, w * a))
+                part.view(y1 - y0, w, a).add_(offset_t[y0:y1, None])  # offset broadcast over x
+                yield y0 * w, y1 * w, part.view(1, (y1 - y0) * w, self.heads, self.agents).transpose(1, 2).to(dtype)
+            else:
+                plane_bias_rows(self.factors, y0, y1, out=part.view(a, y1 - y0, w))
+                yield y0 * w, y1 * w, part.view(1, self.heads, self.agents, (y1 - y0) * w).to(dtype)
 
     def dense(self) -> Tensor:
         """The whole bias (1, H, n, h·w)."""
@@ -234,6 +245,27 @@ def _aggregate(a: Tensor, k: Tensor, v: Tensor, b1: Optional[Bias], s: float) ->
     return agent_v, lse
 
 
+_FLASH_BROADCAST = 64  # agents from which the broadcast step is a flash call (rows of n agents are long enough)
+
+
+def _broadcast_flash(q: Tensor, a: Tensor, agent_v: Tensor, b2t: Optional[Bias], bs: float) -> Tensor:
+    """O = softmax(bs·Q Aᵀ + B2) V_A token-major (B, N, H, d) by flash calls with B2 token-major as the
+    mask (chunks of map rows for a :class:`RowBias`; a whole agent-major bias is transposed once)."""
+    B, H, N, d = q.shape
+    q, a, agent_v = q.detach(), a.detach(), agent_v.detach()
+    if not isinstance(b2t, RowBias):
+        b2 = None if b2t is None else b2t.detach().transpose(-1, -2)  # (·, ·, N, n)
+        if b2 is not None and b2.shape[-1] > 1 and b2.stride(-1) != 1:
+            b2 = b2.contiguous()  # flash reads the mask by rows of agents
+        # token-major already when q is a view of token-major memory (a layer's qkv projection)
+        return _flash(q, a, agent_v, 0.0, False, attn_mask=b2, scale=bs)[0].transpose(1, 2).contiguous()
+    out = torch.empty(B, N, H, d, dtype=q.dtype, device=q.device)
+    for first, last, mask in b2t.chunks(q.dtype, token_major=True):
+        part = _flash(q[:, :, first:last], a, agent_v, 0.0, False, attn_mask=mask, scale=bs)[0]
+        out[:, first:last].copy_(part.transpose(1, 2))
+    return out
+
+
 def _forward(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b1: Optional[Bias], b2t: Optional[Bias],
              s: float, bs: float) -> Tuple[Tensor, Tensor, Tensor]:
     """(O in token-major memory (B, N, H, d), V_A (B, H, n, d), log-sum-exp of the aggregation (B, H, n))."""
@@ -241,6 +273,8 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b1: Optional[Bias], b2t
     n = a.shape[2]
     # aggregation: also gives the log-sum-exp the backward pass needs to recompute the map by key tiles
     agent_v, lse = _aggregate(a, k, v, b1, s)  # (B, H, n, d), (B, H, n)
+    if n >= _FLASH_BROADCAST:
+        return _broadcast_flash(q, a, agent_v, b2t, bs), agent_v, lse
     out = torch.empty(B, N, H, d, dtype=q.dtype, device=q.device)
     axis = _loop_axis(H)
     o = out.transpose(1, 2)  # (B, H, N, d) view of token-major memory
