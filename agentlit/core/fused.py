@@ -197,12 +197,15 @@ def _aggregation_probs(a: Tensor, k: Tensor, b1: Optional[Tensor], s: float, lse
     return logits.sub_(lse).exp_()
 
 
-def _broadcast_probs_t(a: Tensor, q: Tensor, b2t: Optional[Tensor], bs: float) -> Tensor:
+def _broadcast_probs_t(a: Tensor, q: Tensor, b2t: Optional[Tensor], bs: float, lse: Optional[Tensor] = None) -> Tensor:
     """P2ᵀ = softmax over agents of bs·A Qᵀ + B2ᵀ: a (·, n, d), q (·, N, d) → (·, n, N). Each token's
-    column is its own softmax, so any range of tokens is exact on its own."""
+    column is its own softmax, so any range of tokens is exact on its own; with the tokens' log-sum-exps
+    lse (·, 1, N) (from the forward pass's flash calls) it is exp(logits − lse), with no reduction."""
     if b2t is None:
-        return torch.softmax(torch.bmm(a, q.transpose(1, 2)).mul_(bs), -2)
-    return torch.softmax(torch.baddbmm(b2t, a, q.transpose(1, 2), alpha=bs), -2)
+        logits = torch.bmm(a, q.transpose(1, 2)).mul_(bs)
+    else:
+        logits = torch.baddbmm(b2t, a, q.transpose(1, 2), alpha=bs)
+    return torch.softmax(logits, -2) if lse is None else logits.sub_(lse).exp_()
 
 
 def _cols(t: Optional[Tensor], start: int, end: int) -> Optional[Tensor]:
@@ -248,33 +251,38 @@ def _aggregate(a: Tensor, k: Tensor, v: Tensor, b1: Optional[Bias], s: float) ->
 _FLASH_BROADCAST = 64  # agents from which the broadcast step is a flash call (rows of n agents are long enough)
 
 
-def _broadcast_flash(q: Tensor, a: Tensor, agent_v: Tensor, b2t: Optional[Bias], bs: float) -> Tensor:
+def _broadcast_flash(q: Tensor, a: Tensor, agent_v: Tensor, b2t: Optional[Bias], bs: float) -> Tuple[Tensor, Tensor]:
     """O = softmax(bs·Q Aᵀ + B2) V_A token-major (B, N, H, d) by flash calls with B2 token-major as the
-    mask (chunks of map rows for a :class:`RowBias`; a whole agent-major bias is transposed once)."""
+    mask (chunks of map rows for a :class:`RowBias`; a whole agent-major bias is transposed once), and
+    the log-sum-exp of each token's logits (B, H, N)."""
     B, H, N, d = q.shape
     q, a, agent_v = q.detach(), a.detach(), agent_v.detach()
     if not isinstance(b2t, RowBias):
         b2 = None if b2t is None else b2t.detach().transpose(-1, -2)  # (·, ·, N, n)
         if b2 is not None and b2.shape[-1] > 1 and b2.stride(-1) != 1:
             b2 = b2.contiguous()  # flash reads the mask by rows of agents
+        out, lse = _flash(q, a, agent_v, 0.0, False, attn_mask=b2, scale=bs)
         # token-major already when q is a view of token-major memory (a layer's qkv projection)
-        return _flash(q, a, agent_v, 0.0, False, attn_mask=b2, scale=bs)[0].transpose(1, 2).contiguous()
+        return out.transpose(1, 2).contiguous(), lse
     out = torch.empty(B, N, H, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, N, dtype=q.dtype, device=q.device)
     for first, last, mask in b2t.chunks(q.dtype, token_major=True):
-        part = _flash(q[:, :, first:last], a, agent_v, 0.0, False, attn_mask=mask, scale=bs)[0]
+        part, lse[:, :, first:last] = _flash(q[:, :, first:last], a, agent_v, 0.0, False, attn_mask=mask, scale=bs)
         out[:, first:last].copy_(part.transpose(1, 2))
-    return out
+    return out, lse
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b1: Optional[Bias], b2t: Optional[Bias],
-             s: float, bs: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """(O in token-major memory (B, N, H, d), V_A (B, H, n, d), log-sum-exp of the aggregation (B, H, n))."""
+             s: float, bs: float) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """(O in token-major memory (B, N, H, d), V_A (B, H, n, d), log-sum-exp of the aggregation (B, H, n),
+    of the broadcast (B, H, N) where flash calls ran it, else None)."""
     B, H, N, d = q.shape
     n = a.shape[2]
     # aggregation: also gives the log-sum-exp the backward pass needs to recompute the map by key tiles
     agent_v, lse = _aggregate(a, k, v, b1, s)  # (B, H, n, d), (B, H, n)
     if n >= _FLASH_BROADCAST:
-        return _broadcast_flash(q, a, agent_v, b2t, bs), agent_v, lse
+        out, lse2 = _broadcast_flash(q, a, agent_v, b2t, bs)
+        return out, agent_v, lse, lse2
     out = torch.empty(B, N, H, d, dtype=q.dtype, device=q.device)
     axis = _loop_axis(H)
     o = out.transpose(1, 2)  # (B, H, N, d) view of token-major memory
@@ -285,7 +293,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b1: Optional[Bias], b2t
             for start, end in _tiles(last - first, H * n):
                 p2t = _broadcast_probs_t(ai, qi[:, start:end], _cols(bi, start, end), bs)  # (·, n, tile)
                 torch.bmm(p2t.transpose(1, 2), vai, out=oi[:, start:end])
-    return out, agent_v, lse
+    return out, agent_v, lse, None
 
 
 class _Local:
@@ -348,7 +356,7 @@ class _AgentAttentionFunction(torch.autograd.Function):
         H = q.shape[1]
         bias1 = b1 if c1 is None else RowBias((rows[0], c1.detach(), o1.detach()), H)
         bias2 = b2t if c2 is None else RowBias((rows[1], c2.detach(), o2.detach()), H)
-        out, agent_v, lse = _forward(q, k, v, a, bias1, bias2, s, bs)  # (B, N, H, d)
+        out, agent_v, lse, lse2 = _forward(q, k, v, a, bias1, bias2, s, bs)  # (B, N, H, d)
         B, N, H, d = out.shape
         x = out.view(B, N, H * d)
         if local is not None:
@@ -358,7 +366,7 @@ class _AgentAttentionFunction(torch.autograd.Function):
         ctx.bias_shapes = (None if b1 is None else b1.shape, None if b2t is None else b2t.shape)
         # rebuilt ones (whole biases, RowBias factors) are not kept
         kept = [None if r is not None else t for t, r in zip((b1, b2t, c1, o1, c2, o2), recipes)]
-        ctx.save_for_backward(q, k, v, a, agent_v, lse, dwc_weight, dwc_bias, proj_weight, *kept)
+        ctx.save_for_backward(q, k, v, a, agent_v, lse, lse2, dwc_weight, dwc_bias, proj_weight, *kept)
         if proj_weight is None:
             return out
         return F.linear(x, proj_weight, proj_bias)  # (B, N, C_out); x itself is not kept
@@ -372,7 +380,7 @@ class _AgentAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx: Any, grad_out: Tensor):  # noqa: ANN205
-        q, k, v, a, agent_v, lse, dwc_weight, dwc_bias, proj_weight, b1, b2t, c1, o1, c2, o2 = ctx.saved_tensors
+        q, k, v, a, agent_v, lse, lse2, dwc_weight, dwc_bias, proj_weight, b1, b2t, c1, o1, c2, o2 = ctx.saved_tensors
         has_dwc_bias, has_proj, has_proj_bias = ctx.has
         b1, b2t, c1, o1, c2, o2 = _biases_for_backward(ctx.recipes, (b1, b2t, c1, o1, c2, o2), q.dtype)
         s, bs, local = ctx.s, ctx.bs, ctx.local
@@ -412,8 +420,9 @@ class _AgentAttentionFunction(torch.autograd.Function):
                 ai, vai = a.select(axis, i), agent_v.select(axis, i)
                 qi, gi, dqi = (t.select(axis, i)[:, first:last] for t in (q, g, dqh))
                 b2i = _pick(bias, axis, i)
+                lse_i = None if lse2 is None else lse2.select(axis, i)[:, None, first:last]  # (·, 1, tokens)
                 for start, end in _tiles(last - first, H * n):  # per sample's size: the same tiles at any batch size
-                    p2t = _broadcast_probs_t(ai, qi[:, start:end], _cols(b2i, start, end), bs)
+                    p2t = _broadcast_probs_t(ai, qi[:, start:end], _cols(b2i, start, end), bs, _cols(lse_i, start, end))
                     g_t = gi[:, start:end]
                     if xh is not None:  # O rebuilt for dW of the projection
                         torch.bmm(p2t.transpose(1, 2), vai, out=xh.select(axis, i)[:, first + start:first + end])
