@@ -101,3 +101,29 @@ def test_ceiling_removes_exactly_the_default_patch_level():
         apply_patch(unet)
         assert get_state(unet) is not None
         remove_patch(unet)
+
+
+def test_core_rates_times_every_agent_layer_shape(tmp_path):
+    """benchmarks/core_rates.py finds the op's layer shapes from a real forward pass and times each (core,
+    its products alone, the softmax reference), with the MACs of the paper's cost model."""
+    out = tmp_path / "rates.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "core_rates.py", "--models", "agent_deit_tiny", "--sizes", "112:2",
+                           "--repeats", "1", "--warmup", "0", "--inner", "1", "--output", str(out)],
+                          cwd=ROOT / "benchmarks", env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = json.loads(out.read_text())["results"]  # Agent-DeiT-T: one layer shape, 12 layers
+    assert {k: row[k] for k in ("B", "H", "N", "M", "d", "n", "layers")} == dict(B=2, H=3, N=50, M=50, d=64, n=49, layers=12)
+    assert row["mac_ratio_vs_softmax"] == 50 * 50 / (49 * (50 + 50))
+    for name in ("core", "products", "softmax"):
+        assert row[f"{name}_ms"] > 0 and row[f"{name}_gmacs_per_s"] > 0
+    assert row["core_over_products"] == row["core_ms"] / row["products_ms"]
+
+
+def test_core_rates_refuses_a_model_that_is_not_an_agent_model(tmp_path):
+    proc = subprocess.run([sys.executable, "core_rates.py", "--models", "deit_tiny_patch16_224", "--output",
+                           str(tmp_path / "x.json")], cwd=ROOT / "benchmarks", capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2
+    assert "deit_tiny_patch16_224: not a registered agent model" in proc.stderr
+    assert "agent_deit_tiny" in proc.stderr and "Traceback" not in proc.stderr
