@@ -507,6 +507,49 @@ def test_split_projection_equals_linear_then_chunk(marked):
         torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6)
 
 
+def test_split_projection_writes_dense_parts_without_autograd_when_asked():
+    """Without autograd SplitLinear runs one wide GEMM (strided parts) unless asked for dense parts;
+    both give the values of nn.Linear + chunk."""
+    from agentlit.core.recompute import SplitLinear
+
+    torch.manual_seed(11)
+    split, x = SplitLinear(8, 24, chunks=3), torch.randn(2, 5, 8)
+    with torch.no_grad():
+        wide, dense = split(x), split(x, True)
+        ref = torch.nn.functional.linear(x, split.weight, split.bias).chunk(3, -1)
+    assert not any(p.is_contiguous() for p in wide) and all(p.is_contiguous() for p in dense)
+    for w, d, r in zip(wide, dense, ref):
+        torch.testing.assert_close(w, r, rtol=0, atol=0)
+        torch.testing.assert_close(d, r, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_an_evaluating_layer_without_prefix_reads_its_maps_in_place(prefix, monkeypatch):
+    """Evaluation: a layer with no prefix token asks its qkv projection for dense Q, K, V, so the depthwise
+    conv reads V's map as a view (no copy); behind a class token the map is a copy either way and the
+    one wide GEMM runs. The output is the same either way."""
+    import agentlit.core.fused as fused
+
+    torch.manual_seed(12)
+    layer = AgentAttention(16, 2, feat_size=(4, 4), agent_num=4, num_prefix_tokens=prefix).eval()
+    x = torch.randn(2, 16 + prefix, 16)
+    in_place = []
+    real = fused.channels_last_map
+
+    def spy(tokens, layout):  # noqa: ANN001, ANN202
+        in_place.append(tokens.reshape([tokens.shape[0]] + layout + [tokens.shape[2]]).is_contiguous())
+        return real(tokens, layout)
+
+    monkeypatch.setattr(fused, "channels_last_map", spy)
+    with torch.no_grad():
+        out = layer(x)
+    assert in_place == [prefix == 0]
+    with torch.no_grad():  # the same layer on wide (strided) parts
+        q, k, v = torch.nn.functional.linear(x, layer.qkv.weight, layer.qkv.bias).chunk(3, -1)
+        ref = layer.attend(q, k, v, [4, 4], None, None, False, project=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("biases", ["shared", "per_batch", "broadcast_axes"])
 def test_token_tiles_give_the_same_result(biases, monkeypatch):
     """Large maps run tile by tile along the tokens (cache-sized logits); forced tiny tiles here, the

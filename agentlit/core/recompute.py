@@ -185,18 +185,28 @@ class SplitLinear(RecomputingLinear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.chunks = chunks
 
-    def forward(self, x: Tensor) -> List[Tensor]:  # type: ignore[override]
-        if not torch.jit.is_scripting() and _split_eagerly(x):
+    def forward(self, x: Tensor, dense: bool = False) -> List[Tensor]:  # type: ignore[override]
+        """The parts of x Wᵀ + b, each (..., out_features / chunks).
+
+        Args:
+            x: (..., in_features).
+            dense: write the parts dense without autograd too (one GEMM per part instead of one wide
+                GEMM): worth it when a part is read as a map (a depthwise conv, the agent pooling), which
+                a strided part would first copy.
+        """
+        if not torch.jit.is_scripting() and _split_eagerly(x, dense):
             return _apply_split(x, self.weight, self.bias, self.chunks)
         return list(F.linear(x, self.weight, self.bias).chunk(self.chunks, -1))
 
 
 @torch.jit.unused
-def _split_eagerly(x: Tensor) -> bool:
-    # CPU eager float32/64 training: under autocast (half GEMMs) or torch.compile the plain linear +
-    # chunk runs, and so it does without autograd, where one wide GEMM beats three narrow ones (4% of
-    # Agent-DeiT-T's inference at 896²) and the strided parts cost the fused op nothing
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and torch.is_grad_enabled()
+def _split_eagerly(x: Tensor, dense: bool = False) -> bool:
+    # CPU eager float32/64, in training or when asked (``dense``): under autocast (half GEMMs) or
+    # torch.compile the plain linear + chunk runs, and so it does without autograd unless asked, where
+    # one wide GEMM beats three narrow ones when the strided parts cost nothing downstream (1% of
+    # Agent-DeiT-T's inference at 896²; with a class token its map is a copy either way)
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and (dense or torch.is_grad_enabled())
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
