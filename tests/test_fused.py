@@ -375,10 +375,17 @@ def test_training_with_row_biases_gives_the_reference_gradients(heads, broadcast
     assert not built
 
 
+@pytest.mark.parametrize("broadcast", ["tiles", "flash"])
 @pytest.mark.parametrize("prefix", [0, 2])
-def test_local_term_and_projection_fold_in_with_exact_gradients(prefix):
+def test_local_term_and_projection_fold_in_with_exact_gradients(prefix, broadcast, monkeypatch):
     """O + DWC(V) then the output projection, inside the op: equal to the composition of the naive
-    reference, a depthwise conv and a linear layer, forward and every gradient (fp64)."""
+    reference, a depthwise conv and a linear layer, forward (with and without autograd) and every
+    gradient (fp64). Without a prefix the broadcast step adds O into the conv's output."""
+    _broadcast_path(broadcast, monkeypatch)
+    _check_local_term_and_projection(prefix)
+
+
+def _check_local_term_and_projection(prefix: int) -> None:
     torch.manual_seed(7)
     h, w, C = 3, 4, H * d
     T = prefix + h * w
@@ -406,6 +413,8 @@ def test_local_term_and_projection_fold_in_with_exact_gradients(prefix):
     ref_in, ours_in = _leaves(*inputs), _leaves(*inputs)
     ref, ours = naive(*ref_in), fused(*ours_in)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-10)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(*inputs), ref, rtol=0, atol=1e-10)
     ref.backward(grad)
     ours.backward(grad)
     for name, r, o in zip(("qkv", "agents", "B1", "B2", "conv weight", "conv bias", "proj weight", "proj bias"),
@@ -570,7 +579,7 @@ def test_token_tiles_with_local_term_and_projection(prefix, monkeypatch):
 
     monkeypatch.setattr(fused, "_TILE", 8)
     monkeypatch.setattr(fused, "_MIN_TILE", 3)
-    test_local_term_and_projection_fold_in_with_exact_gradients(prefix)
+    _check_local_term_and_projection(prefix)
 
 
 def test_a_layer_of_many_agents_broadcasts_by_flash_calls(monkeypatch):

@@ -256,10 +256,11 @@ def _aggregate(a: Tensor, k: Tensor, v: Tensor, b1: Optional[Bias], s: float) ->
 _FLASH_BROADCAST = 64  # agents from which the broadcast step is a flash call (rows of n agents are long enough)
 
 
-def _broadcast_flash(q: Tensor, a: Tensor, agent_v: Tensor, b2t: Optional[Bias], bs: float) -> Tuple[Tensor, Tensor]:
+def _broadcast_flash(q: Tensor, a: Tensor, agent_v: Tensor, b2t: Optional[Bias], bs: float,
+                     into: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """O = softmax(bs·Q Aᵀ + B2) V_A token-major (B, N, H, d) by flash calls with B2 token-major as the
-    mask (chunks of map rows for a :class:`RowBias`; a whole agent-major bias is transposed once), and
-    the log-sum-exp of each token's logits (B, H, N)."""
+    mask (chunks of map rows for a :class:`RowBias`; a whole agent-major bias is transposed once), added
+    into ``into`` when given, and the log-sum-exp of each token's logits (B, H, N)."""
     B, H, N, d = q.shape
     q, a, agent_v = q.detach(), a.detach(), agent_v.detach()
     if not isinstance(b2t, RowBias):
@@ -267,28 +268,33 @@ def _broadcast_flash(q: Tensor, a: Tensor, agent_v: Tensor, b2t: Optional[Bias],
         if b2 is not None and b2.shape[-1] > 1 and b2.stride(-1) != 1:
             b2 = b2.contiguous()  # flash reads the mask by rows of agents
         out, lse = _flash(q, a, agent_v, 0.0, False, attn_mask=b2, scale=bs)
+        if into is not None:
+            return into.add_(out.transpose(1, 2)), lse
         # token-major already when q is a view of token-major memory (a layer's qkv projection)
         return out.transpose(1, 2).contiguous(), lse
-    out = torch.empty(B, N, H, d, dtype=q.dtype, device=q.device)
+    out = torch.empty(B, N, H, d, dtype=q.dtype, device=q.device) if into is None else into
     lse = torch.empty(B, H, N, dtype=q.dtype, device=q.device)
     for first, last, mask in b2t.chunks(q.dtype, token_major=True):
         part, lse[:, :, first:last] = _flash(q[:, :, first:last], a, agent_v, 0.0, False, attn_mask=mask, scale=bs)
-        out[:, first:last].copy_(part.transpose(1, 2))
+        if into is None:
+            out[:, first:last].copy_(part.transpose(1, 2))
+        else:
+            out[:, first:last].add_(part.transpose(1, 2))
     return out, lse
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b1: Optional[Bias], b2t: Optional[Bias],
-             s: float, bs: float) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-    """(O in token-major memory (B, N, H, d), V_A (B, H, n, d), log-sum-exp of the aggregation (B, H, n),
-    of the broadcast (B, H, N) where flash calls ran it, else None)."""
+             s: float, bs: float, into: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """(O in token-major memory (B, N, H, d), added into ``into`` (B, N, H, d) when given, V_A (B, H, n, d),
+    log-sum-exp of the aggregation (B, H, n), of the broadcast (B, H, N) where flash calls ran it, else None)."""
     B, H, N, d = q.shape
     n = a.shape[2]
     # aggregation: also gives the log-sum-exp the backward pass needs to recompute the map by key tiles
     agent_v, lse = _aggregate(a, k, v, b1, s)  # (B, H, n, d), (B, H, n)
     if n >= _FLASH_BROADCAST:
-        out, lse2 = _broadcast_flash(q, a, agent_v, b2t, bs)
+        out, lse2 = _broadcast_flash(q, a, agent_v, b2t, bs, into)
         return out, agent_v, lse, lse2
-    out = torch.empty(B, N, H, d, dtype=q.dtype, device=q.device)
+    out = torch.empty(B, N, H, d, dtype=q.dtype, device=q.device) if into is None else into
     axis = _loop_axis(H)
     o = out.transpose(1, 2)  # (B, H, N, d) view of token-major memory
     for first, last, bias in _chunks(b2t, N, q.dtype):  # whole biases: one range
@@ -297,7 +303,10 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b1: Optional[Bias], b2t
                                    o.select(axis, i)[:, first:last], _pick(bias, axis, i))
             for start, end in _tiles(last - first, H * n):
                 p2t = _broadcast_probs_t(ai, qi[:, start:end], _cols(bi, start, end), bs)  # (·, n, tile)
-                torch.bmm(p2t.transpose(1, 2), vai, out=oi[:, start:end])
+                if into is None:
+                    torch.bmm(p2t.transpose(1, 2), vai, out=oi[:, start:end])
+                else:
+                    oi[:, start:end].baddbmm_(p2t.transpose(1, 2), vai)
     return out, agent_v, lse, None
 
 
@@ -306,6 +315,20 @@ class _Local:
 
     def __init__(self, layout: Sequence[int], prefix: int) -> None:
         self.layout, self.prefix = list(layout), prefix
+
+    def first(self, v: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
+        """With no prefix tokens, the local term as the (B, N, H, d) token-major tensor O is then added
+        into (the conv's output: no separate O, no extra pass); else None (O first, the term added after)."""
+        if self.prefix:
+            return None
+        B, H, N, d = v.shape
+        return self.conv(v, weight, bias).view(B, N, H, d)
+
+    def add_to(self, out: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+        """Add the local term to the layout tokens of O (B, N, H, d) (prefix layers, after the broadcast)."""
+        if self.prefix:
+            B, N, H, d = out.shape
+            out.view(B, N, H * d)[:, self.prefix:].add_(self.conv(v, weight, bias))
 
     def tokens(self, v: Tensor) -> Tensor:
         """V (B, H, M, d) → its layout tokens (B, M - P, C), a view of token-major memory."""
@@ -361,11 +384,12 @@ class _AgentAttentionFunction(torch.autograd.Function):
         H = q.shape[1]
         bias1 = b1 if c1 is None else RowBias((rows[0], c1.detach(), o1.detach()), H)
         bias2 = b2t if c2 is None else RowBias((rows[1], c2.detach(), o2.detach()), H)
-        out, agent_v, lse, lse2 = _forward(q, k, v, a, bias1, bias2, s, bs)  # (B, N, H, d)
+        into = None if local is None else local.first(v, dwc_weight, dwc_bias)
+        out, agent_v, lse, lse2 = _forward(q, k, v, a, bias1, bias2, s, bs, into)  # (B, N, H, d)
         B, N, H, d = out.shape
         x = out.view(B, N, H * d)
         if local is not None:
-            x[:, local.prefix:].add_(local.conv(v, dwc_weight, dwc_bias))
+            local.add_to(out, v, dwc_weight, dwc_bias)
         ctx.recipes, ctx.rows, ctx.local, ctx.s, ctx.bs = recipes, rows, local, s, bs
         ctx.has = (dwc_bias is not None, proj_weight is not None, proj_bias is not None)
         ctx.bias_shapes = (None if b1 is None else b1.shape, None if b2t is None else b2t.shape)
@@ -620,8 +644,9 @@ def _forward_only(q: Tensor, k: Tensor, v: Tensor, agents: Tensor, b1: Optional[
                   bs: float, dwc_weight: Optional[Tensor], dwc_bias: Optional[Tensor], local: Optional[_Local],
                   proj_weight: Optional[Tensor], proj_bias: Optional[Tensor]) -> Tensor:
     """The op without autograd: O (+ local term) (+ projection), as the autograd function returns it."""
-    out = _forward(q, k, v, agents, b1, b2t, s, bs)[0]
+    into = None if local is None else local.first(v, dwc_weight, dwc_bias)
+    out = _forward(q, k, v, agents, b1, b2t, s, bs, into)[0]
     B, N, H, d = out.shape
     if local is not None:
-        out.view(B, N, H * d)[:, local.prefix:].add_(local.conv(v, dwc_weight, dwc_bias))
+        local.add_to(out, v, dwc_weight, dwc_bias)
     return out if proj_weight is None else F.linear(out.view(B, N, H * d), proj_weight, proj_bias)
