@@ -47,6 +47,20 @@ def test_agent_attention_macs_follow_the_formula_and_mode_is_restored():
     assert layer.training
 
 
+class _Accumulate(nn.Module):
+    """Products accumulated in place (the CPU op adds the broadcast step into the local term)."""
+
+    def forward(self, a, b, c, d):
+        acc = torch.zeros(a.shape[0], a.shape[1], b.shape[2]).baddbmm_(a, b)
+        return acc, torch.zeros(c.shape[0], d.shape[1]).addmm_(c, d)
+
+
+def test_in_place_products_count_as_their_out_of_place_forms():
+    a, b, c, d = torch.randn(2, 3, 4), torch.randn(2, 4, 5), torch.randn(3, 6), torch.randn(6, 7)
+    total, _ = count_macs(_Accumulate(), a, b, c, d)
+    assert total == 2 * 3 * 4 * 5 + 3 * 6 * 7
+
+
 class _ConstantWork(nn.Module):
     """Products of parameters / buffers / new tensors alone, one with the input, one with noise."""
 

@@ -34,9 +34,12 @@ class _VariableFlopCounter(FlopCounterMode):
     Every op passes through ``_count_flops`` (decomposed ones as their parts)."""
 
     def __init__(self, **kwargs: Any) -> None:
-        # the CPU flash kernel (agentlit.core.fused calls it for the aggregation step) has no formula in torch
-        flash_cpu = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _flash_cpu_flop}
-        super().__init__(custom_mapping={**flash_cpu, **kwargs.pop("custom_mapping", {})}, **kwargs)
+        # the CPU flash kernel (agentlit.core.fused calls it for the aggregation step) has no formula in torch,
+        # nor do the in-place products (the fused op accumulates the broadcast step into the local term)
+        aten = torch.ops.aten
+        extra = {aten._scaled_dot_product_flash_attention_for_cpu: _flash_cpu_flop,
+                 aten.baddbmm_: _accumulating_product_flop, aten.addmm_: _accumulating_product_flop}
+        super().__init__(custom_mapping={**extra, **kwargs.pop("custom_mapping", {})}, **kwargs)
 
     def _count_flops(self, func_packet, out, args, kwargs):
         operands = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
@@ -63,6 +66,17 @@ class _VariableFlopCounter(FlopCounterMode):
 def _flash_cpu_flop(query_shape, key_shape, value_shape, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
     """FLOPs of ``softmax(Q Kᵀ) V``: q (B, H, L, d), k (B, H, S, d), v (B, H, S, dv)."""
     return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _accumulating_product_flop(self_shape, a_shape, b_shape, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """FLOPs of ``self += a @ b`` (``addmm_``: (m, k) @ (k, n); ``baddbmm_``: batched), as torch counts them
+    for the out-of-place ``addmm`` / ``baddbmm``: the product's, the addition being free."""
+    *batch, m, k = a_shape
+    n = b_shape[-1]
+    flops = 2 * m * k * n
+    for size in batch:
+        flops *= size
+    return flops
 
 
 def _overloads(packet) -> list:
