@@ -27,7 +27,8 @@ Why not two ``scaled_dot_product_attention`` calls (what CUDA and TorchScript ru
   the backward rebuilds them, so a layer stores no (n × N) tensor at all.
 - **No layout copies.** The loops run over the batch, each step a batched matmul over heads on
   strided views of Q, K and V (every head matrix has a unit last stride), writing into token-major
-  (B, N, H, d) buffers, so the output and the gradients of Q, K and V need no transposing copy.
+  (B, N, H, d) buffers, so the output and the gradients of Q, K and V need no transposing copy. With
+  no prefix tokens the depthwise conv's output is that buffer: the broadcast step adds O into it.
 - **Large biases by map rows.** Above a layer's size limit the biases arrive factored
   (:class:`~agentlit.core.RowBias`): both passes build them by chunks of whole map rows in one reused
   buffer and the backward pass reduces each chunk's gradient into the factors, so no whole (n × N)
@@ -422,14 +423,22 @@ class _AgentAttentionFunction(torch.autograd.Function):
             grad_y = grad_out.reshape(B * N, -1)
             g_x = torch.mm(grad_y, proj_weight).view(B, N, H, d)
             d_proj_bias = grad_y.sum(0) if has_proj_bias and need[9] else None
-            if need[8]:
-                x = torch.empty(B, N, H, d, **kw)  # X = O + local, filled by the loop and the local term
         else:
             g_x = grad_out
+        # the local term first: with no prefix tokens its conv outputs start X and dV, into which the
+        # loops below add (no separate buffers, no extra pass); behind prefix tokens they are added after
+        d_local = d_dwc_weight = d_dwc_bias = None
+        if local is not None:
+            mask = [True, bool(need[6]), has_dwc_bias and bool(need[7])]
+            d_local, d_dwc_weight, d_dwc_bias = local.backward(
+                g_x.reshape(B, N, C)[:, local.prefix:], v, dwc_weight, has_dwc_bias, mask)
+        into = local is not None and not local.prefix
+        if has_proj and need[8]:  # X = O + local, filled by the loop and the local term
+            x = local.first(v, dwc_weight, dwc_bias) if into else torch.empty(B, N, H, d, **kw)
         g = g_x.transpose(1, 2)  # (B, H, N, d) view of the token-major gradient of O
         dq = torch.empty(B, N, H, d, **kw)
         dk = torch.empty(B, M, H, d, **kw)
-        dv = torch.empty(B, M, H, d, **kw)
+        dv = d_local.view(B, M, H, d) if into else torch.empty(B, M, H, d, **kw)
         da = torch.empty_like(a)
         grad1 = _BiasGrad(b1 if c1 is None else RowBias((ctx.rows[0], c1, o1), H), ctx.bias_shapes[0],
                           need[4] if c1 is None else need[10] or need[11], kw)
@@ -454,7 +463,11 @@ class _AgentAttentionFunction(torch.autograd.Function):
                     p2t = _broadcast_probs_t(ai, qi[:, start:end], _cols(b2i, start, end), bs, _cols(lse_i, start, end))
                     g_t = gi[:, start:end]
                     if xh is not None:  # O rebuilt for dW of the projection
-                        torch.bmm(p2t.transpose(1, 2), vai, out=xh.select(axis, i)[:, first + start:first + end])
+                        x_t = xh.select(axis, i)[:, first + start:first + end]
+                        if into:
+                            x_t.baddbmm_(p2t.transpose(1, 2), vai)
+                        else:
+                            torch.bmm(p2t.transpose(1, 2), vai, out=x_t)
                     dva[i].baddbmm_(p2t, g_t)
                     ds2t = _softmax_backward_(p2t, torch.bmm(vai, g_t.transpose(1, 2)), -2)  # (·, n, tile)
                     _accumulate(_cols(db, start, end), axis, i, ds2t)
@@ -472,7 +485,10 @@ class _AgentAttentionFunction(torch.autograd.Function):
                 for start, end in _tiles(last - first, H * n):
                     k_t, v_t = ki[:, start:end], vi[:, start:end]
                     p1 = _aggregation_probs(ai, k_t, _cols(b1i, start, end), s, lse_i)  # (·, n, tile)
-                    torch.bmm(p1.transpose(1, 2), dva[i], out=dvi[:, start:end])
+                    if into:
+                        dvi[:, start:end].baddbmm_(p1.transpose(1, 2), dva[i])
+                    else:
+                        torch.bmm(p1.transpose(1, 2), dva[i], out=dvi[:, start:end])
                     ds1 = torch.bmm(dva[i], v_t.transpose(1, 2)).sub_(sums[i]).mul_(p1)  # (·, n, tile)
                     _accumulate(_cols(db, start, end), axis, i, ds1)
                     dai[i].baddbmm_(ds1, k_t, alpha=s)
@@ -480,13 +496,9 @@ class _AgentAttentionFunction(torch.autograd.Function):
             grad1.reduce(first, last)
         for i in slices:
             da.select(axis, i).copy_(dai[i])
-        d_dwc_weight = d_dwc_bias = None
-        if local is not None:
+        if local is not None and not into:
             if x is not None:  # the local term of X, recomputed (a depthwise conv: cheap next to keeping X)
-                x.view(B, N, C)[:, local.prefix:].add_(local.conv(v, dwc_weight, dwc_bias))
-            mask = [True, bool(need[6]), has_dwc_bias and bool(need[7])]
-            d_local, d_dwc_weight, d_dwc_bias = local.backward(
-                g_x.reshape(B, N, C)[:, local.prefix:], v, dwc_weight, has_dwc_bias, mask)
+                local.add_to(x, v, dwc_weight, dwc_bias)
             dv.view(B, M, C)[:, local.prefix:].add_(d_local)
         if x is not None:
             d_proj_weight = torch.mm(grad_out.reshape(B * N, -1).t(), x.view(B * N, C))
