@@ -46,13 +46,16 @@ PAPER_CPU_SPEEDUP = {("agent_pvt_small", "pvt_v1_large"): 2.1, ("agent_swin_smal
 def _interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeats: int,
                  clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Seconds (by ``clock``) per call of each fn, the fns taking turns round by round so that a change
-    in the machine's load hits every model of a pair alike."""
+    in the machine's load hits every model of a pair alike; every other round runs them in reverse order,
+    so none is always the one that follows another (what a call leaves behind, such as memory to page
+    in again, then falls on each alike)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for r in range(repeats):
+        for name, fn in order if r % 2 == 0 else order[::-1]:
             t = clock()
             fn()
             times[name].append(clock() - t)
