@@ -375,39 +375,42 @@ def test_training_with_row_biases_gives_the_reference_gradients(heads, broadcast
     assert not built
 
 
+@pytest.mark.parametrize("rank", [2, 1])  # conv2d writes token-major memory from channels-last input, conv1d not
 @pytest.mark.parametrize("broadcast", ["tiles", "flash"])
 @pytest.mark.parametrize("prefix", [0, 2])
-def test_local_term_and_projection_fold_in_with_exact_gradients(prefix, broadcast, monkeypatch):
+def test_local_term_and_projection_fold_in_with_exact_gradients(prefix, broadcast, rank, monkeypatch):
     """O + DWC(V) then the output projection, inside the op: equal to the composition of the naive
     reference, a depthwise conv and a linear layer, forward (with and without autograd) and every
     gradient (fp64). Without a prefix the broadcast step adds O into the conv's output."""
     _broadcast_path(broadcast, monkeypatch)
-    _check_local_term_and_projection(prefix)
+    _check_local_term_and_projection(prefix, rank)
 
 
-def _check_local_term_and_projection(prefix: int) -> None:
+def _check_local_term_and_projection(prefix: int, rank: int = 2) -> None:
     torch.manual_seed(7)
     h, w, C = 3, 4, H * d
+    layout = [h, w] if rank == 2 else [h * w]
     T = prefix + h * w
     qkv = torch.randn(B, T, 3, H, d, dtype=torch.float64)
     a = torch.randn(B, H, n, d, dtype=torch.float64)
     b1, b2 = torch.randn(1, H, n, T, dtype=torch.float64), torch.randn(1, H, T, n, dtype=torch.float64)
-    conv_w, conv_b = torch.randn(C, 1, 3, 3, dtype=torch.float64), torch.randn(C, dtype=torch.float64)
+    conv_w, conv_b = torch.randn(C, 1, *[3] * rank, dtype=torch.float64), torch.randn(C, dtype=torch.float64)
     proj_w, proj_b = torch.randn(7, C, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
     grad = torch.randn(B, T, 7, dtype=torch.float64)
 
     def naive(qkv, a, b1, b2, conv_w, conv_b, proj_w, proj_b):
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, H, T, d)
         o = agent_attention_reference(q, k, v, a, agent_bias=b1, query_bias=b2).transpose(1, 2).reshape(B, T, C)
-        v_map = v.transpose(1, 2).reshape(B, T, C)[:, prefix:].transpose(1, 2).reshape(B, C, h, w)
-        local = torch.nn.functional.conv2d(v_map, conv_w, conv_b, padding=1, groups=C).flatten(2).transpose(1, 2)
+        v_map = v.transpose(1, 2).reshape(B, T, C)[:, prefix:].transpose(1, 2).reshape(B, C, *layout)
+        conv = torch.nn.functional.conv2d if rank == 2 else torch.nn.functional.conv1d
+        local = conv(v_map, conv_w, conv_b, padding=1, groups=C).flatten(2).transpose(1, 2)
         o = torch.cat([o[:, :prefix], o[:, prefix:] + local], dim=1)
         return torch.nn.functional.linear(o, proj_w, proj_b)
 
     def fused(qkv, a, b1, b2, conv_w, conv_b, proj_w, proj_b):
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
         return agent_attention_fused(q, k, v, a, b1, b2, d**-0.5, d**-0.5, dwc_weight=conv_w, dwc_bias=conv_b,
-                                     layout=[h, w], num_prefix_tokens=prefix, proj_weight=proj_w, proj_bias=proj_b)
+                                     layout=layout, num_prefix_tokens=prefix, proj_weight=proj_w, proj_bias=proj_b)
 
     inputs = (qkv, a, b1, b2, conv_w, conv_b, proj_w, proj_b)
     ref_in, ours_in = _leaves(*inputs), _leaves(*inputs)

@@ -323,7 +323,8 @@ class _Local:
         if self.prefix:
             return None
         B, H, N, d = v.shape
-        return self.conv(v, weight, bias).view(B, N, H, d)
+        # a 2-D / 3-D conv on channels-last input writes token-major memory (a view); conv1d does not
+        return self.conv(v, weight, bias).contiguous().view(B, N, H, d)
 
     def add_to(self, out: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
         """Add the local term to the layout tokens of O (B, N, H, d) (prefix layers, after the broadcast)."""
@@ -438,7 +439,7 @@ class _AgentAttentionFunction(torch.autograd.Function):
         g = g_x.transpose(1, 2)  # (B, H, N, d) view of the token-major gradient of O
         dq = torch.empty(B, N, H, d, **kw)
         dk = torch.empty(B, M, H, d, **kw)
-        dv = d_local.view(B, M, H, d) if into else torch.empty(B, M, H, d, **kw)
+        dv = d_local.contiguous().view(B, M, H, d) if into else torch.empty(B, M, H, d, **kw)
         da = torch.empty_like(a)
         grad1 = _BiasGrad(b1 if c1 is None else RowBias((ctx.rows[0], c1, o1), H), ctx.bias_shapes[0],
                           need[4] if c1 is None else need[10] or need[11], kw)
