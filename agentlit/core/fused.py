@@ -327,7 +327,8 @@ class _Local:
         return self.conv(v, weight, bias).contiguous().view(B, N, H, d)
 
     def add_to(self, out: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
-        """Add the local term to the layout tokens of O (B, N, H, d) (prefix layers, after the broadcast)."""
+        """Add the local term to the layout tokens of O (B, N, H, d) after the broadcast step: behind prefix
+        tokens only; without them :meth:`first` already started O with it, and this does nothing."""
         if self.prefix:
             B, N, H, d = out.shape
             out.view(B, N, H * d)[:, self.prefix:].add_(self.conv(v, weight, bias))
