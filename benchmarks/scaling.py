@@ -18,10 +18,15 @@ For every pair and size, in one spawned process:
 - **training peak memory**: the peak of live tensor bytes during one training step
   (:func:`agentlit.utils.memory.peak_memory`), agent vs baseline.
 
-``--ceiling`` also times the agent model with its agent-attention products made free (the fused op
-replaced by O = Q plus the local term and the projection; agent pooling and bias build still run): the
-**ceiling**, baseline time / that time, is the most any faster agent core could reach with the rest of
-the model as it is; where the ceiling's efficiency is below a target, no attention kernel reaches it.
+``--ceiling`` also times the agent model twice more, with its agent core replaced (agent pooling, bias
+build, the local term and the projection still run):
+- **flash**: the two agent steps as PyTorch's own fused attention kernel runs them, without position
+  biases (``scaled_dot_product_attention`` of A over K, V, then of Q over A, V_A: the CPU flash kernel,
+  forward and backward). Baseline time / that time is what the agent model would reach if its core ran
+  at the rate of the best fused kernel PyTorch ships, its biases free;
+- **free**: O = Q, no attention products at all. Baseline time / that time, the **ceiling**, is the most
+  any agent core could reach with the rest of the model as it is; where the ceiling's efficiency is
+  below a target, no attention kernel reaches it.
 
 Each speed ratio is printed beside its MAC ratio; JSON and a plot (speed ratio and limit vs
 resolution, memory ratio) go to ``benchmarks/results/scaling.{json,png}``. Times are process CPU
@@ -72,12 +77,13 @@ def _build(name: str, size: int | str, detection: bool) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
-_FREE_CORE = [False]  # switched on while the ceiling variant runs
+_STAND_IN: list[str | None] = [None]  # the agent core's stand-in while a ceiling variant runs: "free" or "flash"
 
 
-def _install_free_core_switch() -> None:
-    """Route agentlit's fused agent op through a switch: off, the real op; on, a stand-in whose
-    attention products cost nothing (O = Q), the depthwise local term and the projection kept."""
+def _install_core_switch() -> None:
+    """Route agentlit's fused agent op through a switch: off, the real op; "free", a stand-in whose
+    attention products cost nothing (O = Q); "flash", the two agent steps as bias-free SDPA calls (the
+    CPU flash kernel). Both keep the depthwise local term and the projection."""
     import torch.nn.functional as F
 
     from agentlit.core import functional
@@ -86,12 +92,17 @@ def _install_free_core_switch() -> None:
 
     def switch(q, k, v, agents, agent_bias, query_bias, scale, broadcast_scale, *, dwc_weight=None, dwc_bias=None,
                layout=None, num_prefix_tokens=0, proj_weight=None, proj_bias=None):
-        if not _FREE_CORE[0]:
+        if _STAND_IN[0] is None:
             return real(q, k, v, agents, agent_bias, query_bias, scale, broadcast_scale, dwc_weight=dwc_weight,
                         dwc_bias=dwc_bias, layout=layout, num_prefix_tokens=num_prefix_tokens,
                         proj_weight=proj_weight, proj_bias=proj_bias)
         B, H, N, d = q.shape
-        out = q.transpose(1, 2).reshape(B, N, H * d)  # (B, N, C): O = Q, token-major
+        if _STAND_IN[0] == "flash":
+            agent_v = F.scaled_dot_product_attention(agents, k, v, scale=scale)  # (B, H, n, d)
+            o = F.scaled_dot_product_attention(q, agents, agent_v, scale=broadcast_scale)  # (B, H, N, d)
+        else:
+            o = q  # O = Q
+        out = o.transpose(1, 2).reshape(B, N, H * d)  # (B, N, C) token-major
         if dwc_weight is not None:
             P = num_prefix_tokens
             tokens = v.transpose(1, 2).reshape(B, N, H * d)[:, P:]  # V's layout tokens (B, N - P, C)
@@ -102,14 +113,17 @@ def _install_free_core_switch() -> None:
     functional.agent_attention_fused = switch
 
 
-def _free(fn: Callable[[], object]) -> Callable[[], object]:
+def _with_stand_in(kind: str, fn: Callable[[], object]) -> Callable[[], object]:
     def run() -> object:
-        _FREE_CORE[0] = True
+        _STAND_IN[0] = kind
         try:
             return fn()
         finally:
-            _FREE_CORE[0] = False
+            _STAND_IN[0] = None
     return run
+
+
+_CEILINGS = {"flash": "flash", "ceiling": "free"}  # timed variant -> the core's stand-in
 
 
 def _outputs_sum(out: Any) -> torch.Tensor:
@@ -123,14 +137,14 @@ def _outputs_sum(out: Any) -> torch.Tensor:
 def measure_pair(pair: str, size: int | str, batch_size: int, warmup: int, repeats: int, threads: int,
                  modes: tuple[str, ...], ceiling: bool = False, device: str = "cpu", bf16: bool = False) -> dict[str, Any]:
     """Runs in a fresh process: MACs, inference and training times and training peak memory of a pair
-    (and with ``ceiling`` the agent model's times with free attention products)."""
+    (and with ``ceiling`` the agent model's times with its core run by bias-free flash calls, and free)."""
     from agentlit.utils.flops import count_macs
     from agentlit.utils.memory import peak_memory
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     if ceiling:
-        _install_free_core_switch()
+        _install_core_switch()
     detection = size == DETECTION
     agent_name, base_name = _detection_names(pair) if detection else PAIRS[pair]
     hw = (800, 1344) if detection else (int(size), int(size))
@@ -159,28 +173,30 @@ def measure_pair(pair: str, size: int | str, batch_size: int, warmup: int, repea
         with torch.inference_mode():
             fns = {k: timed(lambda m=m: m(x)) for k, m in models.items()}
             if ceiling:
-                fns["ceiling"] = _free(fns["agent"])
+                fns.update({k: _with_stand_in(kind, fns["agent"]) for k, kind in _CEILINGS.items()})
             times = _interleaved(fns, warmup, repeats, clock)
         for k in fns:
             row[f"{k}_infer_s"] = statistics.median(times[k])
         row["infer_speed_ratio"] = row["baseline_infer_s"] / row["agent_infer_s"]
         row["infer_efficiency"] = row["infer_speed_ratio"] / row["mac_ratio"]
         if ceiling:
-            row["infer_ceiling_efficiency"] = row["baseline_infer_s"] / row["ceiling_infer_s"] / row["mac_ratio"]
+            for k in _CEILINGS:
+                row[f"infer_{k}_efficiency"] = row["baseline_infer_s"] / row[f"{k}_infer_s"] / row["mac_ratio"]
 
     if "train" in modes:
         y = torch.randint(0, 1000, (batch_size,), device=device)
         loss_of = _outputs_sum if detection else (lambda out: torch.nn.functional.cross_entropy(out, y))
         steps = {k: timed(sgd_step(m, x, loss_of)) for k, m in models.items()}
         if ceiling:
-            steps["ceiling"] = _free(steps["agent"])
+            steps.update({k: _with_stand_in(kind, steps["agent"]) for k, kind in _CEILINGS.items()})
         times = _interleaved(steps, max(1, warmup), repeats, clock)
         for k, step in steps.items():
             row[f"{k}_train_s"] = statistics.median(times[k])
-            if k != "ceiling":
+            if k not in _CEILINGS:
                 row[f"{k}_train_peak_mib"] = peak_memory(step, device) / 2**20
         if ceiling:
-            row["train_ceiling_efficiency"] = row["baseline_train_s"] / row["ceiling_train_s"] / row["mac_ratio"]
+            for k in _CEILINGS:
+                row[f"train_{k}_efficiency"] = row["baseline_train_s"] / row[f"{k}_train_s"] / row["mac_ratio"]
         row["train_speed_ratio"] = row["baseline_train_s"] / row["agent_train_s"]
         row["train_efficiency"] = row["train_speed_ratio"] / row["mac_ratio"]
         row["train_memory_ratio"] = row["agent_train_peak_mib"] / row["baseline_train_peak_mib"]
@@ -201,14 +217,15 @@ def _run_isolated(kwargs: dict) -> dict[str, Any]:
 def _ratio(row: dict[str, Any], mode: str) -> str:
     if f"{mode}_speed_ratio" not in row:
         return "–"
-    ceiling = f"; ceiling {100 * row[f'{mode}_ceiling_efficiency']:.0f}%" if f"{mode}_ceiling_efficiency" in row else ""
+    ceiling = (f"; flash {100 * row[f'{mode}_flash_efficiency']:.0f}%, free {100 * row[f'{mode}_ceiling_efficiency']:.0f}%"
+               if f"{mode}_ceiling_efficiency" in row else "")
     return f"{row[f'{mode}_speed_ratio']:.2f}× ({100 * row[f'{mode}_efficiency']:.0f}%{ceiling})"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     """The Markdown table of docs/performance.md."""
     lines = [
-        "| size, batch | pair | MAC ratio | inference speed ratio (of limit; ceiling) | training speed ratio (of limit; ceiling) "
+        "| size, batch | pair | MAC ratio | inference speed ratio (of limit; ceilings) | training speed ratio (of limit; ceilings) "
         "| training peak memory, agent vs baseline |",
         "|---|---|---|---|---|---|",
     ]
@@ -269,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: time in CPU seconds)")
     parser.add_argument("--quick", action="store_true", help="224² and 448² only, 3 repeats")
-    parser.add_argument("--ceiling", action="store_true", help="also time the agent model with free attention products")
+    parser.add_argument("--ceiling", action="store_true", help="also time the agent model with its core as bias-free flash calls, and free")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--bf16", action="store_true", help="both models under bf16 autocast")
     parser.add_argument("--output", default=str(RESULTS / "scaling.json"), help="JSON path; the PNG gets the same stem")

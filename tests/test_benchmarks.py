@@ -127,3 +127,62 @@ def test_core_rates_refuses_a_model_that_is_not_an_agent_model(tmp_path):
     assert proc.returncode == 2
     assert "deit_tiny_patch16_224: not a registered agent model" in proc.stderr
     assert "agent_deit_tiny" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_scaling_stand_ins_run_the_core_bias_free_by_flash_calls_and_for_free(monkeypatch):
+    """benchmarks/scaling.py --ceiling: the "flash" stand-in is agent attention without position biases (the
+    real op with no biases, forward and gradients), the "free" one O = Q; both keep the local term and the
+    projection, and with no stand-in set the switch is the real op."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import scaling
+    finally:
+        sys.path.pop(0)
+    import torch
+
+    from agentlit.core import functional
+
+    real = functional.agent_attention_fused
+    monkeypatch.setattr(functional, "agent_attention_fused", real)  # restored after the test
+    scaling._install_core_switch()
+    switch = functional.agent_attention_fused
+    torch.manual_seed(0)
+    B, H, N, n, d = 2, 2, 16, 4, 8
+    q, k, v, agents = (torch.randn(B, H, m, d, requires_grad=True) for m in (N, N, N, n))
+    kw = dict(dwc_weight=torch.randn(H * d, 1, 3, 3), dwc_bias=torch.randn(H * d), layout=[4, 4],
+              proj_weight=torch.randn(5, H * d), proj_bias=torch.randn(5))
+    biases = (torch.randn(1, H, n, N), torch.randn(1, H, N, n))
+
+    def grads(fn):
+        out = fn()
+        return [out, *torch.autograd.grad(out.square().sum(), (q, k, v, agents))]
+
+    expected = grads(lambda: real(q, k, v, agents, None, None, 0.3, 0.2, **kw))
+    flash = grads(scaling._with_stand_in("flash", lambda: switch(q, k, v, agents, *biases, 0.3, 0.2, **kw)))
+    for got, want in zip(flash, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    free = scaling._with_stand_in("free", lambda: switch(q, k, v, agents, *biases, 0.3, 0.2, **kw))()
+    identity = dict(kw, dwc_weight=None, dwc_bias=None, proj_weight=None, proj_bias=None)
+    local = functional.depthwise_local(v.transpose(1, 2).reshape(B, N, H * d), [4, 4], kw["dwc_weight"], kw["dwc_bias"])
+    x = q.transpose(1, 2).reshape(B, N, H * d) + local
+    torch.testing.assert_close(free, torch.nn.functional.linear(x, kw["proj_weight"], kw["proj_bias"]))
+    assert scaling._STAND_IN == [None]
+    torch.testing.assert_close(switch(q, k, v, agents, *biases, 0.3, 0.2, **identity),
+                               real(q, k, v, agents, *biases, 0.3, 0.2, **identity))
+
+
+def test_scaling_ceiling_reports_both_ceilings(tmp_path):
+    """benchmarks/scaling.py --ceiling end to end on one small pair: both ceilings in the JSON and the table."""
+    out = tmp_path / "scaling.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "scaling.py", "--pairs", "deit", "--sizes", "112:1", "--repeats", "1",
+                           "--warmup", "0", "--ceiling", "--output", str(out)],
+                          cwd=ROOT / "benchmarks", env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = json.loads(out.read_text())["results"]
+    for mode in ("infer", "train"):
+        for kind in ("flash", "ceiling"):
+            assert row[f"{kind}_{mode}_s"] > 0
+            assert row[f"{mode}_{kind}_efficiency"] == row[f"baseline_{mode}_s"] / row[f"{kind}_{mode}_s"] / row["mac_ratio"]
+    assert "flash_train_peak_mib" not in row and row["agent_train_peak_mib"] > 0
+    assert "; flash " in proc.stdout and ", free " in proc.stdout
