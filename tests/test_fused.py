@@ -613,3 +613,30 @@ def test_a_layer_of_many_agents_broadcasts_by_flash_calls(monkeypatch):
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     for got, want in zip(grads, torch.autograd.grad(expected.square().sum(), [x, *layer.parameters()])):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("tiles", ["one", "tiny"])
+def test_the_broadcast_step_keeps_each_tokens_log_sum_exp_for_the_backward_pass(tiles, monkeypatch):
+    """When training, the agent-major tiles keep every token's log-sum-exp over the agents (what the flash
+    calls keep from 64 agents on), so the backward pass rebuilds P2 as exp(logits − lse); without it
+    (evaluation) nothing is kept. Both loop axes; O is the same either way."""
+    import agentlit.core.fused as fused
+
+    if tiles == "tiny":
+        monkeypatch.setattr(fused, "_TILE", 8)
+        monkeypatch.setattr(fused, "_MIN_TILE", 3)
+    torch.manual_seed(23)
+    B, n, d, M, Nq = 2, 5, 4, 11, 13
+    for H in (2, 6):  # loops over heads, then over the batch
+        q, k, v = (torch.randn(B, H, m, d, dtype=torch.float64) for m in (Nq, M, M))
+        a = torch.randn(B, H, n, d, dtype=torch.float64)
+        b1, b2t = torch.randn(1, H, n, M, dtype=torch.float64), torch.randn(B, H, n, Nq, dtype=torch.float64)
+        out, _, _, lse2 = fused._forward(q, k, v, a, b1, b2t, 0.3, 0.7, keep_lse=True)
+        logits = 0.7 * q @ a.transpose(-1, -2) + b2t.transpose(-1, -2)  # (B, H, N, n)
+        torch.testing.assert_close(lse2, torch.logsumexp(logits, -1), rtol=1e-12, atol=1e-12)
+        plain, _, _, none = fused._forward(q, k, v, a, b1, b2t, 0.3, 0.7)
+        assert none is None
+        torch.testing.assert_close(out, plain, rtol=1e-12, atol=1e-12)
+        ref = agent_attention_reference(q, k, v, a, agent_bias=b1, query_bias=b2t.transpose(-1, -2), scale=0.3,
+                                        broadcast_scale=0.7)
+        torch.testing.assert_close(out.transpose(1, 2), ref, rtol=1e-10, atol=1e-10)

@@ -12,7 +12,9 @@ Why not two ``scaled_dot_product_attention`` calls (what CUDA and TorchScript ru
   stage), and a softmax along a short last axis is an order of magnitude slower per element on the CPU
   than along a long one. Here the broadcast logits are built agent-major, P2ᵀ = softmax over agents
   of (bs·A Qᵀ + B2ᵀ) with shape (H, n, N), so the reduction runs across n rows with the N tokens
-  vectorised, and O = P2 V_A is one matmul with a transposed operand. B2 is built agent-major anyway
+  vectorised, and O = P2 V_A is one matmul with a transposed operand. When training, the forward pass
+  keeps each token's log-sum-exp (N floats per head), so the backward pass rebuilds P2 as
+  exp(logits − lse), two passes over the logits instead of a softmax's four. B2 is built agent-major anyway
   (:meth:`~agentlit.core.AgentPositionBias.position_biases`), so nothing is transposed. From 64 agents
   on (the dense agent grids of the detection backbones: 81–784 agents) a row of n agents is long enough
   for the flash kernel, which then beats the agent-major path (Agent-PVT-S at 800×1344, a stage-3 layer
@@ -77,8 +79,10 @@ class RowBias:
         heads: H.
     """
 
-    #: elements of one chunk (4 MiB in float32): a whole number of map rows, at least one
-    CHUNK = 1 << 20
+    #: elements of one chunk (8 MiB in float32): a whole number of map rows, at least one. Each chunk is
+    #: one flash call per step; at 4 MiB a 784-agent layer of Agent-PVT-S at 800×1344 got chunks of
+    #: 3 map rows (252 keys), and its forward pass took 11% longer than with this size
+    CHUNK = 1 << 21
 
     def __init__(self, factors: Tuple[Tensor, Tensor, Tensor], heads: int) -> None:
         self.factors, self.heads = factors, heads
@@ -203,15 +207,29 @@ def _aggregation_probs(a: Tensor, k: Tensor, b1: Optional[Tensor], s: float, lse
     return logits.sub_(lse).exp_()
 
 
+def _broadcast_logits_t(a: Tensor, q: Tensor, b2t: Optional[Tensor], bs: float) -> Tensor:
+    """bs·A Qᵀ + B2ᵀ: a (·, n, d), q (·, N, d), b2t (·, n, N) or None → (·, n, N), agent-major."""
+    if b2t is None:
+        return torch.bmm(a, q.transpose(1, 2)).mul_(bs)
+    return torch.baddbmm(b2t, a, q.transpose(1, 2), alpha=bs)
+
+
 def _broadcast_probs_t(a: Tensor, q: Tensor, b2t: Optional[Tensor], bs: float, lse: Optional[Tensor] = None) -> Tensor:
     """P2ᵀ = softmax over agents of bs·A Qᵀ + B2ᵀ: a (·, n, d), q (·, N, d) → (·, n, N). Each token's
     column is its own softmax, so any range of tokens is exact on its own; with the tokens' log-sum-exps
-    lse (·, 1, N) (from the forward pass's flash calls) it is exp(logits − lse), with no reduction."""
-    if b2t is None:
-        logits = torch.bmm(a, q.transpose(1, 2)).mul_(bs)
-    else:
-        logits = torch.baddbmm(b2t, a, q.transpose(1, 2), alpha=bs)
+    lse (·, 1, N) from the forward pass it is exp(logits − lse), with no reduction."""
+    logits = _broadcast_logits_t(a, q, b2t, bs)
     return torch.softmax(logits, -2) if lse is None else logits.sub_(lse).exp_()
+
+
+def _softmax_keeping_lse_(logits: Tensor, dim: int, lse: Tensor) -> Tensor:
+    """softmax(logits) along ``dim``, in place, its log-sum-exp written into ``lse`` (the shape of a keepdim
+    reduction over ``dim``, any strides): what the backward pass needs to rebuild the probabilities as
+    exp(logits − lse), two passes instead of a softmax's four."""
+    peak = logits.amax(dim, keepdim=True)
+    total = logits.sub_(peak).exp_().sum(dim, keepdim=True)
+    torch.add(peak, total.log(), out=lse)
+    return logits.div_(total)
 
 
 def _cols(t: Optional[Tensor], start: int, end: int) -> Optional[Tensor]:
@@ -285,9 +303,11 @@ def _broadcast_flash(q: Tensor, a: Tensor, agent_v: Tensor, b2t: Optional[Bias],
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b1: Optional[Bias], b2t: Optional[Bias],
-             s: float, bs: float, into: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+             s: float, bs: float, into: Optional[Tensor] = None,
+             keep_lse: bool = False) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """(O in token-major memory (B, N, H, d), added into ``into`` (B, N, H, d) when given, V_A (B, H, n, d),
-    log-sum-exp of the aggregation (B, H, n), of the broadcast (B, H, N) where flash calls ran it, else None)."""
+    log-sum-exp of the aggregation (B, H, n), of the broadcast (B, H, N) where flash calls ran it or
+    ``keep_lse`` asks for it (the backward pass then rebuilds P2 without a softmax), else None)."""
     B, H, N, d = q.shape
     n = a.shape[2]
     # aggregation: also gives the log-sum-exp the backward pass needs to recompute the map by key tiles
@@ -296,19 +316,25 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b1: Optional[Bias], b2t
         out, lse2 = _broadcast_flash(q, a, agent_v, b2t, bs, into)
         return out, agent_v, lse, lse2
     out = torch.empty(B, N, H, d, dtype=q.dtype, device=q.device) if into is None else into
+    lse2 = torch.empty(B, H, N, dtype=q.dtype, device=q.device) if keep_lse else None
     axis = _loop_axis(H)
     o = out.transpose(1, 2)  # (B, H, N, d) view of token-major memory
     for first, last, bias in _chunks(b2t, N, q.dtype):  # whole biases: one range
         for i in range(q.shape[axis]):
             ai, qi, vai, oi, bi = (a.select(axis, i), q.select(axis, i)[:, first:last], agent_v.select(axis, i),
                                    o.select(axis, i)[:, first:last], _pick(bias, axis, i))
+            lse_i = None if lse2 is None else lse2.select(axis, i)[:, None, first:last]  # (·, 1, tokens)
             for start, end in _tiles(last - first, H * n):
-                p2t = _broadcast_probs_t(ai, qi[:, start:end], _cols(bi, start, end), bs)  # (·, n, tile)
+                if lse_i is None:
+                    p2t = _broadcast_probs_t(ai, qi[:, start:end], _cols(bi, start, end), bs)  # (·, n, tile)
+                else:
+                    p2t = _softmax_keeping_lse_(_broadcast_logits_t(ai, qi[:, start:end], _cols(bi, start, end), bs),
+                                                -2, lse_i[..., start:end])
                 if into is None:
                     torch.bmm(p2t.transpose(1, 2), vai, out=oi[:, start:end])
                 else:
                     oi[:, start:end].baddbmm_(p2t.transpose(1, 2), vai)
-    return out, agent_v, lse, None
+    return out, agent_v, lse, lse2
 
 
 class _Local:
@@ -388,7 +414,7 @@ class _AgentAttentionFunction(torch.autograd.Function):
         bias1 = b1 if c1 is None else RowBias((rows[0], c1.detach(), o1.detach()), H)
         bias2 = b2t if c2 is None else RowBias((rows[1], c2.detach(), o2.detach()), H)
         into = None if local is None else local.first(v, dwc_weight, dwc_bias)
-        out, agent_v, lse, lse2 = _forward(q, k, v, a, bias1, bias2, s, bs, into)  # (B, N, H, d)
+        out, agent_v, lse, lse2 = _forward(q, k, v, a, bias1, bias2, s, bs, into, keep_lse=True)  # (B, N, H, d)
         B, N, H, d = out.shape
         x = out.view(B, N, H * d)
         if local is not None:
@@ -460,7 +486,7 @@ class _AgentAttentionFunction(torch.autograd.Function):
                 ai, vai = a.select(axis, i), agent_v.select(axis, i)
                 qi, gi, dqi = (t.select(axis, i)[:, first:last] for t in (q, g, dqh))
                 b2i = _pick(bias, axis, i)
-                lse_i = None if lse2 is None else lse2.select(axis, i)[:, None, first:last]  # (·, 1, tokens)
+                lse_i = lse2.select(axis, i)[:, None, first:last]  # (·, 1, tokens): P2 = exp(logits − lse)
                 for start, end in _tiles(last - first, H * n):  # per sample's size: the same tiles at any batch size
                     p2t = _broadcast_probs_t(ai, qi[:, start:end], _cols(b2i, start, end), bs, _cols(lse_i, start, end))
                     g_t = gi[:, start:end]
