@@ -28,6 +28,7 @@ BIASES = {
     "shared": ((1, H, n, M), (1, H, N, n)),
     "per_batch": ((B, H, n, M), (B, H, N, n)),
     "broadcast_axes": ((B, 1, 1, M), (1, 1, N, 1)),
+    "broadcast_tokens": ((1, H, n, 1), (B, 1, 1, n)),  # one bias column for every key / query
     "two_dims": ((n, M), (N, n)),
 }
 
@@ -562,10 +563,12 @@ def test_an_evaluating_layer_without_prefix_reads_its_maps_in_place(prefix, monk
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("biases", ["shared", "per_batch", "broadcast_axes"])
+@pytest.mark.parametrize("biases", ["shared", "per_batch", "broadcast_axes", "broadcast_tokens"])
 def test_token_tiles_give_the_same_result(biases, monkeypatch):
     """Large maps run tile by tile along the tokens (cache-sized logits); forced tiny tiles here, the
-    forward pass and every gradient still equal the naive reference."""
+    forward pass and every gradient still equal the naive reference. A bias gradient is written by the
+    first tile and slice that reach it and added to by the rest (no zero fill): shared biases are reached
+    by every slice, one broadcast along the tokens by every tile."""
     import agentlit.core.fused as fused
 
     monkeypatch.setattr(fused, "_TILE", 8)

@@ -106,7 +106,8 @@ class RowBias:
         if token_major:  # (K, w·H·n): a chunk is then one (R, K) x (K, w·H·n) product, token-major
             # (one 2-D transpose: 4x faster than the equivalent 3-D permute's copy)
             cols_t = cols.reshape(a, -1).t().contiguous().view(cols.shape[1], w * a)
-            offset_t = offset[..., 0].t()  # (h, H·n)
+            # (h, H·n), dense: a strided operand made each chunk's broadcast add 4x slower
+            offset_t = offset[..., 0].t().contiguous()
         for y0 in range(0, self.height, step):
             y1 = min(self.height, y0 + step)
             part = buffer[: a * (y1 - y0) * w]
@@ -384,13 +385,20 @@ def _softmax_backward_(p: Tensor, dp: Tensor, dim: int) -> Tensor:
     return dp.sub_((dp * p).sum(dim, keepdim=True)).mul_(p)
 
 
-def _accumulate(grad: Optional[Tensor], axis: int, i: int, value: Tensor) -> None:
-    """Add one slice's bias gradient into ``grad`` (per-slice or shared, broadcast dims summed)."""
+def _accumulate(grad: Optional[Tensor], axis: int, i: int, value: Tensor, first_tile: bool) -> None:
+    """Add one slice's bias gradient into ``grad`` (per-slice or shared, broadcast dims summed); the first
+    value that reaches a place is written there instead, so gradient buffers need no zero fill. A place is
+    first reached by the first slice, or by every slice when the bias is per slice, and by the tile
+    ``first_tile`` says (:meth:`_BiasGrad.first_tile`)."""
     if grad is None:
         return
     target = _pick(grad, axis, i)
     assert target is not None
-    target.add_(value if value.shape == target.shape else value.sum_to_size(target.shape))
+    value = value if value.shape == target.shape else value.sum_to_size(target.shape)
+    if (i == 0 or grad.shape[axis] > 1) and first_tile:
+        target.copy_(value)
+    else:
+        target.add_(value)
 
 
 class _AgentAttentionFunction(torch.autograd.Function):
@@ -498,7 +506,7 @@ class _AgentAttentionFunction(torch.autograd.Function):
                             torch.bmm(p2t.transpose(1, 2), vai, out=x_t)
                     dva[i].baddbmm_(p2t, g_t)
                     ds2t = _softmax_backward_(p2t, torch.bmm(vai, g_t.transpose(1, 2)), -2)  # (·, n, tile)
-                    _accumulate(_cols(db, start, end), axis, i, ds2t)
+                    _accumulate(_cols(db, start, end), axis, i, ds2t, grad2.first_tile(start))
                     torch.bmm(ds2t.transpose(1, 2), ai, out=dqi[:, start:end]).mul_(bs)
                     dai[i].baddbmm_(ds2t, qi[:, start:end], alpha=bs)
             grad2.reduce(first, last)
@@ -518,7 +526,7 @@ class _AgentAttentionFunction(torch.autograd.Function):
                     else:
                         torch.bmm(p1.transpose(1, 2), dva[i], out=dvi[:, start:end])
                     ds1 = torch.bmm(dva[i], v_t.transpose(1, 2)).sub_(sums[i]).mul_(p1)  # (·, n, tile)
-                    _accumulate(_cols(db, start, end), axis, i, ds1)
+                    _accumulate(_cols(db, start, end), axis, i, ds1, grad1.first_tile(start))
                     dai[i].baddbmm_(ds1, k_t, alpha=s)
                     torch.bmm(ds1.transpose(1, 2), ai, out=dki[:, start:end]).mul_(s)
             grad1.reduce(first, last)
@@ -538,9 +546,9 @@ class _AgentAttentionFunction(torch.autograd.Function):
 
 class _BiasGrad:
     """One bias as the backward pass reads it, by the chunks :func:`_chunks` hands out, and its gradient:
-    whole (a zero-filled tensor of the bias's shape, accumulated by tiles) or, for a :class:`RowBias`,
-    the gradients of its cols and offset, into which each chunk's gradient (one reused buffer) is
-    reduced as soon as the chunk is done."""
+    whole (a tensor of the bias's shape, written by tiles: :func:`_accumulate`) or, for a :class:`RowBias`,
+    the gradients of its cols and offset, into which each chunk's gradient (one reused buffer, written
+    the same way) is reduced as soon as the chunk is done."""
 
     def __init__(self, bias: Optional[Bias], whole_shape: Optional[torch.Size], needed: bool, kw: dict) -> None:
         self.bias, self.kw = bias, kw
@@ -551,17 +559,23 @@ class _BiasGrad:
             _, cols, offset = bias.factors  # gradients in the op's dtype (autograd casts them to the factors')
             self.factors = (torch.zeros(cols.shape, **kw), torch.zeros(offset.shape, **kw))
         elif needed and whole_shape is not None:
-            self.whole = torch.zeros(whole_shape, **kw)
+            self.whole = torch.empty(whole_shape, **kw)
 
     def chunks(self, tokens: int) -> Iterator[Tuple[int, int, Optional[Tensor], Optional[Tensor]]]:
-        """(start, end, bias over tokens start:end, its gradient there: zeroed, or None when not needed)."""
+        """(start, end, bias over tokens start:end, its gradient there (every element of which the tiles
+        write before they add: not zeroed), or None when not needed)."""
         for start, end, part in _chunks(self.bias, tokens, self.kw["dtype"]):
             grad = None if self.whole is None else _cols(self.whole, start, end)
             if self.factors[0] is not None:
                 if self.buffer is None:
                     self.buffer = torch.empty(part.numel(), **self.kw)
-                grad = self.buffer[: part.numel()].view(part.shape).zero_()
+                grad = self.buffer[: part.numel()].view(part.shape)
             yield start, end, part, grad
+
+    def first_tile(self, start: int) -> bool:
+        """Whether the token tile from ``start`` (within a chunk) is the first to reach its gradient columns:
+        every tile has its own, unless a whole bias broadcasts along the tokens (one column for all)."""
+        return start == 0 or self.whole is None or self.whole.shape[-1] > 1
 
     def reduce(self, start: int, end: int) -> None:
         """Fold the gradient of a RowBias chunk (map rows start/w : end/w) into its factors'."""
