@@ -148,7 +148,7 @@ def test_rebuildable_biases_are_not_kept_and_give_the_same_gradients():
 @pytest.mark.parametrize("prefix, by_rows", [(0, False), (1, False), (0, True)])
 def test_a_training_layer_stores_no_attention_map_nor_bias(prefix, by_rows):
     """What a 2-D layer keeps for its backward pass: nothing of size (N × n) (maps or biases), nor the
-    (n, 8, w) cols of biases built by map rows (RowBias, above the size limit)."""
+    (n, 7, w) cols of biases built by map rows (RowBias, above the size limit)."""
     torch.manual_seed(4)
     layer = AgentAttention(24, 4, feat_size=(6, 6), agent_num=16, num_prefix_tokens=prefix)  # C=24 != n=16
     if by_rows:
@@ -166,7 +166,7 @@ def test_a_training_layer_stores_no_attention_map_nor_bias(prefix, by_rows):
     tokens = prefix + 36
     maps = [s for s in saved if len(s) >= 2 and {s[-1], s[-2]} == {tokens, 16}]
     assert not maps, f"saved (N x n) tensors: {maps}"
-    cols = [s for s in saved if s == (4 * 16, 8, 6)]
+    cols = [s for s in saved if s == (4 * 16, layer.an_bias.shape[2], 6)]
     assert not cols, f"saved RowBias cols: {cols}"
     out.square().sum().backward()  # and the backward pass runs on what was kept
     assert all(p.grad is not None for p in layer.parameters())
@@ -297,11 +297,15 @@ def test_evaluation_builds_large_biases_by_map_rows_with_the_same_result(heads, 
         torch.testing.assert_close(out, layer.proj(o), rtol=1e-10, atol=1e-10)
 
 
-def test_row_biases_are_the_whole_biases_by_rows():
+@pytest.mark.parametrize("span", ["all", "used"])
+def test_row_biases_are_the_whole_biases_by_rows(span, monkeypatch):
     """RowBias chunks, concatenated, are B1 and B2 (agent-major) as position_biases builds them; a layer
-    takes them for an (h, w) map without prefix tokens above the size limit."""
-    from agentlit.core import RowBias
+    takes them for an (h, w) map without prefix tokens above the size limit. "used": each chunk is built
+    from only the template rows its map rows lie between (at these sizes only when forced)."""
+    from agentlit.core import RowBias, fused
 
+    if span == "used":
+        monkeypatch.setattr(fused, "_SMALL_BMM", 0)
     torch.manual_seed(17)
     layer = AgentAttention(12, 3, feat_size=(4, 4), agent_num=9).double()
     for p in layer.bias_parameters():
@@ -330,17 +334,21 @@ def test_row_biases_are_the_whole_biases_by_rows():
     assert not layer.builds_biases_by_rows([6, 11], 0)  # small enough to build whole (and keep)
 
 
+@pytest.mark.parametrize("span", ["all", "used"])
 @pytest.mark.parametrize("broadcast", ["tiles", "flash"])
 @pytest.mark.parametrize("heads", [2, 6])
-def test_training_with_row_biases_gives_the_reference_gradients(heads, broadcast, monkeypatch):
+def test_training_with_row_biases_gives_the_reference_gradients(heads, broadcast, span, monkeypatch):
     """A training layer above the size limit builds its biases by chunks of map rows in both passes and
     reduces each chunk's gradient into the bias factors: output and every gradient (input, projections,
-    conv, every bias parameter) equal autograd through the naive reference with whole biases (fp64)."""
-    from agentlit.core import RowBias, functional
+    conv, every bias parameter) equal autograd through the naive reference with whole biases (fp64).
+    "used": each chunk's build and reduction read only the template rows its map rows lie between."""
+    from agentlit.core import RowBias, functional, fused
 
     _broadcast_path(broadcast, monkeypatch)
+    if span == "used":
+        monkeypatch.setattr(fused, "_SMALL_BMM", 0)
     torch.manual_seed(18)
-    h, w, C = 7, 5, heads * 4
+    h, w, C = 8, 5, heads * 4  # 8 map rows from 7 template rows: two weights per map row
     layer = AgentAttention(C, heads, feat_size=(4, 4), agent_num=4).double()
     for p in layer.bias_parameters():
         p.data.normal_()
@@ -365,7 +373,7 @@ def test_training_with_row_biases_gives_the_reference_gradients(heads, broadcast
     expected_grads = gradients(expected, x_ref)
 
     layer.bias_cache_elements = 2 * heads * 4 * h * w - 1
-    monkeypatch.setattr(RowBias, "CHUNK", heads * 4 * 3 * w)  # three map rows per chunk: 3, 3, 1
+    monkeypatch.setattr(RowBias, "CHUNK", heads * 4 * 3 * w)  # three map rows per chunk: 3, 3, 2
     built = []
     monkeypatch.setattr(layer, "position_biases", lambda size: built.append(size))  # whole biases: never
     x_rows = x.clone().requires_grad_()

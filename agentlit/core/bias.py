@@ -332,7 +332,7 @@ class AgentPositionBias(nn.Module):
         rx = _linear_weights(self.na_bias.shape[3], w, self.na_bias)
         heads = self.na_bias.shape[0]
         b1, b2 = RowBias(self._agent_plane(ry, rx), heads), RowBias(self._query_plane(ry, rx), heads)
-        if torch.is_grad_enabled():  # cols are 8 map rows' worth each: rebuilt in the backward pass, not kept
+        if torch.is_grad_enabled():  # cols are 7 map rows' worth each: rebuilt in the backward pass, not kept
             from .recompute import mark_recomputable
 
             size = list(size)
@@ -388,12 +388,12 @@ def _plane_factors(template: Tensor, ry: Tensor, rx: Tensor, col: Tensor, row: T
     """An (h, w) bias, the (H, n, th, tw) ``template`` bilinearly resized by ``ry`` (h, th) and ``rx`` (w, tw)
     plus the axis terms ``col`` (H·n, h, 1) and ``row`` (H·n, 1, w), as factors: rows (h, K), cols
     (H·n, K, w) and offset (H·n, h, 1) with bias[a, y, x] = Σ_k rows[y, k]·cols[a, k, x] + offset[a, y].
-    The resize is separable, so cols is the template resized along w, with the row term as one more k
-    whose rows entry is 1; building rows of the bias is then one batched matmul (:func:`plane_bias_rows`)."""
+    The resize is separable: rows = ry, cols = the template resized along w. Every row of a linear
+    resize sums to 1, so the row term rides in every k of cols, and a map row's bias reads only the two
+    template rows it lies between (:func:`plane_bias_rows` multiplies by no more than those)."""
     H, n, th, tw = template.shape[0], template.shape[1], template.shape[2], template.shape[3]
-    cols = torch.cat([torch.matmul(template.reshape(H * n, th, tw), rx.t()), row], dim=1)  # (H·n, th + 1, w)
-    rows = torch.cat([ry, torch.ones(ry.shape[0], 1, device=ry.device, dtype=ry.dtype)], dim=1)  # (h, th + 1)
-    return rows, cols, col
+    cols = torch.matmul(template.reshape(H * n, th, tw), rx.t()).add_(row)  # (H·n, th, w)
+    return ry, cols, col
 
 
 def _sequence_bias(template: Tensor, r: Tensor, term: Tensor) -> Tensor:

@@ -52,15 +52,35 @@ from torch import Tensor
 from .recompute import recipe_of
 
 
-def plane_bias_rows(factors: Tuple[Tensor, Tensor, Tensor], y0: int, y1: int, out: Optional[Tensor] = None) -> Tensor:
+def plane_bias_rows(factors: Tuple[Tensor, Tensor, Tensor], y0: int, y1: int, out: Optional[Tensor] = None,
+                    span: Optional[Tuple[int, int]] = None) -> Tensor:
     """Map rows ``y0:y1`` of a factored (h, w) bias (:class:`RowBias`), (H·n, y1 - y0, w): one batched
-    matmul (into ``out``)."""
+    matmul (into ``out``) over the k in ``span`` (all when None: no data-dependent step, so the whole
+    biases of a traced or exported model build the same way)."""
     rows, cols, offset = factors
-    a, part = cols.shape[0], rows[y0:y1]
+    k0, k1 = (0, rows.shape[1]) if span is None else span
+    a, part = cols.shape[0], rows[y0:y1, k0:k1]
     expanded = part.expand(a, part.shape[0], part.shape[1])
     if out is None:
-        return torch.baddbmm(offset[:, y0:y1], expanded, cols)  # offset broadcast over w
-    return torch.baddbmm(offset[:, y0:y1], expanded, cols, out=out)
+        return torch.baddbmm(offset[:, y0:y1], expanded, cols[:, k0:k1])  # offset broadcast over w
+    return torch.baddbmm(offset[:, y0:y1], expanded, cols[:, k0:k1], out=out)
+
+
+_SMALL_BMM = 400  # below this many MACs per matrix, PyTorch's CPU bmm runs a plain loop (several times slower)
+
+
+def _nonzero_span(rows: Tensor, width: int) -> Tuple[int, int]:
+    """(k0, k1): the columns of ``rows`` (R, K) outside of which every entry is zero, for products of
+    (R × K) by (K × ``width``) per agent row. The rows of a linear resize have two adjacent nonzero weights,
+    so a few map rows use two or three of the K template rows, and a batched product over only those
+    takes less time than one over all K. All K when the smaller product would fall to bmm's plain loop."""
+    used = rows.ne(0).any(0).nonzero()
+    if used.numel() == 0:
+        return 0, 1
+    k0, k1 = int(used[0]), int(used[-1]) + 1
+    if (k1 - k0) * rows.shape[0] * width < _SMALL_BMM:
+        return 0, rows.shape[1]
+    return k0, k1
 
 
 class RowBias:
@@ -111,12 +131,13 @@ class RowBias:
         for y0 in range(0, self.height, step):
             y1 = min(self.height, y0 + step)
             part = buffer[: a * (y1 - y0) * w]
+            k0, k1 = _nonzero_span(rows[y0:y1], w)
             if token_major:
-                torch.mm(rows[y0:y1], cols_t, out=part.view(y1 - y0, w * a))
+                torch.mm(rows[y0:y1, k0:k1], cols_t[k0:k1], out=part.view(y1 - y0, w * a))
                 part.view(y1 - y0, w, a).add_(offset_t[y0:y1, None])  # offset broadcast over x
                 yield y0 * w, y1 * w, part.view(1, (y1 - y0) * w, self.heads, self.agents).transpose(1, 2).to(dtype)
             else:
-                plane_bias_rows(self.factors, y0, y1, out=part.view(a, y1 - y0, w))
+                plane_bias_rows(self.factors, y0, y1, out=part.view(a, y1 - y0, w), span=(k0, k1))
                 yield y0 * w, y1 * w, part.view(1, self.heads, self.agents, (y1 - y0) * w).to(dtype)
 
     def dense(self) -> Tensor:
@@ -555,6 +576,7 @@ class _BiasGrad:
         self.whole: Optional[Tensor] = None
         self.factors: Tuple[Optional[Tensor], Optional[Tensor]] = (None, None)
         self.buffer: Optional[Tensor] = None
+        self.cols_buffer: Optional[Tensor] = None  # one chunk's gradient of the cols it reads
         if needed and isinstance(bias, RowBias):
             _, cols, offset = bias.factors  # gradients in the op's dtype (autograd casts them to the factors')
             self.factors = (torch.zeros(cols.shape, **kw), torch.zeros(offset.shape, **kw))
@@ -586,11 +608,19 @@ class _BiasGrad:
         a, w = d_cols.shape[0], d_cols.shape[-1]
         y0, y1 = start // w, end // w
         grad = self.buffer[: a * (y1 - y0) * w].view(a, y1 - y0, w)
-        part = rows[y0:y1].t()  # (K, R): bias[a, y, x] = Σ_k rows[y, k]·cols[a, k, x] + offset[a, y]
-        # Σ_y rows[y, k]·dB[a, y, x]
-        d_cols.baddbmm_(part.expand(a, part.shape[0], part.shape[1]).to(grad.dtype), grad)
         d_offset[:, y0:y1].add_(grad.sum(-1, keepdim=True))
-
+        # d_cols[a, k, x] += Σ_y rows[y, k]·dB[a, y, x], for the k these rows use (the others get nothing)
+        k0, k1 = _nonzero_span(rows[y0:y1], w)
+        weights = rows[y0:y1, k0:k1].t().to(grad.dtype)  # (k1 - k0, R)
+        weights = weights.expand(a, weights.shape[0], weights.shape[1])
+        target = d_cols[:, k0:k1]
+        if target.is_contiguous():
+            target.baddbmm_(weights, grad)
+            return
+        # into a dense buffer, then added: a batched product into a strided view took three times as long
+        if self.cols_buffer is None or self.cols_buffer.numel() < target.numel():
+            self.cols_buffer = torch.empty(target.numel(), **self.kw)
+        target.add_(torch.bmm(weights, grad, out=self.cols_buffer[: target.numel()].view(target.shape)))
 
 def _biases_for_backward(recipes: Tuple[Any, ...], tensors: Tuple[Optional[Tensor], ...],
                          dtype: torch.dtype) -> Tuple[Optional[Tensor], ...]:
