@@ -622,6 +622,7 @@ class _BiasGrad:
             self.cols_buffer = torch.empty(target.numel(), **self.kw)
         target.add_(torch.bmm(weights, grad, out=self.cols_buffer[: target.numel()].view(target.shape)))
 
+
 def _biases_for_backward(recipes: Tuple[Any, ...], tensors: Tuple[Optional[Tensor], ...],
                          dtype: torch.dtype) -> Tuple[Optional[Tensor], ...]:
     """The biases the forward pass saw, (B1, B2ᵀ, B1's cols and offset, B2's): kept ones as they are,
