@@ -211,6 +211,14 @@ _TILE = 1 << 16  # elements of one (·, n, tokens) logits tile: the tiles of a s
 _MIN_TILE = 256  # tokens; smaller tiles cost more in dispatch than they gain in cache hits
 
 
+def _tile_rows(H: int, n: int, d: int, axis: int) -> int:
+    """Logit rows of one sample that size its token tiles (:func:`_tiles`): H·n, except where the op loops
+    over heads (``axis`` 1) and a head's n rows of logits outweigh the tile's Q, dO and dQ rows (n ≥ 2d, the
+    dense agent grids): then n, so those tiles are H times longer and cost H times fewer dispatches. Where
+    d dominates (16 agents, d = 64), longer tiles spilled Q's rows from the cache and were slower."""
+    return n if axis == 1 and n >= 2 * d else H * n
+
+
 def _tiles(tokens: int, rows: int) -> list[Tuple[int, int]]:
     """Token ranges that cut a (rows, tokens) logits slice into cache-sized tiles (one range when it fits)."""
     step = max(_MIN_TILE, _TILE // max(rows, 1))
@@ -340,13 +348,14 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b1: Optional[Bias], b2t
     out = torch.empty(B, N, H, d, dtype=q.dtype, device=q.device) if into is None else into
     lse2 = torch.empty(B, H, N, dtype=q.dtype, device=q.device) if keep_lse else None
     axis = _loop_axis(H)
+    rows = _tile_rows(H, n, d, axis)
     o = out.transpose(1, 2)  # (B, H, N, d) view of token-major memory
     for first, last, bias in _chunks(b2t, N, q.dtype):  # whole biases: one range
         for i in range(q.shape[axis]):
             ai, qi, vai, oi, bi = (a.select(axis, i), q.select(axis, i)[:, first:last], agent_v.select(axis, i),
                                    o.select(axis, i)[:, first:last], _pick(bias, axis, i))
             lse_i = None if lse2 is None else lse2.select(axis, i)[:, None, first:last]  # (·, 1, tokens)
-            for start, end in _tiles(last - first, H * n):
+            for start, end in _tiles(last - first, rows):
                 if lse_i is None:
                     p2t = _broadcast_probs_t(ai, qi[:, start:end], _cols(bi, start, end), bs)  # (·, n, tile)
                 else:
@@ -505,6 +514,7 @@ class _AgentAttentionFunction(torch.autograd.Function):
         xh = None if x is None else x.transpose(1, 2)  # (B, H, N, d) views of token-major buffers
         dqh, dkh, dvh = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
         n = a.shape[2]
+        rows = _tile_rows(H, n, d, axis)
         slices = range(q.shape[axis])  # each slice: (·, T, d) matrices, batched over the other axis
         dva = [torch.zeros_like(agent_v.select(axis, i)) for i in slices]  # Σ over tokens of P2ᵀ dO
         dai = [torch.zeros_like(a.select(axis, i)) for i in slices]
@@ -516,7 +526,7 @@ class _AgentAttentionFunction(torch.autograd.Function):
                 qi, gi, dqi = (t.select(axis, i)[:, first:last] for t in (q, g, dqh))
                 b2i = _pick(bias, axis, i)
                 lse_i = lse2.select(axis, i)[:, None, first:last]  # (·, 1, tokens): P2 = exp(logits − lse)
-                for start, end in _tiles(last - first, H * n):  # per sample's size: the same tiles at any batch size
+                for start, end in _tiles(last - first, rows):  # per sample's size: the same tiles at any batch size
                     p2t = _broadcast_probs_t(ai, qi[:, start:end], _cols(b2i, start, end), bs, _cols(lse_i, start, end))
                     g_t = gi[:, start:end]
                     if xh is not None:  # O rebuilt for dW of the projection
@@ -539,7 +549,7 @@ class _AgentAttentionFunction(torch.autograd.Function):
                 ai, lse_i = a.select(axis, i), lse.select(axis, i).unsqueeze(-1)  # (·, n, 1)
                 ki, vi, dki, dvi = (t.select(axis, i)[:, first:last] for t in (k, v, dkh, dvh))
                 b1i = _pick(bias, axis, i)
-                for start, end in _tiles(last - first, H * n):
+                for start, end in _tiles(last - first, rows):
                     k_t, v_t = ki[:, start:end], vi[:, start:end]
                     p1 = _aggregation_probs(ai, k_t, _cols(b1i, start, end), s, lse_i)  # (·, n, tile)
                     if into:
