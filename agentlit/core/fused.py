@@ -215,7 +215,7 @@ def _tile_rows(H: int, n: int, d: int, axis: int) -> int:
     """Logit rows of one sample that size its token tiles (:func:`_tiles`): H·n, except where the op loops
     over heads (``axis`` 1) and a head's n rows of logits outweigh the tile's Q, dO and dQ rows (n ≥ 2d, the
     dense agent grids): then n, so those tiles are H times longer and cost H times fewer dispatches. Where
-    d dominates (16 agents, d = 64), longer tiles spilled Q's rows from the cache and were slower."""
+    d dominates, longer tiles were slower (Agent-PVT-S at 896²: 16 agents, d = 64)."""
     return n if axis == 1 and n >= 2 * d else H * n
 
 
