@@ -272,6 +272,7 @@ def test_evaluation_builds_large_biases_by_map_rows_with_the_same_result(heads, 
     x = torch.randn(2, h * w, C, dtype=torch.float64)
     layer.bias_cache_elements = 2 * heads * 4 * h * w - 1  # just below the whole pair
     monkeypatch.setattr(RowBias, "CHUNK", heads * 4 * 2 * w)  # two map rows per chunk
+    monkeypatch.setattr(RowBias, "MIN_TOKENS", 0)
     drawn: list[tuple[int, int, bool]] = []
     chunks = RowBias.chunks
 
@@ -317,6 +318,7 @@ def test_row_biases_are_the_whole_biases_by_rows(span, monkeypatch):
         for rows, whole in ((r1, b1), (r2, b2.transpose(-1, -2))):
             assert rows.shape == whole.shape
             rows.CHUNK = 3 * 9 * 11 * 4  # four map rows, then two
+            rows.MIN_TOKENS = 0
             parts = [(start, end, part.clone()) for start, end, part in rows.chunks(torch.float64)]
             assert [(s, e) for s, e, _ in parts] == [(0, 44), (44, 66)]
             torch.testing.assert_close(torch.cat([p for _, _, p in parts], -1), whole, rtol=0, atol=1e-12)
@@ -332,6 +334,28 @@ def test_row_biases_are_the_whole_biases_by_rows(span, monkeypatch):
     assert not layer.builds_biases_by_rows([66], 0)
     layer.bias_cache_elements = 2 * 3 * 9 * 66
     assert not layer.builds_biases_by_rows([6, 11], 0)  # small enough to build whole (and keep)
+
+
+def test_row_bias_chunks_cover_at_least_min_tokens():
+    """A chunk holds as many whole map rows as CHUNK elements allow, but never fewer than cover MIN_TOKENS
+    tokens (the flash kernel's large query blocks): 3 heads × 9 agents, an (8, 11) map."""
+    from agentlit.core import RowBias
+
+    layer = AgentAttention(12, 3, feat_size=(4, 4), agent_num=9).double()
+    layer.bias_cache_elements = 0
+    with torch.no_grad():
+        rows, _ = layer.position_bias_rows([8, 11])
+    per_row = 3 * 9 * 11
+    spans = lambda: [(s, e) for s, e, _ in rows.chunks(torch.float64)]  # noqa: E731
+    rows.CHUNK, rows.MIN_TOKENS = 3 * per_row, 0
+    assert rows.rows_per_chunk() == 3 and spans() == [(0, 33), (33, 66), (66, 88)]
+    rows.MIN_TOKENS = 34  # 33 tokens are too few: 4 rows (44 tokens)
+    assert rows.rows_per_chunk() == 4 and spans() == [(0, 44), (44, 88)]
+    rows.CHUNK = 5 * per_row  # the element budget wins where it gives more rows
+    assert rows.rows_per_chunk() == 5
+    rows.CHUNK, rows.MIN_TOKENS = 1, 0  # at least one row
+    assert rows.rows_per_chunk() == 1 and len(spans()) == 8
+    assert RowBias.MIN_TOKENS == 768
 
 
 @pytest.mark.parametrize("span", ["all", "used"])
@@ -374,6 +398,7 @@ def test_training_with_row_biases_gives_the_reference_gradients(heads, broadcast
 
     layer.bias_cache_elements = 2 * heads * 4 * h * w - 1
     monkeypatch.setattr(RowBias, "CHUNK", heads * 4 * 3 * w)  # three map rows per chunk: 3, 3, 2
+    monkeypatch.setattr(RowBias, "MIN_TOKENS", 0)
     built = []
     monkeypatch.setattr(layer, "position_biases", lambda size: built.append(size))  # whole biases: never
     x_rows = x.clone().requires_grad_()

@@ -85,13 +85,13 @@ def _nonzero_span(rows: Tensor, width: int) -> Tuple[int, int]:
 
 class RowBias:
     """B1, or B2 agent-major, of an (h, w) map, (1, H, n, h·w), never built whole: handed out by chunks of
-    whole map rows, each built into one reused buffer of :attr:`CHUNK` elements where it is used.
+    whole map rows (:meth:`rows_per_chunk`), each built into one reused buffer where it is used.
 
     What :meth:`~agentlit.core.AgentPositionBias.position_bias_rows` returns for this op at sizes whose
     whole biases an evaluating layer would not keep; the backward pass reduces each chunk's gradient
     into cols and offset. A whole bias of a detection-size map is tens of MB: freshly allocated in every
     call, its pages are faulted in and zeroed before the build writes them, which cost more than the
-    build itself (docs/performance.md); chunks of a few MB reuse memory that stays in the allocator.
+    build itself (docs/performance.md); chunks of 8–20 MB reuse memory that stays in the allocator.
 
     Args:
         factors: rows (h, K), cols (H·n, K, w) and offset (H·n, h, 1), with
@@ -103,6 +103,12 @@ class RowBias:
     #: one flash call per step; at 4 MiB a 784-agent layer of Agent-PVT-S at 800×1344 got chunks of
     #: 3 map rows (252 keys), and its forward pass took 11% longer than with this size
     CHUNK = 1 << 21
+    #: tokens a chunk covers at least, above :attr:`CHUNK` where one map row holds many agents' biases.
+    #: PyTorch's CPU flash kernel splits the queries of a call into blocks of 256 from 768 queries on (64
+    #: below): a broadcast step over chunks of fewer tokens ran 8–9% slower, and the aggregation over
+    #: chunks of fewer keys 5–9% slower (Agent-PVT-S at 800×1344: 4,200 tokens and 784 agents in 504-token
+    #: chunks, 1,050 tokens in 294-token chunks)
+    MIN_TOKENS = 768
 
     def __init__(self, factors: Tuple[Tensor, Tensor, Tensor], heads: int) -> None:
         self.factors, self.heads = factors, heads
@@ -115,13 +121,19 @@ class RowBias:
         """(1, H, n, h·w), the shape of the whole bias."""
         return (1, self.heads, self.agents, self.height * self.width)
 
+    def rows_per_chunk(self) -> int:
+        """Map rows of one chunk: as many as :attr:`CHUNK` elements hold, at least one, and at least
+        enough for :attr:`MIN_TOKENS` tokens."""
+        a = self.heads * self.agents
+        return max(1, self.CHUNK // (a * self.width), -(-self.MIN_TOKENS // self.width))
+
     def chunks(self, dtype: torch.dtype, token_major: bool = False):
         """Yield (start, end, bias) over the tokens: bias (1, H, n, end - start) of ``dtype``, a view of a
         buffer the next chunk overwrites (use it before advancing); with ``token_major`` the transposed
         bias (1, H, end - start, n), a view of (tokens, H, n) memory (each token's row of agents contiguous)."""
         rows, cols, offset = self.factors
         a, w = cols.shape[0], self.width
-        step = max(1, self.CHUNK // (a * w))
+        step = self.rows_per_chunk()
         buffer = torch.empty(a * min(step, self.height) * w, dtype=cols.dtype, device=cols.device)
         if token_major:  # (K, w·H·n): a chunk is then one (R, K) x (K, w·H·n) product, token-major
             # (one 2-D transpose: 4x faster than the equivalent 3-D permute's copy)
