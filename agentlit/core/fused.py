@@ -99,9 +99,10 @@ class RowBias:
         heads: H.
     """
 
-    #: elements of one chunk (8 MiB in float32): a whole number of map rows, at least one. Each chunk is
-    #: one flash call per step; at 4 MiB a 784-agent layer of Agent-PVT-S at 800×1344 got chunks of
-    #: 3 map rows (252 keys), and its forward pass took 11% longer than with this size
+    #: elements of one chunk (8 MiB in float32): a whole number of map rows, at least one (and at least
+    #: :attr:`MIN_TOKENS` tokens). Each chunk is one flash call per step; at 4 MiB a 784-agent layer of
+    #: Agent-PVT-S at 800×1344 got chunks of 3 map rows (252 keys), and its forward pass took 11% longer
+    #: than with this size
     CHUNK = 1 << 21
     #: tokens a chunk covers at least, above :attr:`CHUNK` where one map row holds many agents' biases.
     #: PyTorch's CPU flash kernel splits the queries of a call into blocks of 256 from 768 queries on (64
