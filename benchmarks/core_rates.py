@@ -4,7 +4,7 @@
     python benchmarks/core_rates.py --models agent_deit_tiny --sizes 224:8
 
 One forward pass of each agent model records the shape of every call of the CPU agent op (batch B,
-heads H, queries N, keys M, head dim d, agents n). Each distinct shape is then timed three ways on
+heads H, queries N, keys M, head dim d, agents n). Each distinct shape is then timed five ways on
 random tensors, taking turns round by round (forward, no grad, 1 thread: process CPU seconds):
 
 - **core**: the CPU op (``agentlit.core.agent_attention``) with both position biases, as the layers
@@ -12,13 +12,19 @@ random tensors, taking turns round by round (forward, no grad, 1 thread: process
 - **products**: the op's four matrix products alone as plain contiguous ``bmm`` calls, A Kᵀ (n × M),
   P1 V, Q Aᵀ (N × n) and P2 V_A: no softmax, no bias, no layout; what the same MACs cost at the GEMM
   library's speed for these shapes;
+- **flash**: the two agent steps as PyTorch's CPU flash-attention kernel runs them
+  (``scaled_dot_product_attention`` of A over K, V, then of Q over A, V_A) without biases: the scaling
+  table's flash column (``benchmarks/scaling.py --ceiling``) for one layer;
+- **flash + biases**: the same two calls with B1 and B2 as float masks (B2 token-major, as a mask
+  must be): what the op would cost if it handed every step to the flash kernel;
 - **softmax**: ``scaled_dot_product_attention`` of the N queries over N keys (a ViT's attention at
   that size): the rate the softmax kernel reaches on long rows, for reference (up to
   ``--softmax-max-tokens``: it is quadratic).
 
-Each row prints GMAC/s for the three, the core's time over the products' time (what the softmaxes,
-biases, loops and layout cost on top of the arithmetic) and, beside the speed ratio core vs softmax,
-their MAC ratio. The scaling table's efficiency (``benchmarks/scaling.py``) follows from these rates:
+Each row prints GMAC/s for each, the core's time over the products' time (what the softmaxes,
+biases, loops and layout cost on top of the arithmetic), over the flash calls' time with and without
+biases (below 1: the op beats PyTorch's kernel at that shape) and, beside the speed ratio core vs
+softmax, their MAC ratio. The scaling table's efficiency (``benchmarks/scaling.py``) follows from these rates:
 where the core's rate is far below the products' and the softmax kernel's, the agent model reaches
 less of its MAC limit. JSON goes to ``benchmarks/results/core_rates.json``.
 """
@@ -99,12 +105,22 @@ def shape_fns(B: int, H: int, N: int, M: int, d: int, n: int, softmax_max_tokens
         torch.bmm(q_, at)
         return torch.bmm(p2, agent_v)
 
+    b2_mask = b2.contiguous()  # (1, H, N, n) token-major: the mask layout the flash kernel reads
+
+    def flash() -> object:
+        agent_v = F.scaled_dot_product_attention(agents, k, v, scale=s)  # (B, H, n, d)
+        return F.scaled_dot_product_attention(q, agents, agent_v, scale=s)  # (B, H, N, d)
+
+    def flash_biases() -> object:
+        agent_v = F.scaled_dot_product_attention(agents, k, v, attn_mask=b1, scale=s)
+        return F.scaled_dot_product_attention(q, agents, agent_v, attn_mask=b2_mask, scale=s)
+
     def softmax() -> object:
         return F.scaled_dot_product_attention(qs, ks, vs)
 
     macs = dict(core=B * H * d * 2 * (n * M + N * n), softmax=B * H * d * 2 * N * N)
-    macs["products"] = macs["core"]
-    fns: dict[str, Callable[[], object]] = dict(core=core, products=products)
+    macs["products"] = macs["flash"] = macs["flash_biases"] = macs["core"]
+    fns: dict[str, Callable[[], object]] = dict(core=core, products=products, flash=flash, flash_biases=flash_biases)
     if N <= softmax_max_tokens:
         fns["softmax"] = softmax
     return fns, macs
@@ -129,6 +145,8 @@ def measure(shape: dict[str, int], repeats: int, warmup: int, inner: int, softma
         row[f"{name}_ms"] = seconds * 1e3
         row[f"{name}_gmacs_per_s"] = macs[name] / seconds / 1e9
     row["core_over_products"] = row["core_ms"] / row["products_ms"]
+    row["core_over_flash"] = row["core_ms"] / row["flash_ms"]
+    row["core_over_flash_biases"] = row["core_ms"] / row["flash_biases_ms"]
     if "softmax_ms" in row:
         row["speed_ratio_vs_softmax"] = row["softmax_ms"] / row["core_ms"]
         row["mac_ratio_vs_softmax"] = macs["softmax"] / macs["core"]
@@ -174,7 +192,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 softmax = f", softmax {row['softmax_gmacs_per_s']:.1f}" if "softmax_ms" in row else ""
                 print(f"{model_name} {size}² {row['layers']:2d}x (B {row['B']}, H {row['H']}, N {row['N']}, M {row['M']}, "
                       f"d {row['d']}, n {row['n']}): GMAC/s core {row['core_gmacs_per_s']:.1f}, products "
-                      f"{row['products_gmacs_per_s']:.1f}{softmax} | core / products {row['core_over_products']:.2f}x"
+                      f"{row['products_gmacs_per_s']:.1f}, flash {row['flash_gmacs_per_s']:.1f} (with biases "
+                      f"{row['flash_biases_gmacs_per_s']:.1f}){softmax} | core / products {row['core_over_products']:.2f}x, "
+                      f"/ flash {row['core_over_flash']:.2f}x (with biases {row['core_over_flash_biases']:.2f}x)"
                       + versus, flush=True)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

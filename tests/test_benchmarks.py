@@ -105,7 +105,8 @@ def test_ceiling_removes_exactly_the_default_patch_level():
 
 def test_core_rates_times_every_agent_layer_shape(tmp_path):
     """benchmarks/core_rates.py finds the op's layer shapes from a real forward pass and times each (core,
-    its products alone, the softmax reference), with the MACs of the paper's cost model."""
+    its products alone, the two flash calls without and with biases, the softmax reference), with the MACs of
+    the paper's cost model."""
     out = tmp_path / "rates.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "core_rates.py", "--models", "agent_deit_tiny", "--sizes", "112:2",
@@ -115,9 +116,10 @@ def test_core_rates_times_every_agent_layer_shape(tmp_path):
     (row,) = json.loads(out.read_text())["results"]  # Agent-DeiT-T: one layer shape, 12 layers
     assert {k: row[k] for k in ("B", "H", "N", "M", "d", "n", "layers")} == dict(B=2, H=3, N=50, M=50, d=64, n=49, layers=12)
     assert row["mac_ratio_vs_softmax"] == 50 * 50 / (49 * (50 + 50))
-    for name in ("core", "products", "softmax"):
+    for name in ("core", "products", "flash", "flash_biases", "softmax"):
         assert row[f"{name}_ms"] > 0 and row[f"{name}_gmacs_per_s"] > 0
     assert row["core_over_products"] == row["core_ms"] / row["products_ms"]
+    assert row["core_over_flash_biases"] == row["core_ms"] / row["flash_biases_ms"]
 
 
 def test_core_rates_refuses_a_model_that_is_not_an_agent_model(tmp_path):
