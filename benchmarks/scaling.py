@@ -28,6 +28,12 @@ build, the local term and the projection still run):
   any agent core could reach with the rest of the model as it is; where the ceiling's efficiency is
   below a target, no attention kernel reaches it.
 
+**Targets** (:func:`targets`): after the table, each cell is checked against the project's targets
+(docs/performance.md): training ≥ 90% of the limit and inference ≥ 95% at the classification sizes,
+training memory ≤ the baseline's (≤ 1.1× at 224²), and the detection backbones at least as fast as their
+baselines (speed ratio ≥ 1.0). A missed speed cell whose flash or free column is below the same target
+is marked out of reach of that stand-in.
+
 Each speed ratio is printed beside its MAC ratio; JSON and a plot (speed ratio and limit vs
 resolution, memory ratio) go to ``benchmarks/results/scaling.{json,png}``. Times are process CPU
 seconds (``time.process_time``) with ``--threads 1``: other processes on the machine then cost this
@@ -238,6 +244,67 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+TRAIN_TARGET, INFER_TARGET = 0.90, 0.95  # of the MAC limit, classification sizes
+MEMORY_TARGET = {224: 1.10}  # training memory ratio allowed per size; 1.0 elsewhere (detection: not a target)
+
+
+def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each measured cell against the targets: {"cells": [...], "met": {kind: [met, of]}}. A cell is
+    {size, pair, kind, value, target, met} (kind: "train" / "infer" efficiency, "memory" ratio, or
+    "detection_train" / "detection_infer" speed ratio), with ``out_of_reach`` naming the stand-in columns
+    ("flash", "free") that miss the same target where they were measured."""
+    cells = []
+
+    def check(row: dict[str, Any], kind: str, value: float, target: float, above: bool, stand_ins: dict[str, float]) -> None:
+        met = value >= target if above else value <= target
+        cell = dict(size=row["size"], pair=row["pair"], kind=kind, value=round(value, 4), target=target, met=met)
+        if not met and stand_ins:
+            cell["out_of_reach"] = [name for name, v in stand_ins.items() if v < target]
+        cells.append(cell)
+
+    for row in rows:
+        detection = row["size"] == DETECTION
+        for mode in ("train", "infer"):
+            if f"{mode}_speed_ratio" not in row:
+                continue
+            scale = row["mac_ratio"] if detection else 1.0  # detection targets speed ratios, the others efficiencies
+            stand_ins = {name: row[f"{mode}_{key}_efficiency"] * scale
+                         for name, key in (("flash", "flash"), ("free", "ceiling")) if f"{mode}_{key}_efficiency" in row}
+            if detection:
+                check(row, f"detection_{mode}", row[f"{mode}_speed_ratio"], 1.0, True, stand_ins)
+            else:
+                target = TRAIN_TARGET if mode == "train" else INFER_TARGET
+                check(row, mode, row[f"{mode}_efficiency"], target, True, stand_ins)
+        if not detection and "train_memory_ratio" in row:
+            check(row, "memory", row["train_memory_ratio"], MEMORY_TARGET.get(int(row["size"]), 1.0), False, {})
+    met: dict[str, list[int]] = {}
+    for cell in cells:
+        count = met.setdefault(cell["kind"], [0, 0])
+        count[0] += int(cell["met"])
+        count[1] += 1
+    return dict(cells=cells, met=met)
+
+
+def targets_text(summary: dict[str, Any]) -> str:
+    """One line per kind of target: how many cells meet it, and the misses."""
+    allowances = ", ".join(f"≤ {v:g}× at {k}²" for k, v in MEMORY_TARGET.items())
+    labels = {"train": f"training ≥ {TRAIN_TARGET:.0%} of the limit", "infer": f"inference ≥ {INFER_TARGET:.0%} of the limit",
+              "memory": f"training memory ≤ the baseline's ({allowances})",
+              "detection_train": "detection training ≥ 1.0×", "detection_infer": "detection inference ≥ 1.0×"}
+    lines = []
+    for kind, (met, of) in summary["met"].items():
+        misses = []
+        for c in summary["cells"]:
+            if c["kind"] != kind or c["met"]:
+                continue
+            size = c["size"].replace("x", "×") if c["size"] == DETECTION else f"{c['size']}²"
+            value = f"{c['value']:.0%}" if kind in ("train", "infer") else f"{c['value']:.2f}×"
+            reach = f", {' and '.join(c['out_of_reach'])} below it too" if c.get("out_of_reach") else ""
+            misses.append(f"{c['pair']} {size} {value}{reach}")
+        lines.append(f"{labels[kind]}: {met} of {of}" + (f" (missed: {'; '.join(misses)})" if misses else ""))
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -311,12 +378,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   + (f"{row['agent_train_peak_mib']:.0f} vs {row['baseline_train_peak_mib']:.0f} MiB" if "train_memory_ratio" in row else "–")
                   + f" | load {row['load_before']}→{row['load_after']}", flush=True)
     print("\n" + table(rows))
+    summary = targets(rows)
+    print("\ntargets:\n" + targets_text(summary))
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = dict(settings=dict(threads=args.threads, repeats=args.repeats, ceiling=args.ceiling, device=args.device, bf16=args.bf16, warmup=args.warmup, torch=torch.__version__,
                                 machine=platform.processor() or platform.machine(), cpu_count=mp.cpu_count(),
                                 clock="process_time" if args.threads == 1 and args.device == "cpu" else "perf_counter"),
-                  results=rows)
+                  results=rows, targets=summary)
     out.write_text(json.dumps(report, indent=2))
     plot(rows, out.with_suffix(".png"))
     print(f"\nwrote {out} and {out.with_suffix('.png')}")

@@ -188,3 +188,40 @@ def test_scaling_ceiling_reports_both_ceilings(tmp_path):
             assert row[f"{mode}_{kind}_efficiency"] == row[f"baseline_{mode}_s"] / row[f"{kind}_{mode}_s"] / row["mac_ratio"]
     assert "flash_train_peak_mib" not in row and row["agent_train_peak_mib"] > 0
     assert "; flash " in proc.stdout and ", free " in proc.stdout
+
+
+def test_scaling_checks_every_cell_against_the_targets():
+    """benchmarks/scaling.py's target summary: efficiency ≥ 90% (training) and ≥ 95% (inference) at the
+    classification sizes, memory ≤ the baseline's (≤ 1.1× at 224²), detection speed ratios ≥ 1.0; a miss
+    names the stand-in columns below the same target (detection: efficiency × MAC ratio)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import scaling
+    finally:
+        sys.path.pop(0)
+    rows = [
+        dict(size="224", pair="deit", mac_ratio=1.07, train_speed_ratio=0.98, train_efficiency=0.98 / 1.07,
+             train_flash_efficiency=0.93, train_ceiling_efficiency=1.05, infer_speed_ratio=1.03,
+             infer_efficiency=1.03 / 1.07, train_memory_ratio=1.05),
+        dict(size="448", pair="pvt", mac_ratio=1.07, train_speed_ratio=0.90, train_efficiency=0.84,
+             train_flash_efficiency=0.94, train_ceiling_efficiency=1.07, infer_speed_ratio=0.86, infer_efficiency=0.80,
+             infer_flash_efficiency=0.89, infer_ceiling_efficiency=0.94, train_memory_ratio=1.05),
+        dict(size=scaling.DETECTION, pair="swin", mac_ratio=0.94, train_speed_ratio=0.91, train_efficiency=0.97,
+             train_flash_efficiency=1.03, train_ceiling_efficiency=1.19, infer_speed_ratio=1.02, infer_efficiency=1.09,
+             train_memory_ratio=0.85),
+    ]
+    summary = scaling.targets(rows)
+    cells = {(c["size"], c["kind"]): c for c in summary["cells"]}
+    assert cells[("224", "train")]["met"] and cells[("224", "infer")]["met"]
+    assert cells[("224", "memory")]["met"] and not cells[("448", "memory")]["met"]  # 1.05: within 1.1× only at 224²
+    assert not cells[("448", "train")]["met"] and cells[("448", "train")]["out_of_reach"] == []
+    assert cells[("448", "infer")]["out_of_reach"] == ["flash", "free"]
+    detection = cells[(scaling.DETECTION, "detection_train")]
+    # speed ratios of the stand-ins: flash 1.03 × 0.94 < 1 ≤ free 1.19 × 0.94
+    assert not detection["met"] and detection["out_of_reach"] == ["flash"]
+    assert cells[(scaling.DETECTION, "detection_infer")]["met"]
+    assert (scaling.DETECTION, "memory") not in cells  # detection memory is reported, not a target
+    assert summary["met"] == dict(train=[1, 2], infer=[1, 2], memory=[1, 2], detection_train=[0, 1], detection_infer=[1, 1])
+    text = scaling.targets_text(summary)
+    assert "training ≥ 90% of the limit: 1 of 2 (missed: pvt 448² 84%)" in text
+    assert "pvt 448² 80%, flash and free below it too" in text
