@@ -228,6 +228,11 @@ def _ratio(row: dict[str, Any], mode: str) -> str:
     return f"{row[f'{mode}_speed_ratio']:.2f}× ({100 * row[f'{mode}_efficiency']:.0f}%{ceiling})"
 
 
+def _size_label(size: str) -> str:
+    """224², or 800×1344 for the detection size."""
+    return size.replace("x", "×") if size == DETECTION else f"{size}²"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """The Markdown table of docs/performance.md."""
     lines = [
@@ -238,8 +243,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         mem = (f"{r['agent_train_peak_mib']:.0f} vs {r['baseline_train_peak_mib']:.0f} MiB ({r['train_memory_ratio']:.2f}×)"
                if "train_memory_ratio" in r else "–")
-        size = r["size"].replace("x", "×") if r["size"] == DETECTION else f"{r['size']}²"
-        lines.append(f"| {size}, {r['batch_size']} | {r['agent']} / {r['baseline']} | {r['mac_ratio']:.2f}× | "
+        lines.append(f"| {_size_label(r['size'])}, {r['batch_size']} | {r['agent']} / {r['baseline']} | {r['mac_ratio']:.2f}× | "
                      f"{_ratio(r, 'infer')} | {_ratio(r, 'train')} | {mem} |")
     return "\n".join(lines)
 
@@ -268,8 +272,8 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
             if f"{mode}_speed_ratio" not in row:
                 continue
             scale = row["mac_ratio"] if detection else 1.0  # detection targets speed ratios, the others efficiencies
-            stand_ins = {name: row[f"{mode}_{key}_efficiency"] * scale
-                         for name, key in (("flash", "flash"), ("free", "ceiling")) if f"{mode}_{key}_efficiency" in row}
+            stand_ins = {stand_in: row[f"{mode}_{variant}_efficiency"] * scale
+                         for variant, stand_in in _CEILINGS.items() if f"{mode}_{variant}_efficiency" in row}
             if detection:
                 check(row, f"detection_{mode}", row[f"{mode}_speed_ratio"], 1.0, True, stand_ins)
             else:
@@ -297,10 +301,9 @@ def targets_text(summary: dict[str, Any]) -> str:
         for c in summary["cells"]:
             if c["kind"] != kind or c["met"]:
                 continue
-            size = c["size"].replace("x", "×") if c["size"] == DETECTION else f"{c['size']}²"
             value = f"{c['value']:.0%}" if kind in ("train", "infer") else f"{c['value']:.2f}×"
             reach = f", {' and '.join(c['out_of_reach'])} below it too" if c.get("out_of_reach") else ""
-            misses.append(f"{c['pair']} {size} {value}{reach}")
+            misses.append(f"{c['pair']} {_size_label(c['size'])} {value}{reach}")
         lines.append(f"{labels[kind]}: {met} of {of}" + (f" (missed: {'; '.join(misses)})" if misses else ""))
     return "\n".join(lines)
 
