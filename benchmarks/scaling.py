@@ -3,6 +3,7 @@
     python benchmarks/scaling.py --threads 1                     # the full table (about 25 minutes on 2 cores)
     python benchmarks/scaling.py --threads 1 --quick             # 224² and 448² only, fewer repeats
     python benchmarks/scaling.py --pairs deit --sizes 896:1      # one pair at one size
+    python benchmarks/scaling.py --threads 1 --processes 3 --sizes 224:8 448:2 896:1   # each cell in 3 processes, rounds pooled
     python benchmarks/scaling.py --device cuda --bf16 --repeats 10 --warmup 3   # the GPU table (gpu_check.sh)
 
 Pairs: Agent-DeiT-T / DeiT-T, Agent-Swin-T / Swin-T and Agent-PVT-S / PVT-S, classification models
@@ -32,7 +33,9 @@ build, the local term and the projection still run):
 (docs/performance.md): training ≥ 90% of the limit and inference ≥ 95% at the classification sizes,
 training memory ≤ the baseline's (≤ 1.1× at 224²), and the detection backbones at least as fast as their
 baselines (speed ratio ≥ 1.0). A missed speed cell whose flash or free column is below the same target
-is marked out of reach of that stand-in.
+is marked out of reach of that stand-in. Every round also gives a paired ratio (the baseline's time over
+the agent's in the same round); the JSON keeps each round's times and the range of these ratios, and a
+cell whose range holds its target is listed as not settled by the run, met or missed.
 
 Each speed ratio is printed beside its MAC ratio; JSON and a plot (speed ratio and limit vs
 resolution, memory ratio) go to ``benchmarks/results/scaling.{json,png}``. Times are process CPU
@@ -181,13 +184,7 @@ def measure_pair(pair: str, size: int | str, batch_size: int, warmup: int, repea
             if ceiling:
                 fns.update({k: _with_stand_in(kind, fns["agent"]) for k, kind in _CEILINGS.items()})
             times = _interleaved(fns, warmup, repeats, clock)
-        for k in fns:
-            row[f"{k}_infer_s"] = statistics.median(times[k])
-        row["infer_speed_ratio"] = row["baseline_infer_s"] / row["agent_infer_s"]
-        row["infer_efficiency"] = row["infer_speed_ratio"] / row["mac_ratio"]
-        if ceiling:
-            for k in _CEILINGS:
-                row[f"infer_{k}_efficiency"] = row["baseline_infer_s"] / row[f"{k}_infer_s"] / row["mac_ratio"]
+        row["infer_rounds_s"] = times
 
     if "train" in modes:
         y = torch.randint(0, 1000, (batch_size,), device=device)
@@ -196,18 +193,54 @@ def measure_pair(pair: str, size: int | str, batch_size: int, warmup: int, repea
         if ceiling:
             steps.update({k: _with_stand_in(kind, steps["agent"]) for k, kind in _CEILINGS.items()})
         times = _interleaved(steps, max(1, warmup), repeats, clock)
-        for k, step in steps.items():
-            row[f"{k}_train_s"] = statistics.median(times[k])
-            if k not in _CEILINGS:
-                row[f"{k}_train_peak_mib"] = peak_memory(step, device) / 2**20
-        if ceiling:
-            for k in _CEILINGS:
-                row[f"train_{k}_efficiency"] = row["baseline_train_s"] / row[f"{k}_train_s"] / row["mac_ratio"]
-        row["train_speed_ratio"] = row["baseline_train_s"] / row["agent_train_s"]
-        row["train_efficiency"] = row["train_speed_ratio"] / row["mac_ratio"]
+        row["train_rounds_s"] = times
+        for k in ("agent", "baseline"):
+            row[f"{k}_train_peak_mib"] = peak_memory(steps[k], device) / 2**20
         row["train_memory_ratio"] = row["agent_train_peak_mib"] / row["baseline_train_peak_mib"]
     row["load_after"] = round(os.getloadavg()[0], 2)
+    return summarise(row)
+
+
+def summarise(row: dict[str, Any]) -> dict[str, Any]:
+    """Every time-based field of a row from its rounds (``{mode}_rounds_s``: each model's time per round):
+    medians ``{model}_{mode}_s``, ``{mode}_speed_ratio`` (baseline / agent medians), ``{mode}_efficiency``
+    (over the MAC ratio), the stand-ins' efficiencies, and ``{mode}_efficiency_range``: min and max over the
+    rounds of the round's own ratio (baseline time / agent time of the same round, over the MAC ratio).
+    The two models of a round ran back to back, so the range shows how far the machine moved the ratio
+    while it was measured; a target inside it is not settled by the run. Rounds from several processes
+    (``--processes``) are merged by concatenating them before this is called."""
+    for mode in ("infer", "train"):
+        times = row.get(f"{mode}_rounds_s")
+        if times is None:
+            continue
+        row[f"{mode}_rounds_s"] = times = {k: [round(t, 6) for t in ts] for k, ts in times.items()}
+        for k, ts in times.items():
+            row[f"{k}_{mode}_s"] = statistics.median(ts)
+        base, limit = row[f"baseline_{mode}_s"], row["mac_ratio"]
+        row[f"{mode}_speed_ratio"] = base / row[f"agent_{mode}_s"]
+        row[f"{mode}_efficiency"] = row[f"{mode}_speed_ratio"] / limit
+        for k in _CEILINGS:
+            if k in times:
+                row[f"{mode}_{k}_efficiency"] = base / row[f"{k}_{mode}_s"] / limit
+        paired = [b / a / limit for a, b in zip(times["agent"], times["baseline"])]
+        row[f"{mode}_efficiency_range"] = [round(min(paired), 4), round(max(paired), 4)]
     return row
+
+
+def merge_processes(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from the rows of the same cell measured in separate processes: their rounds concatenated
+    (then :func:`summarise`d), each process's own efficiencies kept (``{mode}_process_efficiencies``), the
+    lowest and highest load seen. A process keeps some state for its whole life (where its memory landed,
+    what the machine's other tenants did meanwhile), so one process's rounds can all lean one way."""
+    row = dict(runs[0])
+    for mode in ("infer", "train"):
+        if f"{mode}_rounds_s" in row:
+            row[f"{mode}_rounds_s"] = {k: [t for r in runs for t in r[f"{mode}_rounds_s"][k]] for k in row[f"{mode}_rounds_s"]}
+            row[f"{mode}_process_efficiencies"] = [round(r[f"{mode}_efficiency"], 4) for r in runs]
+    row["processes"] = len(runs)
+    row["load_before"] = min(r["load_before"] for r in runs)
+    row["load_after"] = max(r["load_after"] for r in runs)
+    return summarise(row)
 
 
 def _detection_names(pair: str) -> tuple[str, str]:
@@ -256,14 +289,21 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Each measured cell against the targets: {"cells": [...], "met": {kind: [met, of]}}. A cell is
     {size, pair, kind, value, target, met} (kind: "train" / "infer" efficiency, "memory" ratio, or
     "detection_train" / "detection_infer" speed ratio), with ``out_of_reach`` naming the stand-in columns
-    ("flash", "free") that miss the same target where they were measured."""
+    ("flash", "free") that miss the same target where they were measured. A speed cell whose rounds were
+    recorded also has ``range`` (the per-round values' min and max, :func:`_rounds`) and ``settled``: False
+    when the target lies inside that range, so that another run on the same machine may well land on the
+    other side of it."""
     cells = []
 
-    def check(row: dict[str, Any], kind: str, value: float, target: float, above: bool, stand_ins: dict[str, float]) -> None:
+    def check(row: dict[str, Any], kind: str, value: float, target: float, above: bool, stand_ins: dict[str, float],
+              spread: list[float] | None = None) -> None:
         met = value >= target if above else value <= target
         cell = dict(size=row["size"], pair=row["pair"], kind=kind, value=round(value, 4), target=target, met=met)
         if not met and stand_ins:
             cell["out_of_reach"] = [name for name, v in stand_ins.items() if v < target]
+        if spread is not None:
+            cell["range"] = [round(v, 4) for v in spread]
+            cell["settled"] = not spread[0] < target <= spread[1]
         cells.append(cell)
 
     for row in rows:
@@ -274,11 +314,13 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
             scale = row["mac_ratio"] if detection else 1.0  # detection targets speed ratios, the others efficiencies
             stand_ins = {stand_in: row[f"{mode}_{variant}_efficiency"] * scale
                          for variant, stand_in in _CEILINGS.items() if f"{mode}_{variant}_efficiency" in row}
+            spread = row.get(f"{mode}_efficiency_range")
+            spread = None if spread is None else [v * scale for v in spread]
             if detection:
-                check(row, f"detection_{mode}", row[f"{mode}_speed_ratio"], 1.0, True, stand_ins)
+                check(row, f"detection_{mode}", row[f"{mode}_speed_ratio"], 1.0, True, stand_ins, spread)
             else:
                 target = TRAIN_TARGET if mode == "train" else INFER_TARGET
-                check(row, mode, row[f"{mode}_efficiency"], target, True, stand_ins)
+                check(row, mode, row[f"{mode}_efficiency"], target, True, stand_ins, spread)
         if not detection and "train_memory_ratio" in row:
             check(row, "memory", row["train_memory_ratio"], MEMORY_TARGET.get(int(row["size"]), 1.0), False, {})
     met: dict[str, list[int]] = {}
@@ -290,21 +332,29 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def targets_text(summary: dict[str, Any]) -> str:
-    """One line per kind of target: how many cells meet it, and the misses."""
+    """One line per kind of target: how many cells meet it, the misses, and the cells (met or missed) whose
+    rounds' range holds the target (the run does not settle them)."""
     allowances = ", ".join(f"≤ {v:g}× at {k}²" for k, v in MEMORY_TARGET.items())
     labels = {"train": f"training ≥ {TRAIN_TARGET:.0%} of the limit", "infer": f"inference ≥ {INFER_TARGET:.0%} of the limit",
               "memory": f"training memory ≤ the baseline's ({allowances})",
               "detection_train": "detection training ≥ 1.0×", "detection_infer": "detection inference ≥ 1.0×"}
     lines = []
     for kind, (met, of) in summary["met"].items():
-        misses = []
+        share = kind in ("train", "infer")
+        shown = (lambda v: f"{v:.0%}") if share else (lambda v: f"{v:.2f}×")
+        misses, unsettled = [], []
         for c in summary["cells"]:
-            if c["kind"] != kind or c["met"]:
+            if c["kind"] != kind:
                 continue
-            value = f"{c['value']:.0%}" if kind in ("train", "infer") else f"{c['value']:.2f}×"
-            reach = f", {' and '.join(c['out_of_reach'])} below it too" if c.get("out_of_reach") else ""
-            misses.append(f"{c['pair']} {_size_label(c['size'])} {value}{reach}")
-        lines.append(f"{labels[kind]}: {met} of {of}" + (f" (missed: {'; '.join(misses)})" if misses else ""))
+            name = f"{c['pair']} {_size_label(c['size'])}"
+            if not c.get("settled", True):
+                low, high = c["range"]
+                unsettled.append(f"{name} {shown(c['value'])} ({shown(low).rstrip('%×')}–{shown(high)})")
+            if not c["met"]:
+                reach = f", {' and '.join(c['out_of_reach'])} below it too" if c.get("out_of_reach") else ""
+                misses.append(f"{name} {shown(c['value'])}{reach}")
+        lines.append(f"{labels[kind]}: {met} of {of}" + (f" (missed: {'; '.join(misses)})" if misses else "")
+                     + (f"; target within the range of the rounds: {'; '.join(unsettled)}" if unsettled else ""))
     return "\n".join(lines)
 
 
@@ -354,6 +404,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per model and mode")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--processes", type=int, default=1,
+                        help="fresh processes per pair and size, their rounds pooled (the run-to-run spread of a shared machine)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: time in CPU seconds)")
     parser.add_argument("--quick", action="store_true", help="224² and 448² only, 3 repeats")
     parser.add_argument("--ceiling", action="store_true", help="also time the agent model with its core as bias-free flash calls, and free")
@@ -361,6 +413,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--bf16", action="store_true", help="both models under bf16 autocast")
     parser.add_argument("--output", default=str(RESULTS / "scaling.json"), help="JSON path; the PNG gets the same stem")
     args = parser.parse_args(argv)
+    if args.processes < 1 or args.repeats < 1:
+        parser.error(f"--processes {args.processes} and --repeats {args.repeats} must be at least 1")
     if args.ceiling and args.device != "cpu":
         parser.error("--ceiling replaces the CPU op; on --device cuda the agent models run SDPA kernels")
     sizes = [_parse_size(s) for s in args.sizes]
@@ -372,9 +426,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for pair in args.pairs:
             if size == DETECTION and pair == "deit":
                 continue  # no DeiT detector
-            row = _run_isolated(dict(pair=pair, size=size, batch_size=batch, warmup=args.warmup, repeats=args.repeats,
-                                     threads=args.threads, modes=tuple(args.modes), ceiling=args.ceiling,
-                                     device=args.device, bf16=args.bf16))
+            row = merge_processes([_run_isolated(dict(
+                pair=pair, size=size, batch_size=batch, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
+                modes=tuple(args.modes), ceiling=args.ceiling, device=args.device, bf16=args.bf16))
+                for _ in range(args.processes)])
             rows.append(row)
             print(f"{row['size']:>9s} b{batch} {row['agent']} / {row['baseline']}: MAC ratio {row['mac_ratio']:.2f}x | "
                   f"inference {_ratio(row, 'infer')} | training {_ratio(row, 'train')} | training memory "
@@ -385,7 +440,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("\ntargets:\n" + targets_text(summary))
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = dict(settings=dict(threads=args.threads, repeats=args.repeats, ceiling=args.ceiling, device=args.device, bf16=args.bf16, warmup=args.warmup, torch=torch.__version__,
+    report = dict(settings=dict(threads=args.threads, repeats=args.repeats, processes=args.processes, ceiling=args.ceiling, device=args.device, bf16=args.bf16, warmup=args.warmup, torch=torch.__version__,
                                 machine=platform.processor() or platform.machine(), cpu_count=mp.cpu_count(),
                                 clock="process_time" if args.threads == 1 and args.device == "cpu" else "perf_counter"),
                   results=rows, targets=summary)
