@@ -34,8 +34,10 @@ build, the local term and the projection still run):
 training memory ≤ the baseline's (≤ 1.1× at 224²), and the detection backbones at least as fast as their
 baselines (speed ratio ≥ 1.0). A missed speed cell whose flash or free column is below the same target
 is marked out of reach of that stand-in. Every round also gives a paired ratio (the baseline's time over
-the agent's in the same round); the JSON keeps each round's times and the range of these ratios, and a
-cell whose range holds its target is listed as not settled by the run, met or missed.
+the agent's in the same round); the JSON keeps each round's times and the quartiles of these ratios, and
+a cell whose quartiles hold its target is listed as not settled by the run, met or missed. On a shared
+machine a process can lean one way for its whole life: ``--processes K`` measures each cell in K fresh
+processes and pools their rounds (each process's own efficiency is kept in the JSON).
 
 Each speed ratio is printed beside its MAC ratio; JSON and a plot (speed ratio and limit vs
 resolution, memory ratio) go to ``benchmarks/results/scaling.{json,png}``. Times are process CPU
@@ -204,10 +206,11 @@ def measure_pair(pair: str, size: int | str, batch_size: int, warmup: int, repea
 def summarise(row: dict[str, Any]) -> dict[str, Any]:
     """Every time-based field of a row from its rounds (``{mode}_rounds_s``: each model's time per round):
     medians ``{model}_{mode}_s``, ``{mode}_speed_ratio`` (baseline / agent medians), ``{mode}_efficiency``
-    (over the MAC ratio), the stand-ins' efficiencies, and ``{mode}_efficiency_range``: min and max over the
-    rounds of the round's own ratio (baseline time / agent time of the same round, over the MAC ratio).
-    The two models of a round ran back to back, so the range shows how far the machine moved the ratio
-    while it was measured; a target inside it is not settled by the run. Rounds from several processes
+    (over the MAC ratio), the stand-ins' efficiencies, and ``{mode}_efficiency_quartiles``: the first and
+    third quartile of the rounds' own ratios (baseline time / agent time of the same round, over the MAC
+    ratio). The two models of a round ran back to back, so the quartiles show how far the machine moved the
+    ratio while it was measured; a target between them (a quarter of the rounds or more on either side) is
+    not settled by the run. Rounds from several processes
     (``--processes``) are merged by concatenating them before this is called."""
     for mode in ("infer", "train"):
         times = row.get(f"{mode}_rounds_s")
@@ -223,8 +226,17 @@ def summarise(row: dict[str, Any]) -> dict[str, Any]:
             if k in times:
                 row[f"{mode}_{k}_efficiency"] = base / row[f"{k}_{mode}_s"] / limit
         paired = [b / a / limit for a, b in zip(times["agent"], times["baseline"])]
-        row[f"{mode}_efficiency_range"] = [round(min(paired), 4), round(max(paired), 4)]
+        row[f"{mode}_efficiency_quartiles"] = [round(v, 4) for v in _quartiles(paired)]
     return row
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    """The first and third quartile of ``values`` (interpolated between them, never beyond the smallest
+    and largest; one value is both)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
 
 
 def merge_processes(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -290,9 +302,8 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
     {size, pair, kind, value, target, met} (kind: "train" / "infer" efficiency, "memory" ratio, or
     "detection_train" / "detection_infer" speed ratio), with ``out_of_reach`` naming the stand-in columns
     ("flash", "free") that miss the same target where they were measured. A speed cell whose rounds were
-    recorded also has ``range`` (the per-round values' min and max, :func:`_rounds`) and ``settled``: False
-    when the target lies inside that range, so that another run on the same machine may well land on the
-    other side of it."""
+    recorded also has ``quartiles`` (of the per-round values, :func:`summarise`) and ``settled``: False when
+    the target lies between them, so that another run on the same machine may well land on the other side."""
     cells = []
 
     def check(row: dict[str, Any], kind: str, value: float, target: float, above: bool, stand_ins: dict[str, float],
@@ -302,7 +313,7 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if not met and stand_ins:
             cell["out_of_reach"] = [name for name, v in stand_ins.items() if v < target]
         if spread is not None:
-            cell["range"] = [round(v, 4) for v in spread]
+            cell["quartiles"] = [round(v, 4) for v in spread]
             cell["settled"] = not spread[0] < target <= spread[1]
         cells.append(cell)
 
@@ -314,7 +325,7 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
             scale = row["mac_ratio"] if detection else 1.0  # detection targets speed ratios, the others efficiencies
             stand_ins = {stand_in: row[f"{mode}_{variant}_efficiency"] * scale
                          for variant, stand_in in _CEILINGS.items() if f"{mode}_{variant}_efficiency" in row}
-            spread = row.get(f"{mode}_efficiency_range")
+            spread = row.get(f"{mode}_efficiency_quartiles")
             spread = None if spread is None else [v * scale for v in spread]
             if detection:
                 check(row, f"detection_{mode}", row[f"{mode}_speed_ratio"], 1.0, True, stand_ins, spread)
@@ -333,7 +344,7 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def targets_text(summary: dict[str, Any]) -> str:
     """One line per kind of target: how many cells meet it, the misses, and the cells (met or missed) whose
-    rounds' range holds the target (the run does not settle them)."""
+    rounds' quartiles hold the target (the run does not settle them)."""
     allowances = ", ".join(f"≤ {v:g}× at {k}²" for k, v in MEMORY_TARGET.items())
     labels = {"train": f"training ≥ {TRAIN_TARGET:.0%} of the limit", "infer": f"inference ≥ {INFER_TARGET:.0%} of the limit",
               "memory": f"training memory ≤ the baseline's ({allowances})",
@@ -348,13 +359,13 @@ def targets_text(summary: dict[str, Any]) -> str:
                 continue
             name = f"{c['pair']} {_size_label(c['size'])}"
             if not c.get("settled", True):
-                low, high = c["range"]
+                low, high = c["quartiles"]
                 unsettled.append(f"{name} {shown(c['value'])} ({shown(low).rstrip('%×')}–{shown(high)})")
             if not c["met"]:
                 reach = f", {' and '.join(c['out_of_reach'])} below it too" if c.get("out_of_reach") else ""
                 misses.append(f"{name} {shown(c['value'])}{reach}")
         lines.append(f"{labels[kind]}: {met} of {of}" + (f" (missed: {'; '.join(misses)})" if misses else "")
-                     + (f"; target within the range of the rounds: {'; '.join(unsettled)}" if unsettled else ""))
+                     + (f"; target between the quartiles of the rounds: {'; '.join(unsettled)}" if unsettled else ""))
     return "\n".join(lines)
 
 

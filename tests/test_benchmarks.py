@@ -202,14 +202,14 @@ def test_scaling_checks_every_cell_against_the_targets():
     rows = [
         dict(size="224", pair="deit", mac_ratio=1.07, train_speed_ratio=0.98, train_efficiency=0.98 / 1.07,
              train_flash_efficiency=0.93, train_ceiling_efficiency=1.05, infer_speed_ratio=1.03,
-             infer_efficiency=1.03 / 1.07, train_memory_ratio=1.05, train_efficiency_range=[0.86, 0.95]),
+             infer_efficiency=1.03 / 1.07, train_memory_ratio=1.05, train_efficiency_quartiles=[0.86, 0.95]),
         dict(size="448", pair="pvt", mac_ratio=1.07, train_speed_ratio=0.90, train_efficiency=0.84,
              train_flash_efficiency=0.94, train_ceiling_efficiency=1.07, infer_speed_ratio=0.86, infer_efficiency=0.80,
              infer_flash_efficiency=0.89, infer_ceiling_efficiency=0.94, train_memory_ratio=1.05,
-             infer_efficiency_range=[0.75, 0.83]),
+             infer_efficiency_quartiles=[0.75, 0.83]),
         dict(size=scaling.DETECTION, pair="swin", mac_ratio=0.94, train_speed_ratio=0.91, train_efficiency=0.97,
              train_flash_efficiency=1.03, train_ceiling_efficiency=1.19, infer_speed_ratio=1.02, infer_efficiency=1.09,
-             train_memory_ratio=0.85, train_efficiency_range=[0.9, 1.1]),
+             train_memory_ratio=0.85, train_efficiency_quartiles=[0.9, 1.1]),
     ]
     summary = scaling.targets(rows)
     cells = {(c["size"], c["kind"]): c for c in summary["cells"]}
@@ -223,16 +223,16 @@ def test_scaling_checks_every_cell_against_the_targets():
     assert cells[(scaling.DETECTION, "detection_infer")]["met"]
     assert (scaling.DETECTION, "memory") not in cells  # detection memory is reported, not a target
     assert summary["met"] == dict(train=[1, 2], infer=[1, 2], memory=[1, 2], detection_train=[0, 1], detection_infer=[1, 1])
-    # the rounds' range: a target inside it is not settled by the run, met or not
-    assert cells[("224", "train")]["settled"] is False and cells[("224", "train")]["range"] == [0.86, 0.95]
+    # the rounds' quartiles: a target between them is not settled by the run, met or not
+    assert cells[("224", "train")]["settled"] is False and cells[("224", "train")]["quartiles"] == [0.86, 0.95]
     assert cells[("448", "infer")]["settled"] is True  # 75–83%: below 95% in every round
     assert "settled" not in cells[("448", "train")]  # no rounds recorded
-    assert detection["range"] == [0.846, 1.034] and detection["settled"] is False  # efficiency range × MAC ratio
+    assert detection["quartiles"] == [0.846, 1.034] and detection["settled"] is False  # efficiency quartiles × MAC ratio
     text = scaling.targets_text(summary)
-    assert ("training ≥ 90% of the limit: 1 of 2 (missed: pvt 448² 84%); target within the range of the rounds: "
+    assert ("training ≥ 90% of the limit: 1 of 2 (missed: pvt 448² 84%); target between the quartiles of the rounds: "
             "deit 224² 92% (86–95%)") in text
-    assert "detection training ≥ 1.0×: 0 of 1 (missed: swin 800×1344 0.91×, flash below it too); target within the " \
-           "range of the rounds: swin 800×1344 0.91× (0.85–1.03×)" in text
+    assert "detection training ≥ 1.0×: 0 of 1 (missed: swin 800×1344 0.91×, flash below it too); target between the " \
+           "quartiles of the rounds: swin 800×1344 0.91× (0.85–1.03×)" in text
     assert "inference ≥ 95% of the limit: 1 of 2 (missed: pvt 448² 80%, flash and free below it too)\n" in text
     assert "pvt 448² 80%, flash and free below it too" in text
 
@@ -240,7 +240,7 @@ def test_scaling_checks_every_cell_against_the_targets():
 def test_scaling_pools_the_rounds_of_several_processes():
     """benchmarks/scaling.py --processes: every time-based field comes from the rounds; rows of one cell
     from separate processes merge by pooling their rounds (medians over all of them), keep each process's
-    efficiency, and the efficiency range spans the paired rounds of every process."""
+    efficiency, and the efficiency quartiles are those of the paired rounds of every process."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import scaling
@@ -253,13 +253,15 @@ def test_scaling_pools_the_rounds_of_several_processes():
 
     first = run([1.0, 1.0, 1.2], [1.8, 2.0, 2.0], [0.5, 0.5, 0.5])
     assert first["agent_infer_s"] == 1.0 and first["infer_speed_ratio"] == 2.0 and first["infer_efficiency"] == 1.0
-    assert first["infer_ceiling_efficiency"] == 2.0 and first["infer_efficiency_range"] == [0.8333, 1.0]
+    assert first["infer_ceiling_efficiency"] == 2.0
+    assert first["infer_efficiency_quartiles"] == [0.8667, 0.95]  # rounds 0.9, 1.0, 0.8333: quartiles interpolated
     second = run([2.0, 2.0, 2.0], [2.0, 2.0, 3.0], [1.0, 1.0, 1.0])  # a slower process: each of its rounds leans low
     assert second["infer_efficiency"] == 0.5
     merged = scaling.merge_processes([first, second])
     assert merged["processes"] == 2 and merged["infer_process_efficiencies"] == [1.0, 0.5]
     assert merged["infer_rounds_s"]["agent"] == [1.0, 1.0, 1.2, 2.0, 2.0, 2.0]
     assert merged["agent_infer_s"] == 1.6 and merged["baseline_infer_s"] == 2.0  # medians of the pooled rounds
-    assert merged["infer_efficiency"] == 2.0 / 1.6 / 2.0 and merged["infer_efficiency_range"] == [0.5, 1.0]
+    # six paired rounds 0.9, 1.0, 0.8333, 0.5, 0.5, 0.75: quartiles 0.5625 and 0.8833
+    assert merged["infer_efficiency"] == 2.0 / 1.6 / 2.0 and merged["infer_efficiency_quartiles"] == [0.5625, 0.8833]
     assert merged["load_before"] == 0.5 and merged["load_after"] == 0.7
     assert "train_speed_ratio" not in merged  # a mode without rounds stays unmeasured
